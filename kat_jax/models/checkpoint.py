@@ -1,0 +1,205 @@
+"""kat_jax model checkpoints (orbax) and one loader for every `--checkpoint` argument.
+
+A kat_jax model checkpoint is a directory:
+    model_config.json     the ModelConfig (JSON)
+    params/               an orbax checkpoint of the parameters (nested dict, kat_jax layout)
+    tokenizer*.json ...   tokenizer files carried over from Hugging Face, when there were any
+
+`load_model(spec)` accepts, alike:
+    a kat_jax checkpoint directory (model_config.json + params/),
+    a Hugging Face directory (config.json + safetensors), converted in memory tensor by tensor,
+    "preset:NAME[@SEED]", a randomly initialised preset (the embedded default is preset:tiny).
+
+Writes are all-or-nothing: everything goes to a temporary sibling directory that is renamed into
+place at the end, so a failure never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from kat_jax.models.config import ModelConfig, get_preset, load_hf_config
+from kat_jax.models.decoder import Decoder, abstract_model, init_model
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "added_tokens.json")
+
+
+def is_kat_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def is_hf_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str) -> Iterator[str]:
+    """Yield a temporary sibling directory; rename it to out_dir on success, delete it on failure.
+
+    out_dir must not exist, or be an empty directory."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir) or os.listdir(out_dir):
+            raise FileExistsError(f"{out_dir}: already exists and is not an empty directory; "
+                                  "refusing to overwrite")
+        os.rmdir(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        yield tmp
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def params_to_pure_dict(model: Decoder) -> dict:
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def _save_params(params: dict, path: str) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params)
+        ckptr.wait_until_finished()
+
+
+def save_checkpoint(out_dir: str, params: dict, cfg: ModelConfig, extra_files_from: str | None = None
+                    ) -> None:
+    """Write a kat_jax checkpoint (params: nested dict of arrays in kat_jax layout)."""
+    with atomic_directory(out_dir) as tmp:
+        cfg.save_json(os.path.join(tmp, CONFIG_FILE))
+        _save_params(params, os.path.join(tmp, PARAMS_DIR))
+        if extra_files_from:
+            copy_tokenizer_files(extra_files_from, tmp)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def abstract_params(cfg: ModelConfig, shardings: Any = None) -> dict:
+    """Nested dict of ShapeDtypeStructs matching the checkpoint (nothing materialised)."""
+    pure = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+    if shardings is None:
+        device = jax.devices()[0]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), pure)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure,
+                        shardings)
+
+
+def load_params(ckpt_dir: str, cfg: ModelConfig, shardings: Any = None) -> dict:
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{ckpt_dir}: no '{PARAMS_DIR}/' directory (not a kat_jax checkpoint)")
+    target = abstract_params(cfg, shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(path, target)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{ckpt_dir}: parameters do not match {CONFIG_FILE} ({e})") from e
+
+
+def model_from_params(cfg: ModelConfig, params: dict) -> Decoder:
+    model = abstract_model(cfg)
+    state = nnx.state(model, nnx.Param)
+    state.replace_by_pure_dict(params)
+    nnx.update(model, state)
+    return model
+
+
+def load_config(spec: str, **overrides: Any) -> ModelConfig:
+    if spec.startswith("preset:"):
+        return get_preset(spec[len("preset:"):].split("@")[0], **overrides)
+    if is_kat_checkpoint(spec):
+        cfg = ModelConfig.load_json(os.path.join(spec, CONFIG_FILE))
+        return cfg.replace(**overrides) if overrides else cfg
+    if is_hf_checkpoint(spec):
+        return load_hf_config(spec, **overrides)
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"{spec}: checkpoint not found")
+    raise ValueError(f"{spec}: neither a kat_jax checkpoint ({CONFIG_FILE}) nor a Hugging Face "
+                     "directory (config.json), nor preset:NAME")
+
+
+def load_model(spec: str, **overrides: Any) -> tuple[Decoder, ModelConfig]:
+    """Load a model from a kat_jax checkpoint, a Hugging Face directory, or preset:NAME[@SEED].
+
+    overrides replace ModelConfig keys (e.g. dtype='bfloat16', attention_impl='xla_dense'); a
+    param_dtype override converts the stored parameters."""
+    cfg = load_config(spec, **overrides)
+    if spec.startswith("preset:"):
+        seed = int(spec.split("@")[1]) if "@" in spec else 0
+        return init_model(cfg, seed), cfg
+    if is_kat_checkpoint(spec):
+        stored = ModelConfig.load_json(os.path.join(spec, CONFIG_FILE))
+        params = load_params(spec, stored)
+        if stored.param_dtype != cfg.param_dtype:
+            from kat_jax.models.layers import DTYPE
+
+            params = jax.tree.map(lambda x: x.astype(DTYPE[cfg.param_dtype]), params)
+        return model_from_params(cfg, params), cfg
+    from kat_jax.models.hf_io import read_hf_params
+
+    params = read_hf_params(spec, cfg)
+    params = jax.tree.map(jax.numpy.asarray, params)
+    return model_from_params(cfg, params), cfg
+
+
+def import_hf(hf_dir: str, out_dir: str, param_dtype: str | None = None) -> ModelConfig:
+    """Hugging Face directory -> kat_jax checkpoint, tensor by tensor (one host copy of the model)."""
+    from kat_jax.models.hf_io import read_hf_params
+
+    overrides = {"param_dtype": param_dtype, "dtype": param_dtype} if param_dtype else {}
+    cfg = load_hf_config(hf_dir, **overrides)
+    params = read_hf_params(hf_dir, cfg)  # numpy arrays: no device copy
+    save_checkpoint(out_dir, params, cfg, extra_files_from=hf_dir)
+    return cfg
+
+
+def export_hf(ckpt: str, out_dir: str, dtype: str | None = None,
+              max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """kat_jax checkpoint (or any loadable spec) -> config.json + safetensors for transformers/vLLM."""
+    import json
+
+    from kat_jax.models.config import to_hf_config
+    from kat_jax.models.hf_io import write_hf_safetensors
+
+    if is_kat_checkpoint(ckpt):
+        cfg = ModelConfig.load_json(os.path.join(ckpt, CONFIG_FILE))
+        params = load_params(ckpt, cfg)
+    else:
+        model, cfg = load_model(ckpt)
+        params = params_to_pure_dict(model)
+    params = jax.tree.map(np.asarray, params)
+    out_cfg = cfg.replace(param_dtype=dtype) if dtype else cfg
+    hf_config = to_hf_config(out_cfg)
+    with atomic_directory(out_dir) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        files = write_hf_safetensors(params, out_cfg, tmp, max_shard_bytes, dtype)
+        if os.path.isdir(ckpt):
+            copy_tokenizer_files(ckpt, tmp)
+    return files

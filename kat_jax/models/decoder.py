@@ -1,0 +1,95 @@
+"""The Qwen2/Qwen3 decoder over packed token trees (Flax NNX).
+
+    hidden = Decoder(cfg)(tokens, positions, subtree_end)      # [B, T, D], after the final norm
+    head = model.head_kernel()                                  # [D, V] (tied: embedding transposed)
+
+tokens, positions, subtree_end: int32[B, T]. positions is the depth of each token in its tree (RoPE uses
+it); subtree_end[i] is one past the last token of the subtree rooted at i (the attention rule is
+k <= q < subtree_end[k]). A plain causal sequence is positions = arange(T), subtree_end = T.
+
+The layers are stacked on a leading axis and run with jax.lax.scan, so compile time does not grow with
+depth; the scanned body is rematerialised according to cfg.remat_policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kat_jax.models.config import ModelConfig
+from kat_jax.models.layers import DTYPE, DecoderLayer, RMSNorm, param
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = DTYPE[cfg.param_dtype]
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd,
+                                  0.02)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers)
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, rngs)
+
+        self.layers = make_layers(rngs)  # every parameter has a leading [L] axis
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, "embed", rngs)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd,
+                                 0.02)
+
+    def head_kernel(self) -> jax.Array:
+        """The output projection [D, V] in the compute dtype."""
+        dtype = DTYPE[self.cfg.dtype]
+        if self.lm_head is None:
+            return self.embed_tokens[...].astype(dtype).T
+        return self.lm_head[...].astype(dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, subtree_end: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = DTYPE[cfg.dtype]
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(h, state):
+            layer = nnx.merge(graphdef, state)
+            return layer(h, positions, subtree_end), None
+
+        if cfg.remat_policy != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy],
+                                  prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, layer_state)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Full logits float32[B, T, V]. For tests and small vocabularies; training and scoring use
+        the vocabulary-chunked kat_jax.ops.logprobs instead."""
+        return jnp.einsum("btd,dv->btv", hidden, self.head_kernel(),
+                          preferred_element_type=jnp.float32)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    return Decoder(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Decoder:
+    """The model with ShapeDtypeStructs instead of arrays (nothing materialised)."""
+    return nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))
+
+
+def chain_inputs(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions and subtree_end for plain causal rows: tokens int32[B, T]."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    subtree_end = jnp.full((b, t), t, jnp.int32)
+    return positions, subtree_end

@@ -1,0 +1,143 @@
+"""Building blocks of the Qwen2/Qwen3 decoder (Flax NNX).
+
+Modules are named like their Hugging Face counterparts (self_attn.q_proj, mlp.gate_proj, ...) so that
+checkpoint conversion is a table. Weights are stored input-major for einsums, with shape suffixes in
+the names of locals: q kernel [D, N, H], k/v kernels [D, K, H], o kernel [N, H, D], MLP kernels [D, F]
+and [F, D]. Every parameter carries `logical_axes` metadata (names, one per dimension) that the
+training issue maps to mesh axes with a short rule table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from kat_jax.models.config import ModelConfig
+from kat_jax.ops.attention import tree_attention
+
+DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float | None,
+          fill: float = 0.0) -> nnx.Param:
+    """A parameter drawn from N(0, std^2) (or filled with `fill` when std is None)."""
+    assert len(shape) == len(axes), (shape, axes)
+    if std is None:
+        value = jnp.full(shape, fill, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as Hugging Face does), cast back
+    to the input dtype before the weight is applied."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, axis_name: str, rngs: nnx.Rngs):
+        self.weight = param(rngs, (dim,), (axis_name,), param_dtype, None, fill=1.0)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * y
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in Hugging Face's rotate_half layout at explicit positions.
+
+    x: [B, T, heads, H]; positions: int32[B, T] (tree depth). Computed in float32.
+    """
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : h // 2], x32[..., h // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Projection(nnx.Module):
+    """y = einsum(spec, x, kernel) (+ bias): a dense layer with a named einsum."""
+
+    def __init__(self, spec: str, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
+                 rngs: nnx.Rngs, bias_shape: tuple[int, ...] | None = None,
+                 bias_axes: tuple[str, ...] | None = None):
+        pd = DTYPE[cfg.param_dtype]
+        self.spec = spec
+        self.kernel = param(rngs, shape, axes, pd, 0.02)
+        self.bias = param(rngs, bias_shape, bias_axes, pd, None) if bias_shape else None
+        self.dtype = DTYPE[cfg.dtype]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with explicit head_dim, RoPE at `positions`, tree mask."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.qkv_bias
+        self.q_proj = Projection("btd,dnh->btnh", (d, n, h), ("embed", "q_heads", "head_dim"), cfg,
+                                 rngs, (n, h) if bias else None, ("q_heads", "head_dim"))
+        self.k_proj = Projection("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg,
+                                 rngs, (k, h) if bias else None, ("kv_heads", "head_dim"))
+        self.v_proj = Projection("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), cfg,
+                                 rngs, (k, h) if bias else None, ("kv_heads", "head_dim"))
+        self.o_proj = Projection("btnh,nhd->btd", (n, h, d), ("q_heads", "head_dim", "embed"), cfg,
+                                 rngs)
+        pd = DTYPE[cfg.param_dtype]
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, pd, "head_dim", rngs)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, pd, "head_dim", rngs)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope_theta = cfg.rope_theta
+        self.attention_impl = cfg.attention_impl
+
+    def __call__(self, x: jax.Array, positions: jax.Array, subtree_end: jax.Array) -> jax.Array:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q, positions, self.rope_theta)
+        k = rope(k, positions, self.rope_theta)
+        out = tree_attention(q, k, v, subtree_end, impl=self.attention_impl)
+        out = checkpoint_name(out, "attention_out")
+        return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Projection("btd,df->btf", (d, f), ("embed", "mlp"), cfg, rngs)
+        self.up_proj = Projection("btd,df->btf", (d, f), ("embed", "mlp"), cfg, rngs)
+        self.down_proj = Projection("btf,fd->btd", (f, d), ("mlp", "embed"), cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = DTYPE[cfg.param_dtype]
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, "embed", rngs)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, "embed", rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, subtree_end: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), positions, subtree_end)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,46 @@
+"""kat_jax: JAX-native training of agentic coding models over packed token trees."""
+
+from setuptools import find_packages, setup
+
+JAX = "jax>=0.6.0"
+
+setup(
+    name="kat_jax",
+    version="0.1.0",
+    description="JAX-native training system for agentic coding models (KAT-Coder / KAT-Dev recipe): "
+                "packed token trees, tree attention, entropy pruning.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kat_jax", "kat_jax.*"]),
+    package_data={"kat_jax": ["assets/*", "assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        JAX,
+        "flax>=0.11.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "tensorstore>=0.1.70",
+        "grain>=0.2.10",
+        "ml-collections>=1.0.0",
+        "safetensors>=0.5.0",
+        "tokenizers>=0.21.0",
+        "numpy>=1.26",
+        "ml_dtypes>=0.5.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "hypothesis>=6.100",
+            "torch==2.13.0",
+            "transformers>=4.51.0",
+            "ruff>=0.6",
+        ],
+        "seqio": ["seqio>=0.0.19"],
+        "docker": ["docker>=7.0"],
+        "tpu": ["jax[tpu]>=0.6.0"],
+        "gpu": ["jax[cuda12]>=0.6.0"],
+    },
+    entry_points={"console_scripts": ["kat-jax=kat_jax.cli:main"]},
+)
