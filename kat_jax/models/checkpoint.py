@@ -66,8 +66,18 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
         raise
 
 
+def _to_pure_dict(state) -> dict:
+    fn = getattr(nnx, "to_pure_dict", None)
+    return fn(state) if fn else state.to_pure_dict()
+
+
+def _replace_by_pure_dict(state, pure: dict) -> None:
+    fn = getattr(nnx, "replace_by_pure_dict", None)
+    fn(state, pure) if fn else state.replace_by_pure_dict(pure)
+
+
 def params_to_pure_dict(model: Decoder) -> dict:
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return _to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _save_params(params: dict, path: str) -> None:
@@ -100,7 +110,7 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
 
 def abstract_params(cfg: ModelConfig, shardings: Any = None) -> dict:
     """Nested dict of ShapeDtypeStructs matching the checkpoint (nothing materialised)."""
-    pure = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+    pure = _to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
     if shardings is None:
         device = jax.devices()[0]
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), pure)
@@ -125,7 +135,7 @@ def load_params(ckpt_dir: str, cfg: ModelConfig, shardings: Any = None) -> dict:
 def model_from_params(cfg: ModelConfig, params: dict) -> Decoder:
     model = abstract_model(cfg)
     state = nnx.state(model, nnx.Param)
-    state.replace_by_pure_dict(params)
+    _replace_by_pure_dict(state, params)
     nnx.update(model, state)
     return model
 

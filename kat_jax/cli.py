@@ -1,0 +1,116 @@
+"""The `kat-jax` command: one entry point, one subcommand per job.
+
+    kat-jax score      per-token log-probs and entropies of JSONL token sequences
+    kat-jax import-hf  Hugging Face directory -> kat_jax (orbax) checkpoint
+    kat-jax export-hf  kat_jax checkpoint -> Hugging Face directory (config.json + safetensors)
+    kat-jax presets    list the model presets
+
+Every `--checkpoint` accepts a kat_jax checkpoint, a Hugging Face directory, or preset:NAME[@SEED]
+(a randomly initialised preset; preset:tiny is the embedded default).
+Errors print one line `kat-jax: error: ...` naming the file, line or key, and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+CHECKPOINT_HELP = ("kat_jax checkpoint dir, Hugging Face model dir (config.json + safetensors), "
+                   "or preset:NAME[@SEED] (random init; e.g. preset:tiny)")
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from kat_jax.scoring import run_score
+
+    summary = run_score(args.checkpoint, args.input, args.output, batch_tokens=args.batch_tokens,
+                        dtype=args.dtype, attention_impl=args.attention_impl)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from kat_jax.models.checkpoint import import_hf
+
+    cfg = import_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype)
+    print(json.dumps({"out_dir": args.out_dir, "family": cfg.family, "params": cfg.num_params(),
+                      "param_dtype": cfg.param_dtype}))
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from kat_jax.models.checkpoint import export_hf
+
+    files = export_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype,
+                      max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(json.dumps({"out_dir": args.out_dir, "files": files}))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from kat_jax.models.config import PRESETS
+
+    for name, fn in sorted(PRESETS.items()):
+        cfg = fn()
+        print(f"{name:14s} {cfg.family}  params={cfg.num_params() / 1e9:.3f}B  layers={cfg.num_layers} "
+              f"hidden={cfg.hidden_size} heads={cfg.num_heads}/{cfg.num_kv_heads} "
+              f"head_dim={cfg.head_dim} vocab={cfg.vocab_size} tied={cfg.tie_word_embeddings}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kat-jax", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("score", help="per-token log-probs and entropies of token sequences",
+                       description="Score JSONL lines {\"id\", \"tokens\"}; write {\"id\", "
+                       "\"logprobs\", \"entropies\"} (len(tokens)-1 each) in the same order. The "
+                       "last stdout line is a JSON summary.")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--input", required=True, help="input JSONL")
+    p.add_argument("--output", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--batch-tokens", type=int, default=4096,
+                   help="tokens per forward call (row capacity); default 4096")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--attention-impl", default=None,
+                   choices=("auto", "xla_dense", "xla_block_sparse", "pallas"),
+                   help="attention implementation (default: the checkpoint's config, auto)")
+    p.set_defaults(fn=_cmd_score)
+
+    p = sub.add_parser("import-hf", help="Hugging Face dir -> kat_jax checkpoint",
+                       description="Convert config.json + safetensors (single or sharded) to an "
+                       "orbax checkpoint with model_config.json beside it, tensor by tensor.")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir", help="must not exist (or be empty); written atomically")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="stored dtype (default: the Hugging Face config's torch_dtype)")
+    p.set_defaults(fn=_cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="kat_jax checkpoint -> Hugging Face dir",
+                       description="Write config.json + safetensors that transformers and vLLM load.")
+    p.add_argument("ckpt_dir", help=CHECKPOINT_HELP)
+    p.add_argument("out_dir", help="must not exist (or be empty); written atomically")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="dtype of the written tensors (default: the checkpoint's)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit, GiB")
+    p.set_defaults(fn=_cmd_export_hf)
+
+    p = sub.add_parser("presets", help="list model presets")
+    p.set_defaults(fn=_cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"kat-jax: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
