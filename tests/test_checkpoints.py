@@ -4,13 +4,13 @@ leave nothing half-written."""
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import build_hf_model
 from safetensors.numpy import load_file, save_file
 
-import jax.numpy as jnp
-from conftest import build_hf_model
 from kat_jax.cli import main
 from kat_jax.models.checkpoint import load_model
 from kat_jax.models.decoder import chain_inputs

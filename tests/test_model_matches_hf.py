@@ -1,11 +1,11 @@
 """The JAX decoder equals Hugging Face transformers (float32, 1e-4) on chains, forests and trees."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax.numpy as jnp
 from conftest import HF_CASES
+
 from kat_jax.models.checkpoint import load_model
 from kat_jax.models.decoder import chain_inputs
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
@@ -84,7 +85,7 @@ class ModelConfig:
         """Query heads per key/value head (grouped-query attention)."""
         return self.num_heads // self.num_kv_heads
 
-    def replace(self, **kwargs: Any) -> "ModelConfig":
+    def replace(self, **kwargs: Any) -> ModelConfig:
         unknown = set(kwargs) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise KeyError(f"model config: unknown key(s) {sorted(unknown)}")
@@ -107,7 +108,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "model config") -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "model config") -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -120,7 +121,7 @@ class ModelConfig:
             f.write("\n")
 
     @classmethod
-    def load_json(cls, path: str) -> "ModelConfig":
+    def load_json(cls, path: str) -> ModelConfig:
         try:
             with open(path) as f:
                 data = json.load(f)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import ml_dtypes
 import numpy as np

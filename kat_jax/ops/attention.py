@@ -17,7 +17,7 @@ Implementations are chosen by name (config `model.attention_impl`), never by imp
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,91 @@
+"""`kat-jax score` equals transformers' log-probs and entropies; bad input is rejected by line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kat_jax.cli import main
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def _hf_logprobs_entropies(model, ids):
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids)[None]).logits[0].double()
+    logp_all = torch.log_softmax(logits, -1)
+    lp = logp_all[:-1].gather(-1, torch.as_tensor(ids[1:])[:, None])[:, 0]
+    ent = -(logp_all.exp() * logp_all).sum(-1)[:-1]
+    return lp.numpy(), ent.numpy()
+
+
+@pytest.mark.parametrize("case", ["qwen3_gqa2_untied_hd24", "qwen2_gqa4_untied"])
+def test_score_matches_transformers_logprobs_and_entropies(case, hf_dirs, tmp_path, capsys):
+    path, hf = hf_dirs(case)
+    rng = np.random.default_rng(0)
+    lengths = [1, 2, 5, 17, 30, 9, 64, 3]
+    rows = [{"id": f"s{i}", "tokens": rng.integers(0, 300, n).tolist()}
+            for i, n in enumerate(lengths)]
+    rows[2]["id"] = 7  # ids may be any JSON value and come back unchanged
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, rows)
+    # 48-token rows: several sequences share a row, the 64-token one gets its own (bucketed) row.
+    assert main(["score", "--checkpoint", path, "--input", str(inp), "--output", str(out),
+                 "--batch-tokens", "48"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sequences"] == len(rows)
+    assert summary["total_tokens"] == summary["computed_tokens"] == sum(lengths)
+    assert summary["reuse_ratio"] == 0.0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in results] == [r["id"] for r in rows]
+    for row, res in zip(rows, results):
+        ids = np.asarray(row["tokens"])
+        assert len(res["logprobs"]) == len(res["entropies"]) == len(ids) - 1
+        if len(ids) == 1:
+            continue
+        lp, ent = _hf_logprobs_entropies(hf, ids)
+        np.testing.assert_allclose(res["logprobs"], lp, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(res["entropies"], ent, atol=1e-4, rtol=0)
+
+
+BAD_LINES = {
+    "not_json": ("{not json", "not valid JSON"),
+    "missing_tokens": ({"id": "x"}, "missing key 'tokens'"),
+    "empty_tokens": ({"id": "x", "tokens": []}, "non-empty"),
+    "out_of_vocab": ({"id": "x", "tokens": [1, 2, 300]}, "outside the vocabulary"),
+    "negative_id": ({"id": "x", "tokens": [-1]}, "outside the vocabulary"),
+    "not_ints": ({"id": "x", "tokens": [1, 2.5]}, "integers"),
+    "too_long": ({"id": "x", "tokens": [1] * 513}, "maximum of 512"),
+    "missing_id": ({"tokens": [1, 2]}, "missing key 'id'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_bad_input_line_is_named_and_no_output_is_left(kind, hf_dirs, tmp_path, capsys):
+    path, _ = hf_dirs("qwen3_mha_tied")
+    bad, expected = BAD_LINES[kind]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, [{"id": 0, "tokens": [1, 2, 3]}, {"id": 1, "tokens": [4, 5]}, bad])
+    assert main(["score", "--checkpoint", path, "--input", str(inp), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{inp}:3:" in err and expected in err, err
+    assert list(tmp_path.iterdir()) == [inp]
+
+
+def test_score_embedded_default_runs(tmp_path, capsys):
+    from importlib.resources import files
+
+    sample = files("kat_jax") / "assets" / "sample_tokens.jsonl"
+    out = tmp_path / "o.jsonl"
+    assert main(["score", "--checkpoint", "preset:tiny", "--input", str(sample),
+                 "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    n_lines = len(sample.read_text().splitlines())
+    assert summary["sequences"] == n_lines == len(out.read_text().splitlines())
+    for line in out.read_text().splitlines():
+        res = json.loads(line)
+        assert all(lp <= 0 for lp in res["logprobs"])
+        assert all(0 <= e <= np.log(512) + 1e-4 for e in res["entropies"])
