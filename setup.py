@@ -23,7 +23,7 @@ setup(
         "tensorstore>=0.1.70",
         "grain>=0.2.10",
         "ml-collections>=1.0.0",
-        "safetensors>=0.5.0",
+        "safetensors>=0.8.0",
         "tokenizers>=0.21.0",
         "numpy>=1.26",
         "ml_dtypes>=0.5.0",

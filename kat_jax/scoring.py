@@ -10,7 +10,10 @@ file is left behind (the output is written to a temporary file renamed into plac
 
 Sequences are packed as independent chains into rows of at most --batch-tokens tokens (first-fit
 decreasing), each row's length rounded up to a power of two, rows of one length batched together
-(B * T <= batch_tokens). Prefix sharing across sequences comes with the trajectory-tree packing.
+(B * T <= batch_tokens). A sequence longer than --batch-tokens gets a row of its own (its length
+rounded up to a power of two), so --batch-tokens bounds the common case, not the longest sequence.
+Ids may be any JSON value (null included) and are echoed back unchanged. Prefix sharing across
+sequences comes with the trajectory-tree packing.
 """
 
 from __future__ import annotations
@@ -65,11 +68,11 @@ def read_score_input(path: str, vocab_size: int, max_len: int) -> list[ScoreReco
                 raise InputError(f"{where}: 'tokens' must be a non-empty list of token ids")
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
                 raise InputError(f"{where}: 'tokens' must hold integers only")
-            arr = np.asarray(toks, np.int64)
-            bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
-            if bad.size:
-                raise InputError(f"{where}: token id {int(arr[bad[0]])} at index {int(bad[0])} is "
-                                 f"outside the vocabulary [0, {vocab_size})")
+            for j, t in enumerate(toks):  # Python ints: no overflow for huge ids
+                if not 0 <= t < vocab_size:
+                    raise InputError(f"{where}: token id {t} at index {j} is outside the "
+                                     f"vocabulary [0, {vocab_size})")
+            arr = np.asarray(toks, np.int32)
             if len(arr) > max_len:
                 raise InputError(f"{where}: {len(arr)} tokens exceed the model's maximum of "
                                  f"{max_len} (max_position_embeddings)")
@@ -121,6 +124,8 @@ def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
                     r, s, n = packed.seq_row[i], packed.seq_start[i], lengths[i]
                     results[i] = (logp[r, s + 1:s + n], ent[r, s + 1:s + n])
                     computed += n
+    nonfinite = sum(int(np.sum(~np.isfinite(lp)) + np.sum(~np.isfinite(en)))
+                    for lp, en in results)
     total = int(sum(lengths))
     summary = {
         "sequences": len(seqs),
@@ -128,6 +133,7 @@ def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
         "computed_tokens": int(computed),
         "reuse_ratio": 0.0 if total == 0 else 1.0 - computed / total,
         "compiled_shapes": len(shapes),
+        "nonfinite_values": nonfinite,
     }
     return results, summary
 
@@ -169,8 +175,13 @@ def run_score(checkpoint: str, input_path: str, output_path: str, batch_tokens: 
     out_dir = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{output_path}: directory {out_dir} does not exist")
+    if os.path.isdir(output_path):
+        raise IsADirectoryError(f"{output_path}: is a directory; --output names a file")
     model, cfg = load_model(checkpoint, **overrides)
     results, summary = score_records(model, records, batch_tokens)
     write_score_output(output_path, records, results)
+    if summary["nonfinite_values"]:
+        print(f"warning: {summary['nonfinite_values']} non-finite values written as null "
+              f"(check the checkpoint and --dtype)", file=sys.stderr)
     print(f"scored {summary['sequences']} sequences -> {output_path}", file=sys.stderr)
     return summary

@@ -36,6 +36,57 @@ def test_import_export_round_trip_gives_identical_transformers_tensors(case, hf_
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert type(reloaded) is type(hf)
     _state_dicts_equal(hf, reloaded)
+    # Keys beyond the shapes survive the round trip (kept from the original config.json).
+    original = json.loads((open(os.path.join(path, "config.json"))).read())
+    exported = json.loads((out / "config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id", "rms_norm_eps", "tie_word_embeddings"):
+        assert exported.get(key) == original.get(key), key
+
+
+def test_bfloat16_checkpoint_imports_exactly(tmp_path):
+    """A bf16 Hugging Face checkpoint (as published) is stored in bf16 and computes the same
+    logits as transformers on the same bf16-rounded weights (compared in float32)."""
+    hf = build_hf_model("qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    src = tmp_path / "src"
+    hf.to(torch.bfloat16).save_pretrained(src)
+    kat = tmp_path / "kat"
+    assert main(["import-hf", str(src), str(kat)]) == 0
+    cfg = json.loads((kat / "model_config.json").read_text())
+    assert cfg["param_dtype"] == "bfloat16"
+    model, _ = load_model(str(kat), dtype="float32")
+    assert model.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    ids = np.arange(2, 30, dtype=np.int32)
+    from transformers import AutoModelForCausalLM
+
+    # A fresh float32 transformers model on the bf16 weights (casting `hf` back would also round
+    # its RoPE inverse-frequency buffer).
+    ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = ref_model(torch.as_tensor(ids)[None]).logits[0].numpy()
+    t = jnp.asarray(ids)[None]
+    ours = np.asarray(model.logits(model(t, *chain_inputs(t))))[0]
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_import_holds_one_host_copy_of_the_model(tmp_path):
+    """Peak traced host memory of import-hf stays well under two copies of the parameters."""
+    import tracemalloc
+
+    from kat_jax.models.checkpoint import import_hf
+
+    hf = build_hf_model("qwen3", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                        vocab_size=2048)
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    model_bytes = sum(p.numel() * 4 for p in hf.parameters())
+    tracemalloc.start()
+    try:
+        import_hf(str(src), str(tmp_path / "kat"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert model_bytes < peak < 1.5 * model_bytes, (peak, model_bytes)
 
 
 def test_sharded_checkpoints_import_and_export(tmp_path):

@@ -37,6 +37,10 @@ def test_config_rejects_unknown_and_invalid_keys():
         ModelConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="remat_policy"):
         ModelConfig(remat_policy="sometimes")
+    with pytest.raises(ValueError, match="qwen2 has bias"):
+        ModelConfig(family="qwen2", qkv_bias=False, qk_norm=False)
+    with pytest.raises(ValueError, match="qwen3 has q/k RMSNorm"):
+        ModelConfig(family="qwen3", qkv_bias=True)
     with pytest.raises(KeyError, match="unknown model preset"):
         get_preset("llama")
 
@@ -51,6 +55,12 @@ def test_remat_policies_leave_values_and_gradients_unchanged(policy):
     def loss(model):
         return jnp.mean(model(tokens, pos, end) ** 2)
 
+    def jaxpr_of_grad(model):
+        graphdef, state = nnx.split(model)
+        return str(jax.make_jaxpr(jax.grad(lambda st: loss(nnx.merge(graphdef, st))))(state))
+
+    assert "remat" not in jaxpr_of_grad(base)
+    assert "remat" in jaxpr_of_grad(remat)  # the policy is really applied to the scanned body
     l1, g1 = nnx.value_and_grad(loss)(base)
     l2, g2 = nnx.value_and_grad(loss)(remat)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)

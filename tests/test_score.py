@@ -57,6 +57,7 @@ BAD_LINES = {
     "empty_tokens": ({"id": "x", "tokens": []}, "non-empty"),
     "out_of_vocab": ({"id": "x", "tokens": [1, 2, 300]}, "outside the vocabulary"),
     "negative_id": ({"id": "x", "tokens": [-1]}, "outside the vocabulary"),
+    "huge_id": ('{"id": "x", "tokens": [1, 1180591620717411303424]}', "outside the vocabulary"),
     "not_ints": ({"id": "x", "tokens": [1, 2.5]}, "integers"),
     "too_long": ({"id": "x", "tokens": [1] * 513}, "maximum of 512"),
     "missing_id": ({"tokens": [1, 2]}, "missing key 'id'"),

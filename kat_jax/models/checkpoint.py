@@ -3,6 +3,7 @@
 A kat_jax model checkpoint is a directory:
     model_config.json     the ModelConfig (JSON)
     params/               an orbax checkpoint of the parameters (nested dict, kat_jax layout)
+    hf_config.json        the original Hugging Face config.json (import-hf), merged back on export
     tokenizer*.json ...   tokenizer files carried over from Hugging Face, when there were any
 
 `load_model(spec)` accepts, alike:
@@ -24,13 +25,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from kat_jax.models.config import ModelConfig, get_preset, load_hf_config
 from kat_jax.models.decoder import Decoder, abstract_model, init_model
 
 CONFIG_FILE = "model_config.json"
+HF_CONFIG_FILE = "hf_config.json"  # the original Hugging Face config.json, kept by import-hf
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -45,17 +46,21 @@ def is_hf_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+def check_output_directory(out_dir: str) -> str:
+    """Absolute path of out_dir; an error unless it is absent or an empty directory."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir}: already exists and is not an empty directory; "
+                              "refusing to overwrite")
+    return out_dir
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str) -> Iterator[str]:
     """Yield a temporary sibling directory; rename it to out_dir on success, delete it on failure.
 
     out_dir must not exist, or be an empty directory."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir) or os.listdir(out_dir):
-            raise FileExistsError(f"{out_dir}: already exists and is not an empty directory; "
-                                  "refusing to overwrite")
-        os.rmdir(out_dir)
+    out_dir = check_output_directory(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
@@ -82,11 +87,18 @@ def params_to_pure_dict(model: Decoder) -> dict:
 
 
 def _save_params(params: dict, path: str) -> None:
+    """Save a nested dict of numpy or jax arrays with orbax. Numpy leaves are written as they are
+    (orbax's default handler deep-copies host arrays first, which would double host memory)."""
+    import numpy as np
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, params)
-        ckptr.wait_until_finished()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(path, args=ocp.args.PyTreeSave(params))
 
 
 def save_checkpoint(out_dir: str, params: dict, cfg: ModelConfig, extra_files_from: str | None = None
@@ -175,18 +187,34 @@ def load_model(spec: str, **overrides: Any) -> tuple[Decoder, ModelConfig]:
     from kat_jax.models.hf_io import read_hf_params
 
     params = read_hf_params(spec, cfg)
-    params = jax.tree.map(jax.numpy.asarray, params)
+    _to_device_in_place(params)
     return model_from_params(cfg, params), cfg
+
+
+def _to_device_in_place(tree: dict) -> None:
+    """Replace numpy leaves by device arrays one at a time, so that host memory never holds the
+    numpy copy and the device copy of the whole model at once."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _to_device_in_place(value)
+        else:
+            tree[key] = jax.device_put(value)
+            del value
 
 
 def import_hf(hf_dir: str, out_dir: str, param_dtype: str | None = None) -> ModelConfig:
     """Hugging Face directory -> kat_jax checkpoint, tensor by tensor (one host copy of the model)."""
     from kat_jax.models.hf_io import read_hf_params
 
+    check_output_directory(out_dir)  # fail before reading a large model, not after
     overrides = {"param_dtype": param_dtype, "dtype": param_dtype} if param_dtype else {}
     cfg = load_hf_config(hf_dir, **overrides)
     params = read_hf_params(hf_dir, cfg)  # numpy arrays: no device copy
-    save_checkpoint(out_dir, params, cfg, extra_files_from=hf_dir)
+    with atomic_directory(out_dir) as tmp:
+        cfg.save_json(os.path.join(tmp, CONFIG_FILE))
+        shutil.copy2(os.path.join(hf_dir, "config.json"), os.path.join(tmp, HF_CONFIG_FILE))
+        _save_params(params, os.path.join(tmp, PARAMS_DIR))
+        copy_tokenizer_files(hf_dir, tmp)
     return cfg
 
 
@@ -204,9 +232,20 @@ def export_hf(ckpt: str, out_dir: str, dtype: str | None = None,
     else:
         model, cfg = load_model(ckpt)
         params = params_to_pure_dict(model)
-    params = jax.tree.map(np.asarray, params)
     out_cfg = cfg.replace(param_dtype=dtype) if dtype else cfg
     hf_config = to_hf_config(out_cfg)
+    original = os.path.join(ckpt, HF_CONFIG_FILE) if os.path.isdir(ckpt) else ""
+    if not os.path.isfile(original) and os.path.isdir(ckpt) and is_hf_checkpoint(ckpt):
+        original = os.path.join(ckpt, "config.json")
+    if os.path.isfile(original):
+        # Keep what the original config.json said beyond the shapes (token ids, names, ...).
+        with open(original) as f:
+            merged = json.load(f)
+        merged.pop("rope_parameters", None)
+        merged.pop("layer_types", None)
+        merged.update(hf_config)
+        hf_config = merged
+    check_output_directory(out_dir)
     with atomic_directory(out_dir) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)

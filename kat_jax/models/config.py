@@ -75,6 +75,11 @@ class ModelConfig:
             bad("remat_policy", f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.family == "qwen2" and (not self.qkv_bias or self.qk_norm):
+            bad("family", "qwen2 has bias on q/k/v and no q/k norm (qkv_bias=True, qk_norm=False)")
+        if self.family == "qwen3" and (self.qkv_bias or not self.qk_norm):
+            bad("family", "qwen3 has q/k RMSNorm and no attention bias (qk_norm=True, "
+                "qkv_bias=False)")
         if not self.rope_theta > 0:
             bad("rope_theta", f"must be positive, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:
@@ -259,6 +264,9 @@ def from_hf_config(hf: dict[str, Any], path: str = "config.json", **overrides: A
                          f"supported: {sorted(HF_ARCHITECTURES)}")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: key 'hidden_act' is {hf['hidden_act']!r}; only 'silu' is supported")
+    if family == "qwen3" and hf.get("attention_bias", False):
+        raise ValueError(f"{path}: key 'attention_bias' is true; Qwen3 with attention biases "
+                         "(also on o_proj) is not supported")
     if hf.get("use_sliding_window", False):
         raise ValueError(f"{path}: key 'use_sliding_window' is true; sliding-window attention is "
                          "not supported")
@@ -283,7 +291,7 @@ def from_hf_config(hf: dict[str, Any], path: str = "config.json", **overrides: A
         rope_theta=_hf_rope_theta(hf, path),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=bool(hf.get("attention_bias", False)) if family == "qwen3" else True,
+        qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3",
         max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
         param_dtype=dtype,
@@ -318,6 +326,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "initializer_range": 0.02,
         "use_cache": True,
         "torch_dtype": cfg.param_dtype,
+        "dtype": cfg.param_dtype,
     }
     if cfg.family == "qwen3":
         hf["attention_bias"] = cfg.qkv_bias
