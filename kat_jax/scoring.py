@@ -8,12 +8,12 @@ next-token distribution, for i >= 1 (natural log, float32 arithmetic).
 The whole input is validated before any compute; an error names the file and line, and no output
 file is left behind (the output is written to a temporary file renamed into place at the end).
 
-Sequences are packed as independent chains into rows of at most --batch-tokens tokens (first-fit
-decreasing), each row's length rounded up to a power of two, rows of one length batched together
-(B * T <= batch_tokens). A sequence longer than --batch-tokens gets a row of its own (its length
-rounded up to a power of two), so --batch-tokens bounds the common case, not the longest sequence.
-Ids may be any JSON value (null included) and are echoed back unchanged. Prefix sharing across
-sequences comes with the trajectory-tree packing.
+All sequences are merged into one prefix trie (a prefix shared by several sequences is computed once,
+see kat_jax.trees) and packed into rows of bucket_length(max(longest sequence, min(--batch-tokens,
+tree tokens))) tokens, --batch-tokens // row_len rows per forward call. computed_tokens in the summary counts the
+tokens laid out in rows (distinct prefixes, plus repeated context when a tree had to be split);
+reuse_ratio = 1 - computed_tokens / total_tokens. Ids may be any JSON value (null included) and are
+echoed back unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +33,14 @@ from flax import nnx
 
 from kat_jax.models.decoder import Decoder
 from kat_jax.ops.logprobs import tree_logprobs
-from kat_jax.trees.packing import assign_rows, bucket_length, empty_rows, pack_chains
+from kat_jax.trees.packing import (
+    bucket_length,
+    empty_rows,
+    gather_per_trajectory,
+    pack_trie,
+)
+from kat_jax.trees.trie import build_trie
+from kat_jax.trees.trajectory import Trajectory
 
 
 class InputError(ValueError):
@@ -96,43 +103,43 @@ def make_score_fn(model: Decoder):
 
 def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
                   ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
-    """Per record: (logprobs, entropies) float32[len - 1]; plus a summary dict."""
+    """Per record: (logprobs, entropies) float32[len - 1]; plus a summary dict.
+
+    All sequences go into one prefix trie, so a prefix shared by several sequences is computed once;
+    rows are bucket_length(max(longest sequence, min(batch_tokens, tree tokens))) tokens, batch_tokens // row_len rows
+    per call (at least one), one compiled shape per run."""
     score, state = make_score_fn(model)
-    seqs = [r.tokens for r in records]
-    lengths = [len(s) for s in seqs]
-    groups = assign_rows(lengths, batch_tokens)
-    by_len: dict[int, list[list[int]]] = {}
-    for g in groups:
-        by_len.setdefault(bucket_length(sum(lengths[i] for i in g)), []).append(g)
-    results: list[Any] = [None] * len(seqs)
-    computed = 0
-    shapes = set()
-    for row_len, rows in sorted(by_len.items()):
-        per_call = max(1, batch_tokens // row_len)
-        for b0 in range(0, len(rows), per_call):
-            chunk_groups = rows[b0:b0 + per_call]
-            packed = pack_chains(seqs, row_len, groups=chunk_groups)
-            # Keep one batch shape per row length: fill the last batch with padding rows.
-            pad_rows = per_call - packed.num_rows if len(rows) > per_call else 0
-            filler = empty_rows(pad_rows, row_len)
-            keys = ("tokens", "positions", "parent", "subtree_end")
-            arrays = [np.concatenate([getattr(packed, k), filler[k]]) for k in keys]
-            shapes.add(arrays[0].shape)
-            logp, ent = jax.device_get(score(state, *map(jnp.asarray, arrays)))
-            for g in chunk_groups:
-                for i in g:
-                    r, s, n = packed.seq_row[i], packed.seq_start[i], lengths[i]
-                    results[i] = (logp[r, s + 1:s + n], ent[r, s + 1:s + n])
-                    computed += n
+    trajs = [Trajectory(r.tokens, id=r.id) for r in records]
+    longest = max(len(t) for t in trajs)
+    trie = build_trie(trajs)
+    # Rows of batch_tokens, shrunk when everything fits in less; never shorter than a sequence.
+    row_len = bucket_length(max(longest, min(batch_tokens, trie.tree_tokens)))
+    batch = pack_trie(trie, row_len)
+    per_call = max(1, batch_tokens // row_len)
+    n_calls = -(-batch.num_rows // per_call)
+    padded = n_calls * per_call
+    filler = empty_rows(padded - batch.num_rows, row_len)
+    keys = ("tokens", "positions", "parent", "subtree_end")
+    arrays = {k: np.concatenate([getattr(batch, k), filler[k]]) for k in keys}
+    logp = np.zeros((padded, row_len), np.float32)
+    ent = np.zeros((padded, row_len), np.float32)
+    for c in range(n_calls):
+        sl = slice(c * per_call, (c + 1) * per_call)
+        lp, en = jax.device_get(score(state, *(jnp.asarray(arrays[k][sl]) for k in keys)))
+        logp[sl], ent[sl] = lp, en
+    lp_traj = gather_per_trajectory(logp[:batch.num_rows], batch.traj_index)
+    en_traj = gather_per_trajectory(ent[:batch.num_rows], batch.traj_index)
+    results = [(lp_traj[k, 1:len(t)], en_traj[k, 1:len(t)]) for k, t in enumerate(trajs)]
     nonfinite = sum(int(np.sum(~np.isfinite(lp)) + np.sum(~np.isfinite(en)))
                     for lp, en in results)
-    total = int(sum(lengths))
+    total = batch.total_tokens
     summary = {
-        "sequences": len(seqs),
+        "sequences": len(trajs),
         "total_tokens": total,
-        "computed_tokens": int(computed),
-        "reuse_ratio": 0.0 if total == 0 else 1.0 - computed / total,
-        "compiled_shapes": len(shapes),
+        "computed_tokens": batch.laid_out_tokens,
+        "reuse_ratio": 0.0 if total == 0 else 1.0 - batch.laid_out_tokens / total,
+        "rows": batch.num_rows,
+        "row_len": row_len,
         "nonfinite_values": nonfinite,
     }
     return results, summary

@@ -7,7 +7,6 @@ import pytest
 
 from kat_jax.ops.attention import tree_attention, xla_dense_attention
 from kat_jax.ops.logprobs import tree_logprobs
-from kat_jax.trees.packing import assign_rows, bucket_length, pack_chains
 
 
 def random_forest(rng, t):
@@ -121,30 +120,21 @@ def test_chunked_tree_logprobs_gradients_equal_full_log_softmax_gradients():
         mask = par >= 0
         return jnp.sum(w[0] * jnp.where(mask, lp, 0) + w[1] * jnp.where(mask, en, 0))
 
-    g1 = jax.grad(ours, argnums=(0, 1))(hidden, head)
+    g1 = jax.jit(jax.grad(ours, argnums=(0, 1)))(hidden, head)
     g2 = jax.grad(full, argnums=(0, 1))(hidden, head)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_pack_chains_places_every_sequence_as_a_chain():
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(1, 50, n).astype(np.int32) for n in (5, 1, 12, 7, 16, 3, 9)]
-    packed = pack_chains(seqs, 16)
-    assert packed.num_rows == len(assign_rows([len(s) for s in seqs], 16))
-    assert packed.num_rows == 4  # 53 tokens in rows of 16: first-fit decreasing needs 4
-    for i, s in enumerate(seqs):
-        r, st, n = packed.seq_row[i], packed.seq_start[i], len(s)
-        np.testing.assert_array_equal(packed.tokens[r, st:st + n], s)
-        np.testing.assert_array_equal(packed.positions[r, st:st + n], np.arange(n))
-        assert packed.parent[r, st] == -1
-        np.testing.assert_array_equal(packed.parent[r, st + 1:st + n], np.arange(st, st + n - 1))
-        assert np.all(packed.subtree_end[r, st:st + n] == st + n)
-    used = np.zeros(packed.tokens.shape, bool)
-    for i, s in enumerate(seqs):
-        used[packed.seq_row[i], packed.seq_start[i]:packed.seq_start[i] + len(s)] = True
-    idx = np.arange(16)
-    for r in range(packed.num_rows):  # padding: one-token trees
-        assert np.all(packed.subtree_end[r, ~used[r]] == idx[~used[r]] + 1)
-        assert np.all(packed.parent[r, ~used[r]] == -1)
-    assert [bucket_length(n) for n in (1, 16, 17, 100, 128)] == [16, 16, 32, 128, 128]
+def test_temperature_scales_the_distribution():
+    rng = np.random.default_rng(5)
+    t, d, v = 9, 8, 23
+    parent = np.arange(-1, t - 1)
+    hidden = rng.standard_normal((t, d)).astype(np.float32)
+    head = rng.standard_normal((d, v)).astype(np.float32)
+    tokens = rng.integers(0, v, t).astype(np.int32)
+    lp, en = tree_logprobs(jnp.asarray(hidden)[None], jnp.asarray(head), jnp.asarray(tokens)[None],
+                           jnp.asarray(parent, jnp.int32)[None], chunk=5, temperature=0.7)
+    ref_lp, ref_en = reference_logprobs(hidden, head / 0.7, tokens, parent)
+    np.testing.assert_allclose(np.asarray(lp[0]), ref_lp, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(en[0]), ref_en, atol=1e-5)

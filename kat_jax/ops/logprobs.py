@@ -1,72 +1,125 @@
-"""Tree log-probabilities and entropies, chunked over the vocabulary.
+"""Tree log-probabilities and entropies, chunked over the vocabulary with a custom VJP.
 
 For a packed tree, the log-prob of token i is predicted from its parent:
-    logp[i] = log_softmax(logits[parent[i]])[tokens[i]]        (0 where parent[i] < 0)
+    logp[i] = log_softmax(logits[parent[i]] / temperature)[tokens[i]]        (0 where parent[i] < 0)
 and entropy[i] is the entropy of that same distribution (the one token i was drawn from).
 
 A branching token's distribution is computed once: the log-sum-exp and entropy are computed per
-position (chunked over the vocabulary with an online log-sum-exp, so a [T, V] array never exists at
-once, and recomputed in the backward pass), then gathered at the parent. Only the target logit needs a
-per-token dot product. All of it is exact (no sampling of the vocabulary); numerics in float32.
+position, then gathered at the parent. Only the target logit needs a per-token dot product.
+
+Memory: the per-position pass walks the vocabulary in chunks with an online log-sum-exp, forward and
+backward (custom VJP: the backward recomputes each chunk's logits from hidden and head), so a
+[T, V] array never exists; peak extra memory is O(T * chunk). Exact: no sampling of the vocabulary;
+all arithmetic in float32.
+
+Gradients (per position p, chunk logits l = h W / temperature, q = softmax(l)):
+    d lse / d l_j = q_j,    d H / d l_j = -q_j (log q_j + H).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 
-def position_logsumexp_entropy(hidden: jax.Array, head: jax.Array, chunk: int = 8192
-                               ) -> tuple[jax.Array, jax.Array]:
-    """Per position: log-sum-exp and entropy of softmax(hidden @ head).
-
-    hidden: [B, T, D]; head: [D, V]. Returns (lse, entropy): float32[B, T] each.
-    Peak memory O(B * T * chunk) in the forward and the backward (the chunk body is rematerialised).
-    """
+def _chunked_head(head: jax.Array, chunk: int) -> tuple[jax.Array, int, int]:
     d, v = head.shape
     chunk = max(1, min(chunk, v))
     n_chunks = -(-v // chunk)
     pad = n_chunks * chunk - v
     head_p = jnp.pad(head, ((0, 0), (0, pad))) if pad else head
-    head_c = head_p.reshape(d, n_chunks, chunk).transpose(1, 0, 2)  # [C, D, chunk]
-    col = jnp.arange(chunk)
+    return head_p.reshape(d, n_chunks, chunk).transpose(1, 0, 2), chunk, n_chunks  # [C, D, chunk]
+
+
+def _chunk_logits(hidden, w, idx, chunk, v, temperature):
+    logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    logits = logits / temperature
+    valid = (idx * chunk + jnp.arange(chunk)) < v
+    return logits, valid
+
+
+def _lse_entropy_fwd_impl(hidden, head, chunk, temperature):
+    v = head.shape[1]
+    head_c, chunk, n_chunks = _chunked_head(head, chunk)
     batch_shape = hidden.shape[:-1]
 
-    @jax.checkpoint
     def body(carry, xs):
         m, s, t = carry
         w, idx = xs
-        logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
-        valid = (idx * chunk + col) < v
+        logits, valid = _chunk_logits(hidden, w, idx, chunk, v, temperature)
         logits = jnp.where(valid, logits, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         alpha = jnp.exp(m - m_new)
         e = jnp.exp(logits - m_new[..., None])
-        lz = jnp.where(valid, logits, 0.0)
         s_new = s * alpha + jnp.sum(e, axis=-1)
-        t_new = t * alpha + jnp.sum(e * lz, axis=-1)
+        t_new = t * alpha + jnp.sum(e * jnp.where(valid, logits, 0.0), axis=-1)
         return (m_new, s_new, t_new), None
 
     init = (jnp.full(batch_shape, -jnp.inf, jnp.float32), jnp.zeros(batch_shape, jnp.float32),
             jnp.zeros(batch_shape, jnp.float32))
     (m, s, t), _ = jax.lax.scan(body, init, (head_c, jnp.arange(n_chunks)))
     lse = m + jnp.log(s)
-    entropy = lse - t / s
-    return lse, entropy
+    return lse, lse - t / s
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def position_logsumexp_entropy(hidden: jax.Array, head: jax.Array, chunk: int = 8192,
+                               temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Per position: log-sum-exp and entropy of softmax(hidden @ head / temperature).
+
+    hidden: [..., D]; head: [D, V]. Returns (lse, entropy): float32[...] each.
+    """
+    return _lse_entropy_fwd_impl(hidden, head, chunk, temperature)
+
+
+def _fwd(hidden, head, chunk, temperature):
+    lse, ent = _lse_entropy_fwd_impl(hidden, head, chunk, temperature)
+    return (lse, ent), (hidden, head, lse, ent)
+
+
+def _bwd(chunk, temperature, res, g):
+    hidden, head, lse, ent = res
+    g_lse, g_ent = g
+    v = head.shape[1]
+    head_c, chunk, n_chunks = _chunked_head(head, chunk)
+
+    def body(dh, xs):
+        w, idx = xs
+        logits, valid = _chunk_logits(hidden, w, idx, chunk, v, temperature)
+        logq = logits - lse[..., None]
+        q = jnp.where(valid, jnp.exp(logq), 0.0)
+        dlogits = q * (g_lse[..., None] - g_ent[..., None] * (logq + ent[..., None]))
+        dlogits = jnp.where(valid, dlogits, 0.0) / temperature
+        dh = dh + jnp.einsum("...v,dv->...d", dlogits, w.astype(jnp.float32))
+        dw = jnp.einsum("...d,...v->dv", hidden.astype(jnp.float32), dlogits)
+        return dh, dw
+
+    dh0 = jnp.zeros(hidden.shape, jnp.float32)
+    dh, dw = jax.lax.scan(body, dh0, (head_c, jnp.arange(n_chunks)))
+    d = head.shape[0]
+    dhead = dw.transpose(1, 0, 2).reshape(d, n_chunks * chunk)[:, :v]
+    return dh.astype(hidden.dtype), dhead.astype(head.dtype)
+
+
+position_logsumexp_entropy.defvjp(_fwd, _bwd)
 
 
 def tree_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array, parent: jax.Array,
-                  chunk: int = 8192) -> tuple[jax.Array, jax.Array]:
+                  chunk: int = 8192, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """logp, entropy: float32[B, T] for each token given its parent (0 at roots, parent < 0).
 
-    hidden: [B, T, D] final hidden states; head: [D, V] output projection; tokens, parent: int32[B, T].
+    hidden: [B, T, D] final hidden states; head: [D, V] output projection; tokens, parent: int32[B, T];
+    temperature: the sampling temperature the distribution is taken at (rollout log-probs).
     """
-    lse, ent = position_logsumexp_entropy(hidden, head, chunk)
+    lse, ent = position_logsumexp_entropy(hidden, head, chunk, temperature)
     has_parent = parent >= 0
     par = jnp.where(has_parent, parent, 0)
     h_par = jnp.take_along_axis(hidden, par[..., None], axis=-2)  # [B, T, D]
     w_tok = jnp.take(head, tokens, axis=1)  # [D, B, T]
     target = jnp.einsum("btd,dbt->bt", h_par, w_tok, preferred_element_type=jnp.float32)
+    target = target / temperature
     lse_par = jnp.take_along_axis(lse, par, axis=-1)
     ent_par = jnp.take_along_axis(ent, par, axis=-1)
     logp = jnp.where(has_parent, target - lse_par, 0.0)

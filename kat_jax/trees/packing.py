@@ -1,11 +1,24 @@
-"""Packing token sequences into fixed-length TreeBatch rows.
+"""Packing prefix tries into fixed-length TreeBatch rows.
 
-A row is a forest laid out in depth-first pre-order (ARCHITECTURE.md). Per token i:
+A row is a forest laid out in depth-first pre-order (ARCHITECTURE.md). Per token i of a row:
     tokens[i], positions[i] (depth), parent[i] (-1 at a root), subtree_end[i].
 Padding tokens are their own one-token trees (parent -1, subtree_end = i + 1): they see only
 themselves, so no query ever has an empty softmax and padding never yields NaN.
 
-This module packs independent sequences (chains). Shared-prefix tries reuse the same row format.
+Several trees share a row when they fit (first-fit decreasing). Row lengths are powers of two so a run
+compiles a handful of shapes.
+
+Split rule (exact). A tree larger than a row is cut into *pieces*. A piece is a context path (ancestor
+nodes, repeated as zero-weight context) followed by a node and those of its child subtrees that fit
+whole, greedily in child order; every child subtree that does not fit becomes a piece of its own whose
+context is the context path plus that node, and is split again if needed. Every node is laid out once
+as *primary* (where its tokens carry loss weight and where the gather map points) and possibly again as
+context in later pieces; in every piece each token sees exactly its ancestors, so every log-prob and
+gradient equals the unsplit computation. A piece always fits when rows are at least as long as the
+longest trajectory, which `pack_trajectories` ensures; otherwise the error names the trajectory.
+
+The gather map traj_index[k, j] = row * T + column of token j of trajectory k (its primary
+placement), -1 past the trajectory's end, recovers any per-trajectory quantity from the rows.
 """
 
 from __future__ import annotations
@@ -13,6 +26,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+from kat_jax.trees.trajectory import Trajectory
+from kat_jax.trees.trie import Trie, build_trie
 
 MIN_BUCKET = 16
 
@@ -22,45 +38,10 @@ def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
-@dataclasses.dataclass
-class PackedRows:
-    """int32[R, T] arrays, plus where each sequence sits: seq_row[s], seq_start[s], seq_len[s]."""
-
-    tokens: np.ndarray
-    positions: np.ndarray
-    parent: np.ndarray
-    subtree_end: np.ndarray
-    seq_row: np.ndarray
-    seq_start: np.ndarray
-    seq_len: np.ndarray
-
-    @property
-    def num_rows(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def row_len(self) -> int:
-        return self.tokens.shape[1]
-
-    @property
-    def real_tokens(self) -> int:
-        return int(self.seq_len.sum())
-
-
-def empty_rows(num_rows: int, row_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    idx = np.arange(row_len, dtype=np.int32)
-    return dict(
-        tokens=np.full((num_rows, row_len), pad_id, np.int32),
-        positions=np.zeros((num_rows, row_len), np.int32),
-        parent=np.full((num_rows, row_len), -1, np.int32),
-        subtree_end=np.broadcast_to(idx + 1, (num_rows, row_len)).copy(),
-    )
-
-
 def assign_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: lists of sequence indices whose total length fits `capacity`.
+    """First-fit decreasing: lists of item indices whose total length fits `capacity`.
 
-    A sequence longer than `capacity` gets a row of its own."""
+    An item longer than `capacity` gets a row of its own."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []
     free: list[int] = []
@@ -77,33 +58,226 @@ def assign_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack_chains(seqs: list[np.ndarray], row_len: int, pad_id: int = 0,
-                groups: list[list[int]] | None = None) -> PackedRows:
-    """Pack sequences (int arrays) as chains into rows of exactly `row_len` tokens.
+def empty_rows(num_rows: int, row_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    idx = np.arange(row_len, dtype=np.int32)
+    return dict(
+        tokens=np.full((num_rows, row_len), pad_id, np.int32),
+        positions=np.zeros((num_rows, row_len), np.int32),
+        parent=np.full((num_rows, row_len), -1, np.int32),
+        subtree_end=np.broadcast_to(idx + 1, (num_rows, row_len)).copy(),
+    )
 
-    groups: which sequences share a row (default: first-fit decreasing). Sequences not in any group
-    are not packed (their seq_row is -1). Every group must fit in a row."""
-    lengths = [len(s) for s in seqs]
-    if groups is None:
-        groups = assign_rows(lengths, row_len)
-    for group in groups:
-        used = sum(lengths[i] for i in group)
-        if used > row_len:
-            raise ValueError(f"{used} tokens of sequences {group[:4]} do not fit rows of {row_len}")
-    arrays = empty_rows(len(groups), row_len, pad_id)
-    seq_row = np.full(len(seqs), -1, np.int32)
-    seq_start = np.zeros(len(seqs), np.int32)
+
+@dataclasses.dataclass
+class TreeBatch:
+    """Host-side packed batch (numpy). Row arrays [R, T]; trajectory arrays [N, L].
+
+    Row arrays: tokens, positions, parent, subtree_end (int32); tags (int32 bit set, OR over the
+    trajectories through each token); primary (bool: False for padding and repeated context);
+    train_count (float32: number of trajectories that train on the token there; the LM/SFT weight).
+    Trajectory arrays: traj_index (int32 flat index into the rows, -1 = none), traj_valid (token
+    exists), traj_trainable (trainable and j >= 1: the token has a prediction), traj_behaviour_logprobs
+    (0 where absent), traj_advantage, traj_reward (float32[N]), traj_present (bool[N], False for
+    padding trajectories).
+    """
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    parent: np.ndarray
+    subtree_end: np.ndarray
+    tags: np.ndarray
+    primary: np.ndarray
+    train_count: np.ndarray
+    traj_index: np.ndarray
+    traj_valid: np.ndarray
+    traj_trainable: np.ndarray
+    traj_behaviour_logprobs: np.ndarray
+    traj_advantage: np.ndarray
+    traj_reward: np.ndarray
+    traj_present: np.ndarray
+    total_tokens: int = 0  # sum of trajectory lengths
+    tree_tokens: int = 0  # distinct prefixes (each computed once)
+    laid_out_tokens: int = 0  # non-padding tokens in the rows (tree tokens + repeated context)
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def row_len(self) -> int:
+        return self.tokens.shape[1]
+
+    def model_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.tokens, self.positions, self.subtree_end
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), np.ndarray)}
+
+
+@dataclasses.dataclass
+class _Piece:
+    context: list[int]  # ancestor nodes repeated as context (root first)
+    root: int
+    included: list[int]  # children of root whose whole subtrees are in this piece
+    size: int
+
+
+def make_pieces(trie: Trie, capacity: int) -> list[_Piece]:
+    """Cut the trie's trees into pieces of at most `capacity` tokens (see the module docstring)."""
+    nlen, sub = trie.node_len, trie.node_subtree_tokens
+    pieces: list[_Piece] = []
+    todo: list[tuple[list[int], int]] = [([], r) for r in reversed(trie.roots)]
+    while todo:
+        ctx, root = todo.pop()
+        ctx_len = int(sum(nlen[c] for c in ctx))
+        if ctx_len + sub[root] <= capacity:
+            pieces.append(_Piece(ctx, root, list(trie.children[root]), int(ctx_len + sub[root])))
+            continue
+        used = ctx_len + int(nlen[root])
+        if used > capacity:
+            k = trie.node_rep[root]
+            raise ValueError(f"{trie.trajectories[k].name()}: its path needs "
+                             f"{used} tokens, more than the row capacity {capacity}")
+        included, deferred = [], []
+        for c in trie.children[root]:
+            if used + sub[c] <= capacity:
+                included.append(c)
+                used += int(sub[c])
+            else:
+                deferred.append(c)
+        pieces.append(_Piece(ctx, root, included, used))
+        todo.extend((ctx + [root], c) for c in reversed(deferred))
+    return pieces
+
+
+def _layout_piece(trie: Trie, piece: _Piece, rows: dict[str, np.ndarray], r: int, start: int,
+                  node_flat: np.ndarray, row_len: int) -> int:
+    """Write a piece at row r from column `start`; record primary placements in node_flat."""
+    nlen = trie.node_len
+    end_of_piece = start + piece.size
+    col = start
+    last = -1  # column of the previous token on the path (parent of the next node's first token)
+
+    def put(n: int, parent_col: int, subtree_end: int, primary: bool) -> int:
+        nonlocal col
+        k, d, length = trie.node_rep[n], trie.node_depth[n], nlen[n]
+        traj = trie.trajectories[k]
+        sl = slice(col, col + length)
+        rows["tokens"][r, sl] = traj.tokens[d:d + length]
+        rows["positions"][r, sl] = np.arange(d, d + length)
+        rows["parent"][r, col] = parent_col
+        rows["parent"][r, col + 1:col + length] = np.arange(col, col + length - 1)
+        rows["subtree_end"][r, sl] = subtree_end
+        rows["primary"][r, sl] = primary
+        if primary:
+            node_flat[n] = r * row_len + col
+        col += length
+        return col - 1
+
+    for c in piece.context:
+        last = put(c, last, end_of_piece, False)
+    root_last = put(piece.root, last, end_of_piece, True)
+    # Included subtrees in DFS pre-order: explicit stack of (node, parent column).
+    stack = [(c, root_last) for c in reversed(piece.included)]
+    while stack:
+        n, pcol = stack.pop()
+        node_end = col + int(trie.node_subtree_tokens[n])
+        n_last = put(n, pcol, node_end, True)
+        stack.extend((c, n_last) for c in reversed(trie.children[n]))
+    assert col == end_of_piece, (col, end_of_piece)
+    return col
+
+
+def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
+              num_traj: int | None = None, traj_len: int | None = None,
+              pad_id: int = 0) -> TreeBatch:
+    """Lay a trie out in rows of `row_len` tokens (see the module docstring).
+
+    num_rows / num_traj / traj_len: pad to these sizes (fixed shapes under jit); errors when the
+    content needs more. Defaults: as many rows as needed; N = number of trajectories;
+    L = bucket_length(longest trajectory)."""
+    pieces = make_pieces(trie, row_len)
+    groups = assign_rows([p.size for p in pieces], row_len)
+    n_rows = len(groups) if num_rows is None else num_rows
+    if len(groups) > n_rows:
+        raise ValueError(f"the trajectories need {len(groups)} rows of {row_len} tokens; only "
+                         f"{n_rows} allowed")
+    rows = empty_rows(n_rows, row_len, pad_id)
+    rows["primary"] = np.zeros((n_rows, row_len), bool)
+    node_flat = np.full(trie.num_nodes, -1, np.int64)
     for r, group in enumerate(groups):
-        start = 0
-        for i in sorted(group):
-            n = lengths[i]
-            end = start + n
-            arrays["tokens"][r, start:end] = seqs[i]
-            arrays["positions"][r, start:end] = np.arange(n)
-            arrays["parent"][r, start:end] = np.arange(start - 1, end - 1)
-            arrays["parent"][r, start] = -1
-            arrays["subtree_end"][r, start:end] = end
-            seq_row[i], seq_start[i] = r, start
-            start = end
-    return PackedRows(**arrays, seq_row=seq_row, seq_start=seq_start,
-                      seq_len=np.asarray(lengths, np.int32))
+        col = 0
+        for i in sorted(group):  # keep pieces in creation order within a row
+            col = _layout_piece(trie, pieces[i], rows, r, col, node_flat, row_len)
+    assert np.all(node_flat >= 0)
+
+    trajs = trie.trajectories
+    n_traj = len(trajs) if num_traj is None else num_traj
+    if len(trajs) > n_traj:
+        raise ValueError(f"{len(trajs)} trajectories do not fit num_traj={n_traj}")
+    longest = max(len(t) for t in trajs)
+    l_max = bucket_length(longest) if traj_len is None else traj_len
+    if longest > l_max:
+        raise ValueError(f"a trajectory of {longest} tokens exceeds traj_len={l_max}")
+    traj_index = np.full((n_traj, l_max), -1, np.int32)
+    traj_valid = np.zeros((n_traj, l_max), bool)
+    traj_trainable = np.zeros((n_traj, l_max), bool)
+    traj_blp = np.zeros((n_traj, l_max), np.float32)
+    tags = np.zeros((n_rows, row_len), np.int32)
+    train_count = np.zeros(n_rows * row_len, np.float32)
+    for k, traj in enumerate(trajs):
+        flat = np.concatenate([node_flat[n] + np.arange(trie.node_len[n])
+                               for n in trie.traj_path[k]])
+        n = len(traj)
+        assert len(flat) == n
+        traj_index[k, :n] = flat
+        traj_valid[k, :n] = True
+        trainable = traj.trainable.copy()
+        trainable[0] = False
+        traj_trainable[k, :n] = trainable
+        if traj.behaviour_logprobs is not None:
+            traj_blp[k, :n] = traj.behaviour_logprobs
+        np.bitwise_or.at(tags.reshape(-1), flat, traj.tags)
+        np.add.at(train_count, flat[trainable], 1.0)
+    present = np.zeros(n_traj, bool)
+    present[:len(trajs)] = True
+    adv = np.zeros(n_traj, np.float32)
+    rew = np.zeros(n_traj, np.float32)
+    for k, traj in enumerate(trajs):
+        adv[k] = 0.0 if traj.advantage is None else traj.advantage
+        rew[k] = 0.0 if traj.reward is None else traj.reward
+    return TreeBatch(
+        **rows, tags=tags, train_count=train_count.reshape(n_rows, row_len),
+        traj_index=traj_index, traj_valid=traj_valid, traj_trainable=traj_trainable,
+        traj_behaviour_logprobs=traj_blp, traj_advantage=adv, traj_reward=rew,
+        traj_present=present, total_tokens=trie.total_tokens, tree_tokens=trie.tree_tokens,
+        laid_out_tokens=int(sum(p.size for p in pieces)))
+
+
+def pack_trajectories(trajectories: list[Trajectory], row_len: int | None = None,
+                      vocab_size: int | None = None, **kwargs) -> TreeBatch:
+    """Validate, build the trie, and pack. row_len defaults to bucket_length(longest trajectory);
+    a given row_len shorter than the longest trajectory is an error naming it."""
+    if not trajectories:
+        raise ValueError("pack_trajectories: no trajectories")
+    for t in trajectories:
+        if vocab_size is not None:
+            t.validate(vocab_size)
+    longest = max(trajectories, key=len)
+    if row_len is None:
+        row_len = bucket_length(len(longest))
+    elif len(longest) > row_len:
+        raise ValueError(f"{longest.name()}: {len(longest)} tokens do not fit rows of {row_len}")
+    return pack_trie(build_trie(trajectories), row_len, **kwargs)
+
+
+def gather_per_trajectory(values, traj_index):
+    """values [R, T] (numpy or jax) -> [N, L] at each trajectory's tokens (0 where index < 0)."""
+    if isinstance(values, np.ndarray):
+        xp = np
+    else:
+        import jax.numpy as xp
+    flat = values.reshape(-1)
+    idx = xp.maximum(traj_index, 0)
+    return xp.where(traj_index >= 0, flat[idx], xp.zeros((), values.dtype))
