@@ -10,8 +10,9 @@ file is left behind (the output is written to a temporary file renamed into plac
 
 All sequences are merged into one prefix trie (a prefix shared by several sequences is computed once,
 see kat_jax.trees) and packed into rows of bucket_length(max(longest sequence, min(--batch-tokens,
-tree tokens))) tokens, --batch-tokens // row_len rows per forward call. computed_tokens in the summary counts the
-tokens laid out in rows (distinct prefixes, plus repeated context when a tree had to be split);
+tree tokens))) tokens, --batch-tokens // row_len rows per forward call. computed_tokens in the
+summary counts the tokens laid out in rows (distinct prefixes, plus repeated context when a tree had
+to be split);
 reuse_ratio = 1 - computed_tokens / total_tokens. Ids may be any JSON value (null included) and are
 echoed back unchanged.
 """
@@ -39,8 +40,8 @@ from kat_jax.trees.packing import (
     gather_per_trajectory,
     pack_trie,
 )
-from kat_jax.trees.trie import build_trie
 from kat_jax.trees.trajectory import Trajectory
+from kat_jax.trees.trie import build_trie
 
 
 class InputError(ValueError):
@@ -93,9 +94,9 @@ def make_score_fn(model: Decoder):
     chunk = model.cfg.vocab_chunk_size
 
     @jax.jit
-    def score(state, tokens, positions, parent, subtree_end):
+    def score(state, tokens, positions, parent, subtree_end, schedule=None):
         m = nnx.merge(graphdef, state)
-        hidden = m(tokens, positions, subtree_end)
+        hidden = m(tokens, positions, subtree_end, schedule)
         return tree_logprobs(hidden, m.head_kernel(), tokens, parent, chunk)
 
     return score, state
@@ -106,15 +107,15 @@ def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
     """Per record: (logprobs, entropies) float32[len - 1]; plus a summary dict.
 
     All sequences go into one prefix trie, so a prefix shared by several sequences is computed once;
-    rows are bucket_length(max(longest sequence, min(batch_tokens, tree tokens))) tokens, batch_tokens // row_len rows
-    per call (at least one), one compiled shape per run."""
+    rows are bucket_length(max(longest sequence, min(batch_tokens, tree tokens))) tokens,
+    batch_tokens // row_len rows per call (at least one), one compiled shape per run."""
     score, state = make_score_fn(model)
     trajs = [Trajectory(r.tokens, id=r.id) for r in records]
     longest = max(len(t) for t in trajs)
     trie = build_trie(trajs)
     # Rows of batch_tokens, shrunk when everything fits in less; never shorter than a sequence.
     row_len = bucket_length(max(longest, min(batch_tokens, trie.tree_tokens)))
-    batch = pack_trie(trie, row_len)
+    batch = pack_trie(trie, row_len, attention_block_size=model.cfg.attention_block_size)
     per_call = max(1, batch_tokens // row_len)
     n_calls = -(-batch.num_rows // per_call)
     padded = n_calls * per_call
@@ -123,9 +124,15 @@ def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
     arrays = {k: np.concatenate([getattr(batch, k), filler[k]]) for k in keys}
     logp = np.zeros((padded, row_len), np.float32)
     ent = np.zeros((padded, row_len), np.float32)
+    sched = batch.attn_schedule
+    if padded > batch.num_rows:  # filler rows: padding entries only (kind 0)
+        sched = {k: np.concatenate([a, np.zeros((padded - batch.num_rows, a.shape[1]), a.dtype)])
+                 for k, a in sched.items()}
     for c in range(n_calls):
         sl = slice(c * per_call, (c + 1) * per_call)
-        lp, en = jax.device_get(score(state, *(jnp.asarray(arrays[k][sl]) for k in keys)))
+        row_sched = {k: jnp.asarray(a[sl]) for k, a in sched.items()}
+        lp, en = jax.device_get(score(state, *(jnp.asarray(arrays[k][sl]) for k in keys),
+                                      row_sched))
         logp[sl], ent[sl] = lp, en
     lp_traj = gather_per_trajectory(logp[:batch.num_rows], batch.traj_index)
     en_traj = gather_per_trajectory(ent[:batch.num_rows], batch.traj_index)

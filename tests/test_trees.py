@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tree_cases import random_trajectories
 
 from kat_jax.trees.packing import gather_per_trajectory, pack_trajectories, pack_trie
 from kat_jax.trees.trajectory import Trajectory
 from kat_jax.trees.trie import build_trie
-from tree_cases import random_trajectories
 
 cases = st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 12), st.integers(1, 24),
                   st.integers(2, 6))

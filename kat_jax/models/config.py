@@ -48,6 +48,8 @@ class ModelConfig:
     dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    # Block size of block-sparse attention (a power of two; rows shorter than it use their length).
+    attention_block_size: int = 128
     # Tokens the output head is evaluated on at a time when computing log-probs (memory bound).
     vocab_chunk_size: int = 8192
 
@@ -61,10 +63,13 @@ class ModelConfig:
         if self.family not in ("qwen2", "qwen3"):
             bad("family", f"must be 'qwen2' or 'qwen3', got {self.family!r}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim", "max_position_embeddings", "vocab_chunk_size"):
+                    "num_kv_heads", "head_dim", "max_position_embeddings", "vocab_chunk_size",
+                    "attention_block_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 bad(key, f"must be a positive integer, got {value!r}")
+        if self.attention_block_size & (self.attention_block_size - 1):
+            bad("attention_block_size", f"must be a power of two, got {self.attention_block_size}")
         if self.num_heads % self.num_kv_heads:
             bad("num_kv_heads", f"({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
         if self.param_dtype not in DTYPES:
@@ -160,7 +165,8 @@ def tiny() -> ModelConfig:
     """CPU tests and the embedded default: byte-level vocabulary (256 bytes + specials)."""
     return ModelConfig(family="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128,
                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-                       tie_word_embeddings=True, max_position_embeddings=4096, vocab_chunk_size=256)
+                       tie_word_embeddings=True, max_position_embeddings=4096, vocab_chunk_size=256,
+                       attention_block_size=32)
 
 
 def _qwen3(**kw: Any) -> ModelConfig:

@@ -55,7 +55,11 @@ class Decoder(nnx.Module):
             return self.embed_tokens[...].astype(dtype).T
         return self.lm_head[...].astype(dtype)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, subtree_end: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array, subtree_end: jax.Array,
+                 attn_schedule: dict | None = None) -> jax.Array:
+        """hidden [B, T, D]. attn_schedule: optional host-built block schedule
+        (kat_jax.ops.block_sparse.build_block_schedule with effective_block_size(
+        cfg.attention_block_size, T)) so block-sparse attention visits only visible blocks."""
         cfg = self.cfg
         dtype = DTYPE[cfg.dtype]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
@@ -63,7 +67,7 @@ class Decoder(nnx.Module):
 
         def body(h, state):
             layer = nnx.merge(graphdef, state)
-            return layer(h, positions, subtree_end), None
+            return layer(h, positions, subtree_end, attn_schedule), None
 
         if cfg.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy],

@@ -103,14 +103,17 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.rope_theta = cfg.rope_theta
         self.attention_impl = cfg.attention_impl
+        self.block_size = cfg.attention_block_size
 
-    def __call__(self, x: jax.Array, positions: jax.Array, subtree_end: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, subtree_end: jax.Array,
+                 schedule: dict | None = None) -> jax.Array:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, positions, self.rope_theta)
         k = rope(k, positions, self.rope_theta)
-        out = tree_attention(q, k, v, subtree_end, impl=self.attention_impl)
+        out = tree_attention(q, k, v, subtree_end, impl=self.attention_impl, schedule=schedule,
+                             block_size=self.block_size)
         out = checkpoint_name(out, "attention_out")
         return self.o_proj(out)
 
@@ -138,6 +141,7 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, "embed", rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, subtree_end: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), positions, subtree_end)
+    def __call__(self, x: jax.Array, positions: jax.Array, subtree_end: jax.Array,
+                 schedule: dict | None = None) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), positions, subtree_end, schedule)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -11,8 +11,10 @@ dtype of q. Scores, softmax and the weighted sum accumulate in float32.
 
 Implementations are chosen by name (config `model.attention_impl`), never by import-time accident:
   xla_dense        every (q, k) pair scored and masked: the reference, O(T * S).
-  xla_block_sparse (issue "Trajectory trees"), pallas (issue "Pallas kernels"): not built yet.
-  auto             the best available for the platform; today xla_dense everywhere.
+  xla_block_sparse each query block visits only the key blocks it can see (kat_jax.ops.block_sparse);
+                   full blocks need no element mask. Cost follows the visible pairs. CPU default.
+  pallas           (issue "Pallas kernels"): not built yet.
+  auto             the best available for the platform; today xla_block_sparse everywhere.
 """
 
 from __future__ import annotations
@@ -58,22 +60,45 @@ def xla_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: j
 def _not_built(name: str, issue: str) -> Callable:
     def fn(*args, **kwargs):
         raise NotImplementedError(f"attention_impl={name!r} is not built yet (issue: {issue}); "
-                                  "use 'xla_dense' or 'auto'")
+                                  "use 'xla_block_sparse', 'xla_dense' or 'auto'")
 
     return fn
 
 
+def _xla_block_sparse(q, k, v, subtree_end, q_index=None, scale=None, *, schedule=None,
+                      block_size=128):
+    from kat_jax.ops.block_sparse import xla_block_sparse_attention
+
+    if q_index is not None:  # decode against a cache: dense over the cache
+        return xla_dense_attention(q, k, v, subtree_end, q_index=q_index, scale=scale)
+    return xla_block_sparse_attention(q, k, v, subtree_end, scale=scale, schedule=schedule,
+                                      block_size=effective_block_size(block_size, q.shape[1]))
+
+
+def _xla_dense(q, k, v, subtree_end, q_index=None, scale=None, *, schedule=None, block_size=128):
+    return xla_dense_attention(q, k, v, subtree_end, q_index=q_index, scale=scale)
+
+
 ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {
-    "xla_dense": xla_dense_attention,
-    "xla_block_sparse": _not_built("xla_block_sparse", "Trajectory trees"),
+    "xla_dense": _xla_dense,
+    "xla_block_sparse": _xla_block_sparse,
     "pallas": _not_built("pallas", "Pallas tree-attention kernels"),
 }
 
 
+def effective_block_size(block_size: int, row_len: int) -> int:
+    """The block size used for rows of row_len tokens: min(block_size, row_len). Host-side
+    schedules must be built with the same value."""
+    return max(1, min(int(block_size), int(row_len)))
+
+
 def resolve_attention_impl(name: str, platform: str | None = None) -> str:
-    """Map a config name to a concrete implementation for a platform ('cpu', 'gpu', 'tpu')."""
+    """Map a config name to a concrete implementation for a platform ('cpu', 'gpu', 'tpu').
+
+    auto: xla_block_sparse on every platform until the Pallas kernels land (then pallas on GPU/TPU).
+    """
     if name == "auto":
-        return "xla_dense"
+        return "xla_block_sparse"
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {name!r}; known: {['auto', *ATTENTION_IMPLS]}")
     return name
@@ -81,7 +106,13 @@ def resolve_attention_impl(name: str, platform: str | None = None) -> str:
 
 def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Array,
                    q_index: jax.Array | None = None, *, impl: str = "auto",
-                   scale: float | None = None) -> jax.Array:
-    """Attention under the tree rule by the implementation named `impl` (see module docstring)."""
+                   scale: float | None = None, schedule: dict | None = None,
+                   block_size: int = 128) -> jax.Array:
+    """Attention under the tree rule by the implementation named `impl` (see module docstring).
+
+    schedule: the host-built block schedule of kat_jax.ops.block_sparse (block pairs a query block
+    must visit) for xla_block_sparse; ignored by xla_dense. Without it, block-sparse visits every
+    lower-triangular block pair (exact, about half the dense work)."""
     fn = ATTENTION_IMPLS[resolve_attention_impl(impl)]
-    return fn(q, k, v, subtree_end, q_index=q_index, scale=scale)
+    return fn(q, k, v, subtree_end, q_index=q_index, scale=scale, schedule=schedule,
+              block_size=block_size)

@@ -98,6 +98,8 @@ class TreeBatch:
     total_tokens: int = 0  # sum of trajectory lengths
     tree_tokens: int = 0  # distinct prefixes (each computed once)
     laid_out_tokens: int = 0  # non-padding tokens in the rows (tree tokens + repeated context)
+    # Block-sparse attention schedule (int32[R, P] arrays q_block, k_block, kind), when requested.
+    attn_schedule: dict[str, np.ndarray] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -191,12 +193,13 @@ def _layout_piece(trie: Trie, piece: _Piece, rows: dict[str, np.ndarray], r: int
 
 def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
               num_traj: int | None = None, traj_len: int | None = None,
-              pad_id: int = 0) -> TreeBatch:
+              pad_id: int = 0, attention_block_size: int | None = None) -> TreeBatch:
     """Lay a trie out in rows of `row_len` tokens (see the module docstring).
 
     num_rows / num_traj / traj_len: pad to these sizes (fixed shapes under jit); errors when the
     content needs more. Defaults: as many rows as needed; N = number of trajectories;
-    L = bucket_length(longest trajectory)."""
+    L = bucket_length(longest trajectory). attention_block_size: also build the block-sparse
+    attention schedule of the rows (block = min(attention_block_size, row_len))."""
     pieces = make_pieces(trie, row_len)
     groups = assign_rows([p.size for p in pieces], row_len)
     n_rows = len(groups) if num_rows is None else num_rows
@@ -247,8 +250,15 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     for k, traj in enumerate(trajs):
         adv[k] = 0.0 if traj.advantage is None else traj.advantage
         rew[k] = 0.0 if traj.reward is None else traj.reward
+    schedule = None
+    if attention_block_size:
+        from kat_jax.ops.attention import effective_block_size
+        from kat_jax.ops.block_sparse import build_block_schedule
+
+        schedule = build_block_schedule(rows["subtree_end"],
+                                        effective_block_size(attention_block_size, row_len))
     return TreeBatch(
-        **rows, tags=tags, train_count=train_count.reshape(n_rows, row_len),
+        attn_schedule=schedule, **rows, tags=tags, train_count=train_count.reshape(n_rows, row_len),
         traj_index=traj_index, traj_valid=traj_valid, traj_trainable=traj_trainable,
         traj_behaviour_logprobs=traj_blp, traj_advantage=adv, traj_reward=rew,
         traj_present=present, total_tokens=trie.total_tokens, tree_tokens=trie.tree_tokens,
