@@ -90,3 +90,46 @@ def test_score_embedded_default_runs(tmp_path, capsys):
         res = json.loads(line)
         assert all(lp <= 0 for lp in res["logprobs"])
         assert all(0 <= e <= np.log(512) + 1e-4 for e in res["entropies"])
+
+
+def test_score_shares_prefixes_and_still_matches_transformers(hf_dirs, tmp_path, capsys):
+    """GRPO-like group and multi-turn extensions: one trie, each prefix computed once; every
+    sequence's log-probs still equal transformers run on that sequence alone."""
+    path, hf = hf_dirs("qwen3_gqa2_untied_hd24")
+    rng = np.random.default_rng(7)
+    prompt = rng.integers(0, 300, 20).tolist()
+    seqs = [prompt + rng.integers(0, 300, n).tolist() for n in (5, 9, 1, 12)]
+    seqs.append(seqs[1] + rng.integers(0, 300, 6).tolist())  # next turn extends a rollout
+    seqs.append(list(seqs[0]))  # duplicate
+    seqs.append(prompt[:7])  # a prefix of the others
+    rows = [{"id": i, "tokens": s} for i, s in enumerate(seqs)]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, rows)
+    assert main(["score", "--checkpoint", path, "--input", str(inp), "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    distinct = len({tuple(s[:j + 1]) for s in seqs for j in range(len(s))})
+    assert summary["total_tokens"] == sum(map(len, seqs))
+    assert summary["computed_tokens"] == distinct < summary["total_tokens"]
+    assert summary["reuse_ratio"] == pytest.approx(1 - distinct / summary["total_tokens"])
+    for s, line in zip(seqs, out.read_text().splitlines()):
+        res = json.loads(line)
+        lp, ent = _hf_logprobs_entropies(hf, np.asarray(s))
+        np.testing.assert_allclose(res["logprobs"], lp, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(res["entropies"], ent, atol=1e-4, rtol=0)
+
+
+def test_score_splits_trees_larger_than_a_row(hf_dirs, tmp_path, capsys):
+    path, hf = hf_dirs("qwen2_gqa4_untied")
+    rng = np.random.default_rng(8)
+    prompt = rng.integers(0, 300, 24).tolist()
+    seqs = [prompt + rng.integers(0, 300, 30).tolist() for _ in range(5)]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, [{"id": i, "tokens": s} for i, s in enumerate(seqs)])
+    assert main(["score", "--checkpoint", path, "--input", str(inp), "--output", str(out),
+                 "--batch-tokens", "128"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == 2  # the tree (174 tokens) was split over 128-token rows
+    assert 24 + 150 < summary["computed_tokens"] < summary["total_tokens"]  # context repeated
+    for s, line in zip(seqs, out.read_text().splitlines()):
+        lp, _ = _hf_logprobs_entropies(hf, np.asarray(s))
+        np.testing.assert_allclose(json.loads(line)["logprobs"], lp, atol=1e-4, rtol=0)
