@@ -51,7 +51,7 @@ class ModelConfig:
     # Block size of block-sparse attention (a power of two; rows shorter than it use their length).
     attention_block_size: int = 128
     # Tokens the output head is evaluated on at a time when computing log-probs (memory bound).
-    vocab_chunk_size: int = 8192
+    vocab_chunk_size: int = 4096
 
     def __post_init__(self):
         self.validate()

@@ -24,31 +24,31 @@ import jax
 import jax.numpy as jnp
 
 
-def _chunked_head(head: jax.Array, chunk: int) -> tuple[jax.Array, int, int]:
-    d, v = head.shape
+def _chunking(v: int, chunk: int) -> tuple[int, int]:
     chunk = max(1, min(chunk, v))
-    n_chunks = -(-v // chunk)
-    pad = n_chunks * chunk - v
-    head_p = jnp.pad(head, ((0, 0), (0, pad))) if pad else head
-    return head_p.reshape(d, n_chunks, chunk).transpose(1, 0, 2), chunk, n_chunks  # [C, D, chunk]
+    return chunk, -(-v // chunk)
 
 
-def _chunk_logits(hidden, w, idx, chunk, v, temperature):
+def _chunk_logits(hidden, head, idx, chunk, temperature):
+    """Logits of vocabulary chunk idx, read in place from head [D, V] (no padded or transposed copy
+    of the head). The last chunk is shifted left to end at V; the columns it shares with the
+    previous chunk are marked invalid so that every column counts once."""
+    v = head.shape[1]
+    start = jnp.minimum(idx * chunk, v - chunk)
+    w = jax.lax.dynamic_slice_in_dim(head, start, chunk, axis=1)
     logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
     logits = logits / temperature
-    valid = (idx * chunk + jnp.arange(chunk)) < v
-    return logits, valid
+    valid = (start + jnp.arange(chunk)) >= idx * chunk
+    return logits, valid, w, start
 
 
 def _lse_entropy_fwd_impl(hidden, head, chunk, temperature):
-    v = head.shape[1]
-    head_c, chunk, n_chunks = _chunked_head(head, chunk)
+    chunk, n_chunks = _chunking(head.shape[1], chunk)
     batch_shape = hidden.shape[:-1]
 
-    def body(carry, xs):
+    def body(carry, idx):
         m, s, t = carry
-        w, idx = xs
-        logits, valid = _chunk_logits(hidden, w, idx, chunk, v, temperature)
+        logits, valid, _, _ = _chunk_logits(hidden, head, idx, chunk, temperature)
         logits = jnp.where(valid, logits, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         alpha = jnp.exp(m - m_new)
@@ -59,7 +59,7 @@ def _lse_entropy_fwd_impl(hidden, head, chunk, temperature):
 
     init = (jnp.full(batch_shape, -jnp.inf, jnp.float32), jnp.zeros(batch_shape, jnp.float32),
             jnp.zeros(batch_shape, jnp.float32))
-    (m, s, t), _ = jax.lax.scan(body, init, (head_c, jnp.arange(n_chunks)))
+    (m, s, t), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
     lse = m + jnp.log(s)
     return lse, lse - t / s
 
@@ -82,24 +82,24 @@ def _fwd(hidden, head, chunk, temperature):
 def _bwd(chunk, temperature, res, g):
     hidden, head, lse, ent = res
     g_lse, g_ent = g
-    v = head.shape[1]
-    head_c, chunk, n_chunks = _chunked_head(head, chunk)
+    chunk, n_chunks = _chunking(head.shape[1], chunk)
+    h32 = hidden.astype(jnp.float32)
 
-    def body(dh, xs):
-        w, idx = xs
-        logits, valid = _chunk_logits(hidden, w, idx, chunk, v, temperature)
+    def body(carry, idx):
+        dh, dhead = carry
+        logits, valid, w, start = _chunk_logits(hidden, head, idx, chunk, temperature)
         logq = logits - lse[..., None]
         q = jnp.where(valid, jnp.exp(logq), 0.0)
         dlogits = q * (g_lse[..., None] - g_ent[..., None] * (logq + ent[..., None]))
         dlogits = jnp.where(valid, dlogits, 0.0) / temperature
         dh = dh + jnp.einsum("...v,dv->...d", dlogits, w.astype(jnp.float32))
-        dw = jnp.einsum("...d,...v->dv", hidden.astype(jnp.float32), dlogits)
-        return dh, dw
+        dw = jnp.einsum("...d,...v->dv", h32, dlogits)
+        old = jax.lax.dynamic_slice_in_dim(dhead, start, chunk, axis=1)
+        dhead = jax.lax.dynamic_update_slice_in_dim(dhead, old + dw, start, axis=1)
+        return (dh, dhead), None
 
-    dh0 = jnp.zeros(hidden.shape, jnp.float32)
-    dh, dw = jax.lax.scan(body, dh0, (head_c, jnp.arange(n_chunks)))
-    d = head.shape[0]
-    dhead = dw.transpose(1, 0, 2).reshape(d, n_chunks * chunk)[:, :v]
+    init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(head.shape, jnp.float32))
+    (dh, dhead), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
     return dh.astype(hidden.dtype), dhead.astype(head.dtype)
 
 
