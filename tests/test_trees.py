@@ -117,6 +117,9 @@ def test_bad_trajectories_are_named():
         pack_trajectories([Trajectory([1, 2]), Trajectory([1, 99], id="v")], vocab_size=50)
     with pytest.raises(ValueError, match="trajectory 'long'.*do not fit rows of 8"):
         pack_trajectories([Trajectory(list(range(9)), id="long")], row_len=8)
+    kept = pack_trajectories([Trajectory(list(range(9)), id="long"), Trajectory([1, 2], id="ok")],
+                             row_len=8, drop_overlong=True)
+    assert kept.dropped == ["long"] and kept.total_tokens == 2
     with pytest.raises(ValueError, match="'trainable' has shape"):
         Trajectory([1, 2, 3], trainable=[True], id="m")
     with pytest.raises(ValueError, match="need 2 rows"):

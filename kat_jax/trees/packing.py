@@ -24,6 +24,7 @@ placement), -1 past the trajectory's end, recovers any per-trajectory quantity f
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 
@@ -100,6 +101,7 @@ class TreeBatch:
     laid_out_tokens: int = 0  # non-padding tokens in the rows (tree tokens + repeated context)
     # Block-sparse attention schedule (int32[R, P] arrays q_block, k_block, kind), when requested.
     attn_schedule: dict[str, np.ndarray] | None = None
+    dropped: list = dataclasses.field(default_factory=list)  # ids of trajectories left out
 
     @property
     def num_rows(self) -> int:
@@ -266,20 +268,39 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
 
 
 def pack_trajectories(trajectories: list[Trajectory], row_len: int | None = None,
-                      vocab_size: int | None = None, **kwargs) -> TreeBatch:
-    """Validate, build the trie, and pack. row_len defaults to bucket_length(longest trajectory);
-    a given row_len shorter than the longest trajectory is an error naming it."""
+                      vocab_size: int | None = None, drop_overlong: bool = False,
+                      **kwargs) -> TreeBatch:
+    """Validate, build the trie, and pack. row_len defaults to bucket_length(longest trajectory).
+
+    A trajectory longer than a given row_len is an error naming it, unless drop_overlong: then it
+    is left out, and the ids of what was dropped are in `batch.dropped` and logged (never silent).
+    """
     if not trajectories:
         raise ValueError("pack_trajectories: no trajectories")
     for t in trajectories:
         if vocab_size is not None:
             t.validate(vocab_size)
-    longest = max(trajectories, key=len)
-    if row_len is None:
-        row_len = bucket_length(len(longest))
-    elif len(longest) > row_len:
-        raise ValueError(f"{longest.name()}: {len(longest)} tokens do not fit rows of {row_len}")
-    return pack_trie(build_trie(trajectories), row_len, **kwargs)
+    dropped: list = []
+    if row_len is not None:
+        over = [t for t in trajectories if len(t) > row_len]
+        if over and not drop_overlong:
+            raise ValueError(f"{over[0].name()}: {len(over[0])} tokens do not fit rows of "
+                             f"{row_len} ({len(over)} such trajectories; drop_overlong=True drops "
+                             "and counts them)")
+        if over:
+            dropped = [t.id for t in over]
+            logging.getLogger(__name__).warning(
+                "dropped %d trajectories longer than the row length %d: %s", len(over), row_len,
+                dropped[:10])
+            trajectories = [t for t in trajectories if len(t) <= row_len]
+            if not trajectories:
+                raise ValueError(f"all {len(dropped)} trajectories are longer than rows of "
+                                 f"{row_len}")
+    else:
+        row_len = bucket_length(max(len(t) for t in trajectories))
+    batch = pack_trie(build_trie(trajectories), row_len, **kwargs)
+    batch.dropped = dropped
+    return batch
 
 
 def gather_per_trajectory(values, traj_index):
