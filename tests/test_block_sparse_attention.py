@@ -1,5 +1,7 @@
 """Block-sparse tree attention against the dense reference; its host schedule against brute force."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +171,84 @@ def test_gradients_match_dense(use_schedule, case, kv, t):
         np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_schedule,case,kv,pairs_per_step", [
+    (True, "forest", 2, 3), (True, "tree", 8, 5), (False, "chain", 1, 4), (True, "padding", 2, 1),
+    (True, "packed_chains", 2, 64)])
+def test_gradients_match_dense_any_pairs_per_step(use_schedule, case, kv, pairs_per_step):
+    """Chunks that do not divide P (P is a power of two with a schedule, 21 without), a chunk
+    larger than P, and one pair per step."""
+    rng = np.random.default_rng([pairs_per_step, kv])
+    b, t, n, bs = 2, 48, 8, 8
+    ends = make_ends(case, rng, b, t)
+    q, k, v = make_qkv(rng, b, t, n, kv)
+    ct = jnp.asarray(rng.standard_normal((b, t, n, H)), jnp.float32)
+    sched = build_block_schedule(ends, bs) if use_schedule else None
+
+    def loss_sparse(q, k, v, e, s):
+        out = xla_block_sparse_attention(q, k, v, e, schedule=s, block_size=bs,
+                                         pairs_per_step=pairs_per_step)
+        return jnp.sum(out * ct), out
+
+    def loss_dense(q, k, v, e):
+        out = xla_dense_attention(q, k, v, e)
+        return jnp.sum(out * ct), out
+
+    (_, got_out), got = jax.jit(jax.value_and_grad(loss_sparse, argnums=(0, 1, 2), has_aux=True))(
+        q, k, v, jnp.asarray(ends), sched)
+    (_, want_out), want = jax.jit(jax.value_and_grad(loss_dense, argnums=(0, 1, 2), has_aux=True))(
+        q, k, v, jnp.asarray(ends))
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-5)
+    for g_got, g_want in zip(got, want):
+        np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_gradients_close_to_dense():
+    rng = np.random.default_rng(11)
+    b, t, n, kv, bs = 2, 64, 8, 2, 16
+    ends = make_ends("forest", rng, b, t)
+    q, k, v = make_qkv(rng, b, t, n, kv, jnp.bfloat16)
+    ct = jnp.asarray(rng.standard_normal((b, t, n, H)), jnp.float32)
+    sched = build_block_schedule(ends, bs)
+
+    def loss(attn, q, k, v):
+        return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct)
+
+    sparse = partial(xla_block_sparse_attention, subtree_end=jnp.asarray(ends), schedule=sched,
+                     block_size=bs, pairs_per_step=3)
+    got = jax.jit(jax.grad(partial(loss, sparse), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(partial(loss, partial(xla_dense_attention, subtree_end=jnp.asarray(ends))),
+                            argnums=(0, 1, 2)))(q, k, v)
+    for g_got, g_want in zip(got, want):
+        assert g_got.dtype == jnp.bfloat16
+        g_got, g_want = np.asarray(g_got, np.float32), np.asarray(g_want, np.float32)
+        assert np.linalg.norm(g_got - g_want) <= 2e-2 * np.linalg.norm(g_want)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_memory_is_bounded_not_all_pairs():
+    """Forward + backward of a 4096-token chain must not hold O(P * bs^2) scores: compile only and
+    compare XLA's temp buffer size with materialising every pair's float32 scores once."""
+    t, bs, n, kv, h = 4096, 64, 8, 2, 64
+    ends = np.full((1, t), t, np.int32)
+    sched = build_block_schedule(ends, bs)
+    p = sched["kind"].shape[1]
+    assert p == 4096                                                 # 2080 pairs, power of two
+
+    def loss(q, k, v, e, s):
+        return jnp.sum(xla_block_sparse_attention(q, k, v, e, schedule=s, block_size=bs) ** 2)
+
+    def sds(heads):
+        return jax.ShapeDtypeStruct((1, t, heads, h), jnp.float32)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+        sds(n), sds(kv), sds(kv), ends, sched).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    all_pairs = p * bs * bs * n * 4                                  # 512 MiB
+    assert temp < all_pairs // 4, (temp, all_pairs)                  # about 24 MiB measured
+
+
 # ---------------------------------------------------------------- padding, no NaN
 
 
@@ -240,3 +320,6 @@ def test_errors():
     with pytest.raises(NotImplementedError):
         xla_block_sparse_attention(q, q, q, jnp.full((1, 8), 8, jnp.int32),
                                    q_index=jnp.zeros((1, 8), jnp.int32), block_size=8)
+    with pytest.raises(ValueError, match="pairs_per_step"):
+        xla_block_sparse_attention(q, q, q, jnp.full((1, 8), 8, jnp.int32), block_size=8,
+                                   pairs_per_step=0)

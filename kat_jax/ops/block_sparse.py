@@ -4,24 +4,46 @@ Rule (ARCHITECTURE.md): query q may see key k iff  k <= q < subtree_end[k].  Row
 in DFS pre-order; padding tokens are one-token trees (subtree_end[i] = i + 1).
 
 Shapes: q: [B, T, N, H], k and v: [B, T, K, H] (queries and keys are the same tokens; GQA: query
-head n reads kv head n // (N // K)), subtree_end: int32[B, T]. Output: [B, T, N, H] in q's dtype.
-Scores, softmax and the weighted sums accumulate in float32.
+head n reads kv head n // G, G = N // K), subtree_end: int32[B, T]. Output: [B, T, N, H] in q's
+dtype. Scores, softmax statistics and all accumulators are float32.
 
-The sequence is cut into blocks of `block_size` tokens. A host-side schedule
-(`build_block_schedule`, numpy, called by the data packer) lists per row the (q block, k block)
-pairs that hold at least one visible pair, each marked full (no element mask needed) or partial;
-the list is padded to a power-of-two length P with kind-0 entries that are skipped (fully masked).
-`xla_block_sparse_attention` gathers the Q and K/V blocks of the P pairs, scores them, and merges
-the pairs of each q block with a segment log-sum-exp. Work and memory are O(B * P * bs^2 * N).
+The sequence is cut into nb blocks of bs = `block_size` tokens (T is padded up internally when no
+schedule is given). A host-side schedule (`build_block_schedule`, numpy, called by the data
+packer) lists per row the (q block, k block) pairs that hold at least one visible pair, each
+marked full (no element mask needed) or partial; the list is padded to a power-of-two length P
+with kind-0 entries that are skipped (fully masked).
+
+`xla_block_sparse_attention` is flash-style with a `jax.custom_vjp`:
+  forward   `lax.scan` over chunks of C = `pairs_per_step` pairs (P padded to a multiple of C with
+            kind-0 pairs). Per step it gathers the chunk's Q and K/V blocks, scores them
+            ([B, C, bs, K, G, bs]), masks them (element mask only for kind 1) and updates running
+            online-softmax statistics of the chunk's q blocks: max m and sum l [B, nb, bs, K, G],
+            weighted values acc [B, nb, bs, K, G, H]. Pairs of one q block within a chunk are
+            merged with chunk-local segment max / sum, then the q block's m, l, acc are rescaled
+            and written back (only touched q blocks are read or written). out = acc / l; the
+            residual is lse = m + log(l).
+  backward  delta = sum(dout * out) per query and head, then a scan over the same chunks that
+            recomputes the scores, p = exp(s - lse), and scatter-adds dV += p^T dO,
+            dQ += dS K * scale, dK += dS^T Q * scale (dS = p * (dO V^T - delta)) into float32
+            [B, nb, bs, ...] buffers; dK / dV sum over the G query heads of a kv head. No autodiff
+            runs through the scans; subtree_end and the schedule get no gradient.
+  Chunks whose pairs are all kind 0 (the schedule's padding) are skipped by a `lax.cond`.
+
+Memory: O(B * C * bs^2 * N) float32 for one step's scores (a few such arrays in the backward)
+plus O(B * T * N * H) for accumulators, residuals and gradients; nothing is O(P * bs^2). Work is
+O(B * P * bs^2 * N * H); the scan runs ceil(P / C) sequential steps.
 
 What is exact: the schedule's classification (empty / partial / full) is exact, so the output and
-its gradients (plain JAX autodiff) equal the dense reference `xla_dense_attention` up to float
-rounding. With schedule=None every lower-triangular block pair is scored as partial (exact, but
-no savings). A query that sees no key (never produced by valid trees) gets a finite output, not
-NaN, in forward and backward; it need not equal the dense reference's value for such a query.
+its gradients equal the dense reference `xla_dense_attention` up to float rounding (the online
+softmax reorders the float32 sums). With schedule=None every lower-triangular block pair is
+scored as partial (exact, but no savings). Masked pairs get probability exactly 0, so a query
+that sees no key (never produced by valid trees) gets output 0 and zero gradients, finite in
+forward and backward (the dense reference instead averages all values for such a query).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -98,17 +120,142 @@ def dense_block_schedule(num_blocks: int, batch: int) -> dict[str, np.ndarray]:
             "kind": np.full((batch, p), KIND_PARTIAL, np.int32)}
 
 
-def _gather_blocks(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x: [B, nb, ...], idx: int[B, P] -> [B, P, ...]."""
-    return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0))(x, idx)
+def _segment_ids(q_block: jax.Array) -> jax.Array:
+    """int32[B * C] chunk-local segment of each pair: row * C + the first slot of the chunk with the
+    same (row, q block). Pairs sharing a q block within a chunk share a segment."""
+    b, c = q_block.shape
+    first = jnp.argmax(q_block[:, :, None] == q_block[:, None, :], axis=-1).astype(jnp.int32)
+    return (jnp.arange(b, dtype=jnp.int32)[:, None] * c + first).reshape(b * c)
+
+
+def _chunk_scores(q, k, end, scale, q_block, k_block, kind):
+    """Scores of one chunk of pairs. q: [B, nb, bs, K, G, H], k: [B, nb, bs, K, H], end: [B, nb, bs],
+    q_block / k_block / kind: int32[B, C]. Returns the gathered blocks, the float32 scores
+    [B, C, bs, K, G, bs] (not masked) and the visibility mask [B, C, bs, 1, 1, bs]."""
+    bs = q.shape[2]
+    rows = jnp.arange(q.shape[0])[:, None]
+    qp = q[rows, q_block]                                                 # [B, C, bs, K, G, H]
+    kp = k[rows, k_block]                                                 # [B, C, bs, K, H]
+    endp = end[rows, k_block]                                             # [B, C, bs]
+    s = jnp.einsum("bcqkgh,bcskh->bcqkgs", qp, kp, preferred_element_type=jnp.float32) * scale
+    offs = jnp.arange(bs, dtype=jnp.int32)
+    q_pos = (q_block * bs)[..., None] + offs                              # [B, C, bs]
+    k_pos = (k_block * bs)[..., None] + offs
+    elem = ((k_pos[..., None, :] <= q_pos[..., :, None])
+            & (q_pos[..., :, None] < endp[..., None, :]))                 # [B, C, bs_q, bs_k]
+    kind = kind[..., None, None]
+    visible = (kind == KIND_FULL) | ((kind == KIND_PARTIAL) & elem)
+    return qp, kp, s, visible[:, :, :, None, None, :]
+
+
+def _chunked(x: jax.Array, c: int) -> jax.Array:
+    """int32[B, P] (P a multiple of c) -> [P // c, B, c]: the scanned chunks."""
+    b, p = x.shape
+    return x.reshape(b, p // c, c).transpose(1, 0, 2)
+
+
+def _skip_empty(step):
+    """Scan body that leaves the carry untouched when every pair of the chunk is kind 0 (the
+    power-of-two and chunk padding at the end of the schedule)."""
+    def body(carry, chunk):
+        return jax.lax.cond(jnp.any(chunk[2] != KIND_SKIP), lambda: step(carry, chunk)[0],
+                            lambda: carry), None
+
+    return body
+
+
+def _flash_fwd_impl(q, k, v, end, scale, q_block, k_block, kind, c):
+    """Blocked inputs (see _chunk_scores; v like k). Returns out [B, nb, bs, K, G, H] in q's dtype
+    and lse float32 [B, nb, bs, K, G]."""
+    b, nb, bs, kv_heads, g, h = q.shape
+    rows = jnp.arange(b)[:, None]
+
+    def step(carry, chunk):
+        m, denom, acc = carry
+        qb, kb, kd = chunk                                                # int32[B, C] each
+        _, _, s, visible = _chunk_scores(q, k, end, scale, qb, kb, kd)
+        vp = v[rows, kb]                                                  # [B, C, bs, K, H]
+        seg = _segment_ids(qb)
+        pair_max = jnp.where(visible, s, MASK_VALUE).max(axis=-1)         # [B, C, bs, K, G]
+        chunk_max = jax.ops.segment_max(pair_max.reshape(b * c, bs, kv_heads, g), seg,
+                                        num_segments=b * c)[seg].reshape(pair_max.shape)
+        m_old = m[rows, qb]                                               # [B, C, bs, K, G]
+        m_new = jnp.maximum(m_old, chunk_max)
+        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)        # [B, C, bs, K, G, bs]
+        pv = jnp.einsum("bcqkgs,bcskh->bcqkgh", p.astype(v.dtype), vp,
+                        preferred_element_type=jnp.float32)
+        p_sum = jax.ops.segment_sum(p.sum(axis=-1).reshape(b * c, bs, kv_heads, g), seg,
+                                    num_segments=b * c)[seg].reshape(m_old.shape)
+        pv_sum = jax.ops.segment_sum(pv.reshape(b * c, bs, kv_heads, g, h), seg,
+                                     num_segments=b * c)[seg].reshape(pv.shape)
+        alpha = jnp.exp(m_old - m_new)                                    # 1 where the max held
+        denom_new = denom[rows, qb] * alpha + p_sum
+        acc_new = acc[rows, qb] * alpha[..., None] + pv_sum
+        # Pairs of one q block carry identical values, so duplicate indices write the same thing.
+        return (m.at[rows, qb].set(m_new), denom.at[rows, qb].set(denom_new),
+                acc.at[rows, qb].set(acc_new)), None
+
+    init = (jnp.full((b, nb, bs, kv_heads, g), MASK_VALUE, jnp.float32),
+            jnp.zeros((b, nb, bs, kv_heads, g), jnp.float32),
+            jnp.zeros((b, nb, bs, kv_heads, g, h), jnp.float32))
+    xs = (_chunked(q_block, c), _chunked(k_block, c), _chunked(kind, c))
+    (m, denom, acc), _ = jax.lax.scan(_skip_empty(step), init, xs)
+    seen = denom > 0                                                        # else: sees no key
+    out = acc / jnp.where(seen, denom, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), 0.0)
+    return out.astype(q.dtype), lse
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash(q, k, v, end, scale, q_block, k_block, kind, c):
+    return _flash_fwd_impl(q, k, v, end, scale, q_block, k_block, kind, c)[0]
+
+
+def _flash_fwd(q, k, v, end, scale, q_block, k_block, kind, c):
+    out, lse = _flash_fwd_impl(q, k, v, end, scale, q_block, k_block, kind, c)
+    return out, (q, k, v, end, scale, q_block, k_block, kind, out, lse)
+
+
+def _flash_bwd(c, res, dout):
+    q, k, v, end, scale, q_block, k_block, kind, out, lse = res
+    b, nb, bs, kv_heads, g, h = q.shape
+    rows = jnp.arange(b)[:, None]
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, nb, bs, K, G]
+
+    def step(carry, chunk):
+        dq, dk, dv = carry
+        qb, kb, kd = chunk
+        qp, kp, s, visible = _chunk_scores(q, k, end, scale, qb, kb, kd)
+        vp = v[rows, kb]
+        dop = dout[rows, qb]                                              # [B, C, bs, K, G, H]
+        p = jnp.where(visible, jnp.exp(s - lse[rows, qb][..., None]), 0.0)
+        dv_p = jnp.einsum("bcqkgs,bcqkgh->bcskh", p.astype(dout.dtype), dop,
+                          preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bcqkgh,bcskh->bcqkgs", dop, vp, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[rows, qb][..., None])).astype(q.dtype)
+        dq_p = jnp.einsum("bcqkgs,bcskh->bcqkgh", ds, kp, preferred_element_type=jnp.float32)
+        dk_p = jnp.einsum("bcqkgs,bcqkgh->bcskh", ds, qp, preferred_element_type=jnp.float32)
+        return (dq.at[rows, qb].add(dq_p * scale), dk.at[rows, kb].add(dk_p * scale),
+                dv.at[rows, kb].add(dv_p)), None
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+            jnp.zeros(v.shape, jnp.float32))
+    xs = (_chunked(q_block, c), _chunked(k_block, c), _chunked(kind, c))
+    (dq, dk, dv), _ = jax.lax.scan(_skip_empty(step), init, xs)
+    # subtree_end, scale and the schedule get no gradient (None: a zero cotangent).
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def xla_block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Array,
                                q_index: jax.Array | None = None, scale: float | None = None, *,
                                schedule: dict[str, jax.Array] | None = None,
-                               block_size: int = 128) -> jax.Array:
+                               block_size: int = 128, pairs_per_step: int = 16) -> jax.Array:
     """Tree attention over the block pairs of `schedule` (see module docstring). Jittable; the
-    schedule may be traced (its P is the only static part)."""
+    schedule may be traced (its P is the only static part). `pairs_per_step` (static) pairs are
+    scored per scan step."""
     if q_index is not None:
         raise NotImplementedError("xla_block_sparse_attention: q_index (decode) is not supported; "
                                   "use xla_dense_attention")
@@ -119,6 +266,9 @@ def xla_block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree
                          f"v {v.shape}, subtree_end {subtree_end.shape}")
     if n % kv_heads:
         raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kv_heads})")
+    c = int(pairs_per_step)
+    if c <= 0:
+        raise ValueError(f"pairs_per_step must be positive, got {pairs_per_step}")
     g = n // kv_heads
     bs = int(block_size)
     scale = h ** -0.5 if scale is None else scale
@@ -136,40 +286,13 @@ def xla_block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree
     nb = t_pad // bs
     if schedule is None:
         schedule = dense_block_schedule(nb, b)
-    q_block = jnp.asarray(schedule["q_block"], jnp.int32)            # [B, P]
-    k_block = jnp.asarray(schedule["k_block"], jnp.int32)
-    kind = jnp.asarray(schedule["kind"], jnp.int32)
-    p = q_block.shape[1]
+    sched = [jnp.asarray(schedule[name], jnp.int32) for name in ("q_block", "k_block", "kind")]
+    p = sched[0].shape[1]
+    p_pad = max(-(-p // c) * c, c)
+    if p_pad != p:                                                        # kind-0 pairs (0, 0)
+        sched = [jnp.pad(x, ((0, 0), (0, p_pad - p))) for x in sched]
 
-    qp = _gather_blocks(q.reshape(b, nb, bs, kv_heads, g, h), q_block)    # [B, P, bs, K, G, H]
-    kp = _gather_blocks(k.reshape(b, nb, bs, kv_heads, h), k_block)       # [B, P, bs, K, H]
-    vp = _gather_blocks(v.reshape(b, nb, bs, kv_heads, h), k_block)
-    endp = _gather_blocks(subtree_end.reshape(b, nb, bs), k_block)        # [B, P, bs]
-
-    scores = jnp.einsum("bpqkgh,bpskh->bpqkgs", qp, kp,
-                        preferred_element_type=jnp.float32) * scale       # [B, P, bs, K, G, bs]
-    offs = jnp.arange(bs, dtype=jnp.int32)
-    q_pos = (q_block * bs)[..., :, None] + offs                           # [B, P, bs]
-    k_pos = (k_block * bs)[..., :, None] + offs
-    elem = ((k_pos[..., None, :] <= q_pos[..., :, None])
-            & (q_pos[..., :, None] < endp[..., None, :]))                 # [B, P, bs_q, bs_k]
-    visible = (kind == KIND_FULL)[..., None, None] | ((kind == KIND_PARTIAL)[..., None, None] & elem)
-    visible = visible[:, :, :, None, None, :]                             # [B, P, bs, 1, 1, bs]
-    scores = jnp.where(visible, scores, MASK_VALUE)
-
-    # Segment log-sum-exp over the pairs of each q block; segments are flattened (row, q block).
-    seg = (jnp.arange(b, dtype=jnp.int32)[:, None] * nb + q_block).reshape(b * p)
-    pair_max = scores.max(axis=-1).reshape(b * p, bs, kv_heads, g)
-    row_max = jax.ops.segment_max(pair_max, seg, num_segments=b * nb)
-    # The max only stabilises exp; the result does not depend on it, so no gradient flows through
-    # it. Clamping keeps q blocks without any pair (-inf identity) finite.
-    row_max = jax.lax.stop_gradient(jnp.maximum(row_max, MASK_VALUE))
-    probs = jnp.exp(scores - row_max[seg].reshape(b, p, bs, kv_heads, g, 1))
-    pair_sum = probs.sum(axis=-1).reshape(b * p, bs, kv_heads, g)
-    pair_out = jnp.einsum("bpqkgs,bpskh->bpqkgh", probs.astype(v.dtype), vp,
-                          preferred_element_type=jnp.float32).reshape(b * p, bs, kv_heads, g, h)
-    denom = jax.ops.segment_sum(pair_sum, seg, num_segments=b * nb)
-    numer = jax.ops.segment_sum(pair_out, seg, num_segments=b * nb)
-    denom = jnp.where(denom > 0, denom, 1.0)                              # no pair at all: out 0
-    out = numer / denom[..., None]                                        # [B * nb, bs, K, G, H]
-    return out.reshape(b, t_pad, n, h)[:, :t].astype(q.dtype)
+    out = _flash(q.reshape(b, nb, bs, kv_heads, g, h), k.reshape(b, nb, bs, kv_heads, h),
+                 v.reshape(b, nb, bs, kv_heads, h), subtree_end.reshape(b, nb, bs),
+                 jnp.asarray(scale, jnp.float32), *sched, c)
+    return out.reshape(b, t_pad, n, h)[:, :t]
