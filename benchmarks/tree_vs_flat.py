@@ -8,8 +8,8 @@ Workloads (token counts scaled down 4x by --quick):
   branching  an agent rollout that forks into branches at intermediate turns.
 Both sides run forward + backward of the mid-training loss (next-token NLL over every trajectory's
 tokens, per-trajectory denominators) with the same attention implementation (xla_block_sparse with
-host-built block schedules), rows of the same length, chains packed first-fit decreasing on the
-flat side. Reported per workload:
+host-built block schedules, block 128), rows of the same length (long enough for the whole tree),
+chains packed first-fit decreasing on the flat side. Reported per workload:
   token_ideal_speedup = total tokens / tree tokens,
   flop_ideal_speedup  = model FLOPs flat / tree, counting per-token matmuls (layers + output head)
                         and attention over visible (q, k) pairs only,
@@ -119,7 +119,7 @@ def main() -> None:
     cfg = ModelConfig(family="qwen3", vocab_size=16384, hidden_size=512, intermediate_size=1536,
                       num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64,
                       max_position_embeddings=16384, attention_impl="xla_block_sparse",
-                      attention_block_size=128 // scale, vocab_chunk_size=4096)
+                      attention_block_size=128, vocab_chunk_size=4096)
     graphdef, params = nnx.split(init_model(cfg, seed=0))
 
     def loss_fn(params, b):
@@ -145,8 +145,9 @@ def main() -> None:
     results = []
     for name, seqs in workloads(scale, rng, cfg.vocab_size).items():
         trajs = [Trajectory(s, id=f"{name}-{i}") for i, s in enumerate(seqs)]
-        row_len = bucket_length(max(len(t) for t in trajs))
         trie = build_trie(trajs)
+        # Rows long enough for the whole tree (no repeated context), the same length both ways.
+        row_len = bucket_length(max(max(len(t) for t in trajs), trie.tree_tokens))
         tree = pack_trie(trie, row_len)
         flat = pack_flat(trajs, row_len)
         b_tree, s_tree = device_batch(tree, row_len)

@@ -87,9 +87,10 @@ ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {
 
 
 def effective_block_size(block_size: int, row_len: int) -> int:
-    """The block size used for rows of row_len tokens: min(block_size, row_len). Host-side
-    schedules must be built with the same value."""
-    return max(1, min(int(block_size), int(row_len)))
+    """The block size used for rows of row_len tokens: the largest power of two <= block_size that
+    divides row_len (row buckets are 2^k and 1.5 * 2^k). Host-side schedules use the same value."""
+    row_len = int(row_len)
+    return max(1, min(int(block_size), row_len & -row_len))
 
 
 def resolve_attention_impl(name: str, platform: str | None = None) -> str:

@@ -5,8 +5,8 @@ A row is a forest laid out in depth-first pre-order (ARCHITECTURE.md). Per token
 Padding tokens are their own one-token trees (parent -1, subtree_end = i + 1): they see only
 themselves, so no query ever has an empty softmax and padding never yields NaN.
 
-Several trees share a row when they fit (first-fit decreasing). Row lengths are powers of two so a run
-compiles a handful of shapes.
+Several trees share a row when they fit (first-fit decreasing). Row lengths are bucketed (2^k and
+1.5 * 2^k) so a run compiles a handful of shapes.
 
 Split rule (exact). A tree larger than a row is cut into *pieces*. A piece is a context path (ancestor
 nodes, repeated as zero-weight context) followed by a node and those of its child subtrees that fit
@@ -35,8 +35,12 @@ MIN_BUCKET = 16
 
 
 def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
-    """Smallest power of two >= max(n, minimum): a run compiles a handful of row shapes."""
-    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+    """Smallest bucket >= max(n, minimum); buckets are 2^k and 1.5 * 2^k (16, 24, 32, 48, 64, ...),
+    so a run compiles a handful of row shapes and padding stays under a third of a row."""
+    n = max(int(n), minimum, 1)
+    p = 1 << (n - 1).bit_length()  # smallest power of two >= n
+    three_quarters = 3 * p // 4
+    return three_quarters if n <= three_quarters and three_quarters % 2 == 0 else p
 
 
 def assign_rows(lengths: list[int], capacity: int) -> list[list[int]]:
