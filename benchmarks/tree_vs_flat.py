@@ -79,7 +79,8 @@ def pack_flat(trajs, row_len: int):
                      train_count=np.zeros(rows["tokens"].shape, np.float32),
                      traj_index=traj_index, traj_valid=valid, traj_trainable=valid,
                      traj_behaviour_logprobs=np.zeros(valid.shape, np.float32),
-                     traj_advantage=z, traj_reward=z, traj_present=np.ones(len(trajs), bool))
+                     traj_advantage=z, traj_reward=z, traj_present=np.ones(len(trajs), bool),
+                     traj_pruned=np.zeros(valid.shape, bool))
 
 
 def model_flops(cfg, n_tokens: int, n_pairs: int) -> float:

@@ -3,6 +3,7 @@
     kat-jax score      per-token log-probs and entropies of JSONL token sequences
     kat-jax import-hf  Hugging Face directory -> kat_jax (orbax) checkpoint
     kat-jax export-hf  kat_jax checkpoint -> Hugging Face directory (config.json + safetensors)
+    kat-jax prune      what an entropy-pruning token budget keeps of groups of rollouts
     kat-jax presets    list the model presets
 
 Every `--checkpoint` accepts a kat_jax checkpoint, a Hugging Face directory, or preset:NAME[@SEED]
@@ -44,6 +45,17 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     files = export_hf(args.ckpt_dir, args.out_dir, dtype=args.dtype,
                       max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(json.dumps({"out_dir": args.out_dir, "files": files}))
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from kat_jax.prune_cmd import run_prune
+
+    keep_tags = None if args.keep_tags is None else tuple(
+        t for t in args.keep_tags.split(",") if t)
+    summary = run_prune(args.input, args.output, args.budget, reach=args.reach,
+                        keep_tags=keep_tags, fuse_tool_results=not args.no_fuse_tool_results)
+    print(json.dumps(summary))
     return 0
 
 
@@ -95,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written tensors (default: the checkpoint's)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit, GiB")
     p.set_defaults(fn=_cmd_export_hf)
+
+    p = sub.add_parser("prune", help="entropy-based tree pruning of rollouts under a budget",
+                       description="Per group, keep the most informative nodes of the rollouts' "
+                       "prefix tree within --budget tokens; write {\"id\", \"kept\"} per line "
+                       "(leading tokens kept); the last stdout line is a JSON summary.")
+    p.add_argument("--input", required=True,
+                   help="JSONL {id, tokens, entropies (null where not sampled), tags?, group?}")
+    p.add_argument("--output", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--budget", type=int, required=True, help="tokens kept per group, at most")
+    p.add_argument("--reach", choices=("share", "prob"), default="share",
+                   help="reach likelihood: share of trajectories through a node (default), or "
+                   "product of sampling probabilities (needs behaviour log-probs)")
+    p.add_argument("--keep-tags", default=None,
+                   help="comma-separated tags kept first (default tool_call,tool_result,memory; "
+                   "'' for none)")
+    p.add_argument("--no-fuse-tool-results", action="store_true",
+                   help="allow a tool call to be kept without its result")
+    p.set_defaults(fn=_cmd_prune)
 
     p = sub.add_parser("presets", help="list model presets")
     p.set_defaults(fn=_cmd_presets)

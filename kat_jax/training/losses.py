@@ -35,13 +35,18 @@ def gather(values: jax.Array, traj_index: jax.Array) -> jax.Array:
     return jnp.where(traj_index >= 0, flat[jnp.maximum(traj_index, 0)], 0.0)
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
-    """(numerator, denominator) of per_token [N, L] under mask [N, L] by aggregation mode."""
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str,
+              denom_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(numerator, denominator) of per_token [N, L] under mask [N, L] by aggregation mode.
+
+    denom_mask: the tokens the denominators count (default: mask); a superset of mask, e.g. to
+    count tokens removed by pruning as the unpruned computation would."""
     mask = mask.astype(jnp.float32)
+    dmask = mask if denom_mask is None else denom_mask.astype(jnp.float32)
     per_token = jnp.where(mask > 0, per_token, 0.0)
     if mode == "token-mean":
-        return jnp.sum(per_token), jnp.sum(mask)
-    count = jnp.sum(mask, axis=-1)
+        return jnp.sum(per_token), jnp.sum(dmask)
+    count = jnp.sum(dmask, axis=-1)
     seq_sum = jnp.sum(per_token, axis=-1)
     has = count > 0
     if mode == "seq-mean-token-mean":
@@ -53,9 +58,10 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> tuple[jax.Arr
     return jnp.sum(jnp.where(has, seq, 0.0)), jnp.sum(has.astype(jnp.float32))
 
 
-def lm_loss(logp: jax.Array, mask: jax.Array, mode: str = "token-mean"):
+def lm_loss(logp: jax.Array, mask: jax.Array, mode: str = "token-mean",
+            denom_mask: jax.Array | None = None):
     """Next-token negative log-likelihood. logp, mask: [N, L]."""
-    return aggregate(-logp, mask, mode)
+    return aggregate(-logp, mask, mode, denom_mask)
 
 
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
@@ -84,7 +90,8 @@ class PolicyLossConfig:
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                 cfg: PolicyLossConfig, rollout_logp: jax.Array | None = None,
-                ref_logp: jax.Array | None = None, entropy: jax.Array | None = None):
+                ref_logp: jax.Array | None = None, entropy: jax.Array | None = None,
+                denom_mask: jax.Array | None = None):
     """PPO/GRPO clipped surrogate. All per-token arrays [N, L]; advantages [N] or [N, L].
 
     ratio = exp(logp - old_logp); pg = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high));
@@ -114,33 +121,39 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     if entropy is not None:
         metrics["entropy"] = aggregate(entropy, mask, "token-mean")
     metrics["clip_fraction"] = aggregate(clipped, mask, "token-mean")
-    num, den = aggregate(per_token, mask, cfg.agg_mode)
+    num, den = aggregate(per_token, mask, cfg.agg_mode, denom_mask)
     return num, den, metrics
 
 
 def stage_loss(stage: str, logp: jax.Array, entropy: jax.Array, batch: dict,
-               policy_cfg: PolicyLossConfig | None = None, agg_mode: str = "token-mean"):
+               policy_cfg: PolicyLossConfig | None = None, agg_mode: str = "token-mean",
+               count_pruned_in_denominator: bool = False):
     """The loss of a stage from per-trajectory views logp, entropy [N, L] and batch arrays:
     traj_valid, traj_trainable [N, L], traj_advantage [N], optional traj_old_logprobs,
-    traj_behaviour_logprobs, traj_ref_logprobs [N, L]. Returns (num, den, metrics).
+    traj_behaviour_logprobs, traj_ref_logprobs, traj_pruned [N, L]. Returns (num, den, metrics).
 
-    mid: next-token LM on every token with a prediction; sft: on trainable tokens; rft and rl: the
-    clipped policy loss on trainable tokens (RFT differs by how advantages are built: relative to
-    teacher trajectories, upstream).
+    mid: next-token LM on every (kept) token with a prediction; sft: on trainable tokens; rft and rl:
+    the clipped policy loss on trainable tokens (RFT differs by how advantages are built: relative to
+    teacher trajectories, upstream). count_pruned_in_denominator: tokens removed by pruning still
+    count in the denominators (the loss is then the unpruned loss with pruned terms set to 0);
+    default False (denominators count kept tokens only).
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
+    pruned = batch.get("traj_pruned")
+    extra = pruned if (count_pruned_in_denominator and pruned is not None) else None
     valid = batch["traj_valid"]
     if stage == "mid":
         first = jnp.arange(valid.shape[1]) == 0
-        num, den = lm_loss(logp, valid & ~first[None, :], agg_mode)
-        return num, den, {}
+        mask = valid & ~first[None, :]
+        return (*lm_loss(logp, mask, agg_mode, None if extra is None else mask | extra), {})
+    trainable = batch["traj_trainable"]
+    dmask = None if extra is None else trainable | extra
     if stage == "sft":
-        num, den = lm_loss(logp, batch["traj_trainable"], agg_mode)
-        return num, den, {}
+        return (*lm_loss(logp, trainable, agg_mode, dmask), {})
     cfg = policy_cfg or PolicyLossConfig()
     old = batch.get("traj_old_logprobs")
     old = jax.lax.stop_gradient(logp) if old is None else old
-    return policy_loss(logp, old, batch["traj_advantage"], batch["traj_trainable"], cfg,
+    return policy_loss(logp, old, batch["traj_advantage"], trainable, cfg,
                        rollout_logp=batch.get("traj_behaviour_logprobs"),
-                       ref_logp=batch.get("traj_ref_logprobs"), entropy=entropy)
+                       ref_logp=batch.get("traj_ref_logprobs"), entropy=entropy, denom_mask=dmask)

@@ -83,7 +83,7 @@ class TreeBatch:
     Trajectory arrays: traj_index (int32 flat index into the rows, -1 = none), traj_valid (token
     exists), traj_trainable (trainable and j >= 1: the token has a prediction), traj_behaviour_logprobs
     (0 where absent), traj_advantage, traj_reward (float32[N]), traj_present (bool[N], False for
-    padding trajectories).
+    padding trajectories), traj_pruned (trainable tokens that pruning removed).
     """
 
     tokens: np.ndarray
@@ -100,8 +100,9 @@ class TreeBatch:
     traj_advantage: np.ndarray
     traj_reward: np.ndarray
     traj_present: np.ndarray
+    traj_pruned: np.ndarray  # bool[N, L]: trainable tokens removed by pruning
     total_tokens: int = 0  # sum of trajectory lengths
-    tree_tokens: int = 0  # distinct prefixes (each computed once)
+    tree_tokens: int = 0  # distinct prefixes laid out (each computed once; after pruning if any)
     laid_out_tokens: int = 0  # non-padding tokens in the rows (tree tokens + repeated context)
     # Block-sparse attention schedule (int32[R, P] arrays q_block, k_block, kind), when requested.
     attn_schedule: dict[str, np.ndarray] | None = None
@@ -131,16 +132,37 @@ class _Piece:
     size: int
 
 
-def make_pieces(trie: Trie, capacity: int) -> list[_Piece]:
-    """Cut the trie's trees into pieces of at most `capacity` tokens (see the module docstring)."""
-    nlen, sub = trie.node_len, trie.node_subtree_tokens
+def kept_structure(trie: Trie, keep: np.ndarray | None) -> tuple[list[list[int]], np.ndarray,
+                                                                 list[int]]:
+    """(children, subtree tokens, roots) of the kept part of the trie (all of it when keep is None).
+    keep must be closed under ancestors."""
+    if keep is None:
+        return trie.children, trie.node_subtree_tokens, trie.roots
+    keep = np.asarray(keep, bool)
+    par = trie.node_parent
+    bad = np.flatnonzero(keep & (par >= 0) & ~keep[np.maximum(par, 0)])
+    if bad.size:
+        raise ValueError(f"keep mask: node {int(bad[0])} is kept but its parent is not")
+    children = [[c for c in ch if keep[c]] for ch in trie.children]
+    sub = np.where(keep, trie.node_len, 0).astype(np.int64)
+    for n in range(trie.num_nodes - 1, 0, -1):
+        if par[n] >= 0 and keep[n]:
+            sub[par[n]] += sub[n]
+    return children, sub, [r for r in trie.roots if keep[r]]
+
+
+def make_pieces(trie: Trie, capacity: int, keep: np.ndarray | None = None) -> list[_Piece]:
+    """Cut the trie's trees into pieces of at most `capacity` tokens (see the module docstring).
+    Only nodes with keep[n] are laid out (keep=None: all)."""
+    children, sub, roots = kept_structure(trie, keep)
+    nlen = trie.node_len
     pieces: list[_Piece] = []
-    todo: list[tuple[list[int], int]] = [([], r) for r in reversed(trie.roots)]
+    todo: list[tuple[list[int], int]] = [([], r) for r in reversed(roots)]
     while todo:
         ctx, root = todo.pop()
         ctx_len = int(sum(nlen[c] for c in ctx))
         if ctx_len + sub[root] <= capacity:
-            pieces.append(_Piece(ctx, root, list(trie.children[root]), int(ctx_len + sub[root])))
+            pieces.append(_Piece(ctx, root, list(children[root]), int(ctx_len + sub[root])))
             continue
         used = ctx_len + int(nlen[root])
         if used > capacity:
@@ -148,7 +170,7 @@ def make_pieces(trie: Trie, capacity: int) -> list[_Piece]:
             raise ValueError(f"{trie.trajectories[k].name()}: its path needs "
                              f"{used} tokens, more than the row capacity {capacity}")
         included, deferred = [], []
-        for c in trie.children[root]:
+        for c in children[root]:
             if used + sub[c] <= capacity:
                 included.append(c)
                 used += int(sub[c])
@@ -160,7 +182,8 @@ def make_pieces(trie: Trie, capacity: int) -> list[_Piece]:
 
 
 def _layout_piece(trie: Trie, piece: _Piece, rows: dict[str, np.ndarray], r: int, start: int,
-                  node_flat: np.ndarray, row_len: int) -> int:
+                  node_flat: np.ndarray, row_len: int, children: list[list[int]],
+                  sub: np.ndarray) -> int:
     """Write a piece at row r from column `start`; record primary placements in node_flat."""
     nlen = trie.node_len
     end_of_piece = start + piece.size
@@ -190,23 +213,28 @@ def _layout_piece(trie: Trie, piece: _Piece, rows: dict[str, np.ndarray], r: int
     stack = [(c, root_last) for c in reversed(piece.included)]
     while stack:
         n, pcol = stack.pop()
-        node_end = col + int(trie.node_subtree_tokens[n])
+        node_end = col + int(sub[n])
         n_last = put(n, pcol, node_end, True)
-        stack.extend((c, n_last) for c in reversed(trie.children[n]))
+        stack.extend((c, n_last) for c in reversed(children[n]))
     assert col == end_of_piece, (col, end_of_piece)
     return col
 
 
 def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
               num_traj: int | None = None, traj_len: int | None = None,
-              pad_id: int = 0, attention_block_size: int | None = None) -> TreeBatch:
+              pad_id: int = 0, attention_block_size: int | None = None,
+              keep: np.ndarray | None = None) -> TreeBatch:
     """Lay a trie out in rows of `row_len` tokens (see the module docstring).
 
     num_rows / num_traj / traj_len: pad to these sizes (fixed shapes under jit); errors when the
     content needs more. Defaults: as many rows as needed; N = number of trajectories;
     L = bucket_length(longest trajectory). attention_block_size: also build the block-sparse
-    attention schedule of the rows (block = min(attention_block_size, row_len))."""
-    pieces = make_pieces(trie, row_len)
+    attention schedule of the rows (block = min(attention_block_size, row_len)).
+    keep: bool[num_nodes] from the pruner (closed under ancestors): pruned nodes are not laid out,
+    cost no compute, and their tokens get traj_index -1, traj_valid and traj_trainable False, and
+    traj_pruned True (a loss may still count them in its denominators: a config choice)."""
+    children, sub, _ = kept_structure(trie, keep)
+    pieces = make_pieces(trie, row_len, keep)
     groups = assign_rows([p.size for p in pieces], row_len)
     n_rows = len(groups) if num_rows is None else num_rows
     if len(groups) > n_rows:
@@ -218,8 +246,9 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     for r, group in enumerate(groups):
         col = 0
         for i in sorted(group):  # keep pieces in creation order within a row
-            col = _layout_piece(trie, pieces[i], rows, r, col, node_flat, row_len)
-    assert np.all(node_flat >= 0)
+            col = _layout_piece(trie, pieces[i], rows, r, col, node_flat, row_len, children, sub)
+    kept_nodes = np.ones(trie.num_nodes, bool) if keep is None else np.asarray(keep, bool)
+    assert np.all(node_flat[kept_nodes] >= 0)
 
     trajs = trie.trajectories
     n_traj = len(trajs) if num_traj is None else num_traj
@@ -235,20 +264,25 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     traj_blp = np.zeros((n_traj, l_max), np.float32)
     tags = np.zeros((n_rows, row_len), np.int32)
     train_count = np.zeros(n_rows * row_len, np.float32)
+    traj_pruned = np.zeros((n_traj, l_max), bool)
     for k, traj in enumerate(trajs):
-        flat = np.concatenate([node_flat[n] + np.arange(trie.node_len[n])
+        flat = np.concatenate([node_flat[n] + np.arange(trie.node_len[n]) if kept_nodes[n]
+                               else np.full(trie.node_len[n], -1)
                                for n in trie.traj_path[k]])
         n = len(traj)
         assert len(flat) == n
+        kept = flat >= 0
         traj_index[k, :n] = flat
-        traj_valid[k, :n] = True
+        traj_valid[k, :n] = kept
+        traj_pruned[k, :n] = ~kept
         trainable = traj.trainable.copy()
         trainable[0] = False
-        traj_trainable[k, :n] = trainable
+        traj_trainable[k, :n] = trainable & kept
+        traj_pruned[k, :n] &= trainable
         if traj.behaviour_logprobs is not None:
             traj_blp[k, :n] = traj.behaviour_logprobs
-        np.bitwise_or.at(tags.reshape(-1), flat, traj.tags)
-        np.add.at(train_count, flat[trainable], 1.0)
+        np.bitwise_or.at(tags.reshape(-1), flat[kept], traj.tags[kept])
+        np.add.at(train_count, flat[trainable & kept], 1.0)
     present = np.zeros(n_traj, bool)
     present[:len(trajs)] = True
     adv = np.zeros(n_traj, np.float32)
@@ -267,7 +301,8 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
         attn_schedule=schedule, **rows, tags=tags, train_count=train_count.reshape(n_rows, row_len),
         traj_index=traj_index, traj_valid=traj_valid, traj_trainable=traj_trainable,
         traj_behaviour_logprobs=traj_blp, traj_advantage=adv, traj_reward=rew,
-        traj_present=present, total_tokens=trie.total_tokens, tree_tokens=trie.tree_tokens,
+        traj_present=present, traj_pruned=traj_pruned, total_tokens=trie.total_tokens,
+        tree_tokens=int(sub[trie.roots].sum()),
         laid_out_tokens=int(sum(p.size for p in pieces)))
 
 

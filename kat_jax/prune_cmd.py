@@ -1,0 +1,149 @@
+"""`kat-jax prune`: what an entropy-pruning budget keeps of groups of rollouts.
+
+Input JSONL lines: {"id", "tokens": [ids], "entropies": [float or null per token; null where the
+token was not sampled, e.g. the prompt], "tags": [null or a tag name per token] (optional),
+"logprobs": [float or null per token] (optional; behaviour log-probs, for --reach prob),
+"group": any JSON value (optional; absent means one group)}.
+Each group becomes one prefix trie, pruned with --budget tokens (kat_jax.trees.pruning).
+Output JSONL, same order: {"id", "kept"}: how many leading tokens of the trajectory remain (pruning
+removes whole subtrees, so what remains of a trajectory is a prefix). The last stdout line is a JSON
+summary: groups, trajectories, tokens_before / tokens_after (distinct tree tokens), and
+entropy_mass_kept (share of the reach-weighted entropy sum(reach * entropy) kept).
+
+Bad input is an error naming the file, line and trajectory, and no output file is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from kat_jax.trees.pruning import PruneConfig, node_arrays, prune_trie
+from kat_jax.trees.trajectory import TAGS, Trajectory
+from kat_jax.trees.trie import build_trie
+
+
+def _bad(path: str, lineno: int, obj_id: Any, msg: str) -> ValueError:
+    return ValueError(f"{path}:{lineno}: trajectory {obj_id!r}: {msg}")
+
+
+def read_rollouts(path: str) -> list[tuple[Any, Trajectory]]:
+    """(group, Trajectory) per line, validated."""
+    out = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or "id" not in obj:
+                raise ValueError(f"{path}:{lineno}: expected an object with 'id'")
+            tid = obj["id"]
+            toks = obj.get("tokens")
+            if not isinstance(toks, list) or not toks or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in toks):
+                raise _bad(path, lineno, tid, "'tokens' must be a non-empty list of ids >= 0")
+            ents = obj.get("entropies")
+            if not isinstance(ents, list) or len(ents) != len(toks):
+                raise _bad(path, lineno, tid, f"'entropies' must be a list of {len(toks)} values "
+                           "(one per token, null where not sampled)")
+            ent = np.zeros(len(toks), np.float32)
+            for j, e in enumerate(ents):
+                if e is None:
+                    continue
+                if not isinstance(e, (int, float)) or isinstance(e, bool) or not math.isfinite(e) \
+                        or e < 0:
+                    raise _bad(path, lineno, tid, f"entropy {e!r} at index {j} must be a finite "
+                               "number >= 0 or null")
+                ent[j] = e
+            tags_in = obj.get("tags")
+            tags = np.zeros(len(toks), np.int32)
+            if tags_in is not None:
+                if not isinstance(tags_in, list) or len(tags_in) != len(toks):
+                    raise _bad(path, lineno, tid, f"'tags' must be a list of {len(toks)} values")
+                for j, tag in enumerate(tags_in):
+                    if tag is None:
+                        continue
+                    if tag not in TAGS:
+                        raise _bad(path, lineno, tid, f"unknown tag {tag!r} at index {j}; known: "
+                                   f"{sorted(TAGS)}")
+                    tags[j] = TAGS[tag]
+            lps_in = obj.get("logprobs")
+            lps = None
+            if lps_in is not None:
+                if not isinstance(lps_in, list) or len(lps_in) != len(toks):
+                    raise _bad(path, lineno, tid, f"'logprobs' must be a list of {len(toks)} values")
+                lps = np.zeros(len(toks), np.float32)
+                for j, x in enumerate(lps_in):
+                    if x is None:
+                        continue
+                    if not isinstance(x, (int, float)) or not math.isfinite(x) or x > 0:
+                        raise _bad(path, lineno, tid, f"log-prob {x!r} at index {j} must be a "
+                                   "finite number <= 0 or null")
+                    lps[j] = x
+            traj = Trajectory(np.asarray(toks), entropies=ent, tags=tags, id=tid,
+                              behaviour_logprobs=lps)
+            out.append((json.dumps(obj.get("group"), sort_keys=True), traj))
+    if not out:
+        raise ValueError(f"{path}: no rollouts")
+    return out
+
+
+def run_prune(input_path: str, output_path: str, budget: int, reach: str = "share",
+              keep_tags: tuple[str, ...] | None = None, fuse_tool_results: bool = True
+              ) -> dict[str, Any]:
+    kw = {} if keep_tags is None else {"keep_tags": keep_tags}
+    cfg = PruneConfig(budget=budget, reach=reach, fuse_tool_results=fuse_tool_results, **kw)
+    rows = read_rollouts(input_path)
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"{output_path}: directory {out_dir} does not exist")
+    groups: dict[str, list[int]] = {}
+    for i, (g, _) in enumerate(rows):
+        groups.setdefault(g, []).append(i)
+    kept = [0] * len(rows)
+    before = after = 0
+    mass_all = mass_kept = 0.0
+    for members in groups.values():
+        trie = build_trie([rows[i][1] for i in members])
+        # pad to a power of two: groups of similar size share one compiled pruner
+        pad = 1 << max(4, (trie.num_nodes - 1).bit_length())
+        keep = prune_trie(trie, cfg, pad_to=pad)
+        for local, i in enumerate(members):
+            n_kept = 0
+            for n in trie.traj_path[local]:
+                if not keep[n]:
+                    break
+                n_kept += int(trie.node_len[n])
+            kept[i] = n_kept
+        nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results)
+        mass = nodes.share * nodes.entropy
+        mass_all += float(mass.sum())
+        mass_kept += float(mass[keep].sum())
+        before += trie.tree_tokens
+        after += int(trie.node_len[keep].sum())
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(output_path) + ".", suffix=".tmp",
+                               dir=out_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for (_, traj), k in zip(rows, kept):
+                f.write(json.dumps({"id": traj.id, "kept": k}) + "\n")
+        os.replace(tmp, output_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    summary = {"groups": len(groups), "trajectories": len(rows), "budget_per_group": budget,
+               "tokens_before": before, "tokens_after": after,
+               "entropy_mass_kept": 1.0 if mass_all == 0 else mass_kept / mass_all}
+    print(f"pruned {len(rows)} trajectories in {len(groups)} groups -> {output_path}",
+          file=sys.stderr)
+    return summary
