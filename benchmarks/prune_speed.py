@@ -1,12 +1,12 @@
 """Speed and quality of the jitted entropy pruner on random trees of 10^4, 10^5 and 10^6 nodes.
 
 Trees are random (pre-order, branching at any depth), with per-node token counts 1-50, entropy sums,
-reach = share of the trajectories (leaves) through the node, 2% tagged nodes and 5% tool-result nodes fused with their
-parent. Reported per size: compile time (first call), median run time of the compiled pruner, the
-plain Python best-first reference's time (a heap, as in the tests; same selection), their ratio, and
-quality: the share of reach-weighted entropy sum(reach * entropy) kept at 25/50/75% budgets, for the
-pruner and two baselines (keep-shallowest: nodes by depth; random-subtree: best-first expansion with
-random priorities).
+reach = share of the trajectories (leaves) through the node, 2% tagged nodes and 5% tool-result
+nodes fused with their parent. Reported per size: compile time (first call), median run time of the
+compiled pruner, the plain Python best-first reference's time (a heap, as in the tests; same
+selection), their ratio, and quality: the share of reach-weighted entropy sum(reach * entropy) kept
+at 25/50/75% budgets, for the pruner and two baselines (keep-shallowest: nodes by depth; random-
+subtree: best-first expansion with random priorities).
 
     python benchmarks/prune_speed.py [--sizes 10000 100000 1000000] [--json FILE]
 """
@@ -68,7 +68,8 @@ def reference(nodes, budget):
     par, length = nodes["parent"], nodes["length"]
     m = len(par)
     prio = nodes["share"] * nodes["entropy"] / np.maximum(length, 1).astype(np.float32)
-    key = [(int(nodes["tier"][i]), float(prio[i])) for i in range(m)]
+    bits = prio.astype(np.float32).view(np.int32) >> 1  # as the pruner: lowest bit dropped
+    key = [(int(nodes["tier"][i]), int(bits[i])) for i in range(m)]
     for i in range(m - 1, 0, -1):
         if key[i] > key[par[i]]:
             key[par[i]] = key[i]

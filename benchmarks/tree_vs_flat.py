@@ -97,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4x fewer tokens, 2 reps")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--workloads", nargs="+", default=["grpo", "agent", "branching"])
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "tree_vs_flat.json"))
     args = ap.parse_args()
@@ -145,6 +146,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     results = []
     for name, seqs in workloads(scale, rng, cfg.vocab_size).items():
+        if name not in args.workloads:
+            continue
         trajs = [Trajectory(s, id=f"{name}-{i}") for i, s in enumerate(seqs)]
         trie = build_trie(trajs)
         # Rows long enough for the whole tree (no repeated context), the same length both ways.

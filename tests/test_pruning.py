@@ -59,8 +59,11 @@ def reference_prune(trie, cfg):
             reach.append(np.exp(f32(s)))
     prio = [f32(reach[n]) * ent[n] / f32(max(trie.node_len[n], 1)) for n in range(m)]
 
+    def own(n):  # (tier, prio) with prio's lowest mantissa bit dropped, as documented
+        return (tier[n], int(np.float32(prio[n]).view(np.int32)) >> 1)
+
     def key(n):
-        best = (tier[n], prio[n])
+        best = own(n)
         for c in trie.children[n]:
             best = max(best, key(c))
         return best

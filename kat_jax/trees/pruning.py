@@ -28,12 +28,13 @@ whose token count fits: the kept set is closed under ancestors (every kept token
 uses at most `budget` tokens. Tagged (tier 1) regions come first, with their ancestors, whenever they
 fit.
 
-The jitted implementation finds that prefix without sorting: for each coordinate of the order in turn
-(tier, key bits, -depth, -index) a bisection over the integer range finds the threshold where the
-token count crosses the remaining budget (each step is one masked sum over the nodes), then narrows to
-the nodes equal to the last threshold. Everything is over fixed-size padded arrays (pad nodes have
-valid = False); no Python loop over nodes, no host round trip. Ancestor quantities (the subtree max and
-the path log-probabilities) use doubling: O(M log M).
+The jitted implementation finds that prefix without sorting: (tier, key) is packed into one int32
+(tier in bit 30, the float32 bits of the key without their lowest bit below it), and for each
+coordinate of the order in turn (that int, -depth, -index) a bisection over the integer range finds
+the threshold where the token count crosses the remaining budget (each step is one masked sum over
+the nodes), then narrows to the nodes equal to the last threshold. Everything is over fixed-size
+padded arrays (pad nodes have valid = False); no Python loop over nodes, no host round trip.
+Ancestor quantities (the subtree max and the path log-probabilities) use doubling: O(M log M).
 """
 
 from __future__ import annotations
@@ -155,11 +156,21 @@ def _ancestor_sum(values: jax.Array, parent: jax.Array, steps: int) -> jax.Array
 
 
 def _group_root(parent: jax.Array, fuse: jax.Array, steps: int) -> jax.Array:
-    """For each node, its nearest ancestor-or-self that is not fused (pointer doubling)."""
+    """For each node, its nearest ancestor-or-self that is not fused (pointer doubling, stopping
+    as soon as nothing changes: fused chains are short)."""
     idx = jnp.arange(parent.shape[0])
     g = jnp.where(fuse & (parent >= 0), parent, idx)
-    for _ in range(steps):
-        g = g[g]
+
+    def cond(c):
+        g, changed, i = c
+        return changed & (i < steps)
+
+    def body(c):
+        g, _, i = c
+        g2 = g[g]
+        return g2, jnp.any(g2 != g), i + 1
+
+    g, _, _ = jax.lax.while_loop(cond, body, (g, jnp.any(g != idx), 0))
     return g
 
 
@@ -170,7 +181,7 @@ def _range_max(values: jax.Array, start: jax.Array, end: jax.Array, levels: int)
     for j in range(1, levels):
         prev = table[-1]
         shift = 1 << (j - 1)
-        shifted = jnp.concatenate([prev[shift:], jnp.full((shift,), prev.min(), prev.dtype)])
+        shifted = jnp.concatenate([prev[shift:], jnp.broadcast_to(prev[-1], (shift,))])
         table.append(jnp.maximum(prev, shifted))
     length = jnp.maximum(end - start, 1).astype(jnp.int32)
     level = jnp.clip(31 - jax.lax.clz(length), 0, levels - 1)  # floor(log2(length))
@@ -208,7 +219,7 @@ def _bisect_level(coord, eq, tokens, rem):
 @partial(jax.jit, static_argnums=2)
 def prune_keep_mask(nodes: dict, budget: jax.Array, reach_prob: bool = False
                     ) -> tuple[jax.Array, jax.Array]:
-    """bool[M] keep mask (ancestor-closed, <= budget tokens) and the key float32[M] of each node.
+    """bool[M] keep mask (ancestor-closed, <= budget tokens) and the int32 key of each node.
 
     nodes: the NodeArrays fields as arrays; budget: int32 scalar; reach_prob: static, "prob" reach.
     """
@@ -222,22 +233,21 @@ def prune_keep_mask(nodes: dict, budget: jax.Array, reach_prob: bool = False
         reach = nodes["share"]
     prio = reach * nodes["entropy"] / jnp.maximum(length, 1).astype(jnp.float32)
     prio = jnp.where(valid, prio, 0.0)
-    # key = lexicographic max of (tier, prio) over the subtree: the max tier, then the max prio
-    # among the subtree's nodes of that tier.
-    tier = jnp.where(valid, nodes["tier"], -1)
-    idx = jnp.arange(m)
-    key_tier = _range_max(tier, idx, end, steps + 1)
-    key1 = _range_max(jnp.where(tier == 1, prio, -1.0), idx, end, steps + 1)
-    key0 = _range_max(jnp.where(tier == 0, prio, -1.0), idx, end, steps + 1)
-    key = jnp.where(key_tier == 1, key1, key0)
-    # Fused groups take their root's (tier, key, depth, index).
+    # One int32 per node, monotone in (tier, prio) lexicographically: tier in bit 30, the float32
+    # bits of prio (>= 0, finite) shifted right by one below it (prio loses its lowest mantissa
+    # bit: values 1 ulp apart tie, and ties go to depth then index). key = its subtree max.
+    own = (jnp.where(valid, nodes["tier"], 0).astype(jnp.int32) << 30) | (
+        _float_key_bits(prio) >> 1)
+    own = jnp.where(valid, own, -1)
+    key = _range_max(own, jnp.arange(m), end, steps + 1)
+    # Fused groups take their root's key, depth and index.
     g = _group_root(parent, nodes["fuse"] & valid, steps)
-    key, key_tier, gdepth = key[g], key_tier[g], depth[g]
+    key, gdepth = key[g], depth[g]
     tokens = jnp.where(valid, length, 0)
     rem = budget.astype(jnp.int32)
     eq = valid
     selected = jnp.zeros(m, bool)
-    for coord in (key_tier, _float_key_bits(key), -gdepth, -g.astype(jnp.int32)):
+    for coord in (key, -gdepth, -g.astype(jnp.int32)):
         coord = coord.astype(jnp.int32)
         t = _bisect_level(coord, eq, tokens, rem)
         take = eq & (coord >= t)
