@@ -82,7 +82,7 @@ def reference(nodes, budget):
         members.setdefault(root[i], []).append(i)
         if i and not nodes["fuse"][i]:
             kids[par[i]].append(i)
-    heap = [((-key[0][0], -key[0][1], int(nodes["depth"][0]), 0), 0)]
+    heap = [((-key[0][0], -key[0][1], 0), 0)]
     keep, used = np.zeros(m, bool), 0
     while heap:
         _, g = heapq.heappop(heap)
@@ -93,7 +93,7 @@ def reference(nodes, budget):
         for n in members[g]:
             keep[n] = True
             for c in kids[n]:
-                heapq.heappush(heap, ((-key[c][0], -key[c][1], int(nodes["depth"][c]), c), c))
+                heapq.heappush(heap, ((-key[c][0], -key[c][1], c), c))
     return keep
 
 

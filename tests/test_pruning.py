@@ -80,7 +80,7 @@ def reference_prune(trie, cfg):
         members.setdefault(group_root(n), []).append(n)
 
     def order(g):
-        return (-keys[g][0], -keys[g][1], int(trie.node_depth[g]), g)
+        return (-keys[g][0], -keys[g][1], g)
 
     heap = [(order(r), r) for r in trie.roots]
     heapq.heapify(heap)

@@ -20,17 +20,17 @@ Local-context rule: a node whose first token is a tool result is fused with its 
 never kept without its result, nor a result without its call); a fused group is kept or dropped whole,
 so a call whose result differs between trajectories is kept with all of its results.
 
-Best-first expansion: starting from the roots, repeatedly take the frontier group that is first in the
-order (tier desc, key desc, depth asc, index asc) and keep it if it fits in the remaining budget,
-otherwise stop. Because keys are monotone and ties go to the shallower node, a parent always precedes
-its children in this order, so the expansion keeps exactly the longest prefix of the sorted groups
-whose token count fits: the kept set is closed under ancestors (every kept token has its context) and
-uses at most `budget` tokens. Tagged (tier 1) regions come first, with their ancestors, whenever they
-fit.
+Best-first expansion: starting from the roots, repeatedly take the frontier group that is first in
+the order (tier desc, key desc, pre-order index asc) and keep it if it fits in the remaining budget,
+otherwise stop. Because keys are monotone and ties go to the earlier node in pre-order (a parent
+precedes its descendants there), a parent always precedes its children in this order, so the
+expansion keeps exactly the longest prefix of the sorted groups whose token count fits: the kept set
+is closed under ancestors (every kept token has its context) and uses at most `budget` tokens.
+Tagged (tier 1) regions come first, with their ancestors, whenever they fit.
 
 The jitted implementation finds that prefix without sorting: (tier, key) is packed into one int32
 (tier in bit 30, the float32 bits of the key without their lowest bit below it), and for each
-coordinate of the order in turn (that int, -depth, -index) a bisection over the integer range finds
+coordinate of the order in turn (that int, then -index) a bisection over the integer range finds
 the threshold where the token count crosses the remaining budget (each step is one masked sum over
 the nodes), then narrows to the nodes equal to the last threshold. Everything is over fixed-size
 padded arrays (pad nodes have valid = False); no Python loop over nodes, no host round trip.
@@ -174,21 +174,32 @@ def _group_root(parent: jax.Array, fuse: jax.Array, steps: int) -> jax.Array:
     return g
 
 
-def _range_max(values: jax.Array, start: jax.Array, end: jax.Array, levels: int) -> jax.Array:
-    """max(values[start:end]) per element (end > start), by a sparse table of power-of-two windows."""
+def _range_max(values: jax.Array, end: jax.Array, levels: int) -> jax.Array:
+    """max(values[n:end[n]]) for every n (end[n] > n), by a sparse table of power-of-two windows.
+
+    The table's levels 1.. are built by one scan (its stacked output is the table: no extra copy),
+    and each query reads two windows of the right level with one gather each."""
     m = values.shape[0]
-    table = [values]
-    for j in range(1, levels):
-        prev = table[-1]
-        shift = 1 << (j - 1)
-        shifted = jnp.concatenate([prev[shift:], jnp.broadcast_to(prev[-1], (shift,))])
-        table.append(jnp.maximum(prev, shifted))
-    length = jnp.maximum(end - start, 1).astype(jnp.int32)
+    pos = jnp.arange(m, dtype=jnp.int32)
+    length = jnp.maximum(end - pos, 1).astype(jnp.int32)
     level = jnp.clip(31 - jax.lax.clz(length), 0, levels - 1)  # floor(log2(length))
-    stacked = jnp.stack(table)  # [levels, M]
-    a = stacked[level, start]
-    b = stacked[level, jnp.clip(end - (1 << level), 0, m - 1)]
-    return jnp.maximum(a, b)
+    if levels <= 1:
+        return values
+
+    def body(prev, j):
+        shift = jnp.left_shift(jnp.int32(1), j - 1)
+        shifted = jnp.where(pos + shift < m, jnp.roll(prev, -shift), prev[-1])
+        nxt = jnp.maximum(prev, shifted)
+        return nxt, nxt
+
+    _, rest = jax.lax.scan(body, values, jnp.arange(1, levels, dtype=jnp.int32))
+    flat = rest.reshape(-1)  # level j >= 1 at rows j - 1
+    row = jnp.maximum(level - 1, 0) * m
+    b_pos = jnp.clip(end - jnp.left_shift(1, level), 0, m - 1)
+    a = flat.at[row + pos].get(mode="promise_in_bounds")
+    b = flat.at[row + b_pos].get(mode="promise_in_bounds")
+    at_level0 = jnp.maximum(values, values.at[b_pos].get(mode="promise_in_bounds"))
+    return jnp.where(level == 0, at_level0, jnp.maximum(a, b))
 
 
 def _bisect_level(coord, eq, tokens, rem):
@@ -223,7 +234,7 @@ def prune_keep_mask(nodes: dict, budget: jax.Array, reach_prob: bool = False
 
     nodes: the NodeArrays fields as arrays; budget: int32 scalar; reach_prob: static, "prob" reach.
     """
-    parent, end, depth = nodes["parent"], nodes["end"], nodes["depth"]
+    parent, end = nodes["parent"], nodes["end"]
     length, valid = nodes["length"], nodes["valid"]
     m = parent.shape[0]
     steps = max(1, int(np.ceil(np.log2(max(m, 2)))))
@@ -235,19 +246,19 @@ def prune_keep_mask(nodes: dict, budget: jax.Array, reach_prob: bool = False
     prio = jnp.where(valid, prio, 0.0)
     # One int32 per node, monotone in (tier, prio) lexicographically: tier in bit 30, the float32
     # bits of prio (>= 0, finite) shifted right by one below it (prio loses its lowest mantissa
-    # bit: values 1 ulp apart tie, and ties go to depth then index). key = its subtree max.
+    # bit: values 1 ulp apart tie, and ties go to the earlier node in pre-order). key = its subtree max.
     own = (jnp.where(valid, nodes["tier"], 0).astype(jnp.int32) << 30) | (
         _float_key_bits(prio) >> 1)
     own = jnp.where(valid, own, -1)
-    key = _range_max(own, jnp.arange(m), end, steps + 1)
-    # Fused groups take their root's key, depth and index.
+    key = _range_max(own, end, steps + 1)
+    # Fused groups take their root's key and index.
     g = _group_root(parent, nodes["fuse"] & valid, steps)
-    key, gdepth = key[g], depth[g]
+    key = key[g]
     tokens = jnp.where(valid, length, 0)
     rem = budget.astype(jnp.int32)
     eq = valid
     selected = jnp.zeros(m, bool)
-    for coord in (key, -gdepth, -g.astype(jnp.int32)):
+    for coord in (key, -g.astype(jnp.int32)):
         coord = coord.astype(jnp.int32)
         t = _bisect_level(coord, eq, tokens, rem)
         take = eq & (coord >= t)
