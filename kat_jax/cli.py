@@ -54,7 +54,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     keep_tags = None if args.keep_tags is None else tuple(
         t for t in args.keep_tags.split(",") if t)
     summary = run_prune(args.input, args.output, args.budget, reach=args.reach,
-                        keep_tags=keep_tags, fuse_tool_results=not args.no_fuse_tool_results)
+                        keep_tags=keep_tags, fuse_tool_results=not args.no_fuse_tool_results,
+                        checkpoint=args.checkpoint)
     print(json.dumps(summary))
     return 0
 
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-tags", default=None,
                    help="comma-separated tags kept first (default tool_call,tool_result,memory; "
                    "'' for none)")
+    p.add_argument("--checkpoint", default=None,
+                   help="compute entropies by a forward pass for lines without them; "
+                   + CHECKPOINT_HELP)
     p.add_argument("--no-fuse-tool-results", action="store_true",
                    help="allow a tool call to be kept without its result")
     p.set_defaults(fn=_cmd_prune)

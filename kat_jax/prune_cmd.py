@@ -4,7 +4,9 @@ Input JSONL lines: {"id", "tokens": [ids], "entropies": [float or null per token
 token was not sampled, e.g. the prompt], "tags": [null or a tag name per token] (optional),
 "logprobs": [float or null per token] (optional; behaviour log-probs, for --reach prob),
 "group": any JSON value (optional; absent means one group)}.
-Each group becomes one prefix trie, pruned with --budget tokens (kat_jax.trees.pruning).
+Lines without "entropies" get them from a forward pass of --checkpoint (any loadable model), if
+given; otherwise they are an error. Each group becomes one prefix trie, pruned with --budget tokens
+(kat_jax.trees.pruning).
 Output JSONL, same order: {"id", "kept"}: how many leading tokens of the trajectory remain (pruning
 removes whole subtrees, so what remains of a trajectory is a prefix). The last stdout line is a JSON
 summary: groups, trajectories, tokens_before / tokens_after (distinct tree tokens), and
@@ -33,8 +35,11 @@ def _bad(path: str, lineno: int, obj_id: Any, msg: str) -> ValueError:
     return ValueError(f"{path}:{lineno}: trajectory {obj_id!r}: {msg}")
 
 
-def read_rollouts(path: str) -> list[tuple[Any, Trajectory]]:
-    """(group, Trajectory) per line, validated."""
+def read_rollouts(path: str, allow_missing_entropies: bool = False,
+                  missing: list[int] | None = None) -> list[tuple[Any, Trajectory]]:
+    """(group, Trajectory) per line, validated. Lines without "entropies" are accepted only when
+    allow_missing_entropies; their indices are appended to `missing`."""
+    missing = [] if missing is None else missing
     out = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -52,9 +57,13 @@ def read_rollouts(path: str) -> list[tuple[Any, Trajectory]]:
                     isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in toks):
                 raise _bad(path, lineno, tid, "'tokens' must be a non-empty list of ids >= 0")
             ents = obj.get("entropies")
+            if ents is None and "entropies" not in obj and allow_missing_entropies:
+                ents = [None] * len(toks)
+                missing.append(len(out))
             if not isinstance(ents, list) or len(ents) != len(toks):
                 raise _bad(path, lineno, tid, f"'entropies' must be a list of {len(toks)} values "
-                           "(one per token, null where not sampled)")
+                           "(one per token, null where not sampled); without them, pass "
+                           "--checkpoint to compute them with a forward pass")
             ent = np.zeros(len(toks), np.float32)
             for j, e in enumerate(ents):
                 if e is None:
@@ -97,12 +106,33 @@ def read_rollouts(path: str) -> list[tuple[Any, Trajectory]]:
     return out
 
 
+def fill_entropies(rows: list[tuple[Any, Trajectory]], missing: list[int], checkpoint: str,
+                   batch_tokens: int = 4096) -> None:
+    """Entropies of the distributions each token was drawn from, by a forward pass of the model
+    (kat_jax.scoring), for the trajectories listed in `missing` (token 0 gets 0: not predicted)."""
+    from kat_jax.models.checkpoint import load_model
+    from kat_jax.scoring import ScoreRecord, score_records
+
+    model, cfg = load_model(checkpoint)
+    for i in missing:
+        rows[i][1].validate(cfg.vocab_size)
+    records = [ScoreRecord(rows[i][1].id, rows[i][1].tokens) for i in missing]
+    results, _ = score_records(model, records, batch_tokens)
+    for i, (_, ent) in zip(missing, results):
+        traj = rows[i][1]
+        traj.entropies = np.concatenate([[0.0], np.maximum(ent, 0.0)]).astype(np.float32)
+
+
 def run_prune(input_path: str, output_path: str, budget: int, reach: str = "share",
-              keep_tags: tuple[str, ...] | None = None, fuse_tool_results: bool = True
-              ) -> dict[str, Any]:
+              keep_tags: tuple[str, ...] | None = None, fuse_tool_results: bool = True,
+              checkpoint: str | None = None) -> dict[str, Any]:
     kw = {} if keep_tags is None else {"keep_tags": keep_tags}
     cfg = PruneConfig(budget=budget, reach=reach, fuse_tool_results=fuse_tool_results, **kw)
-    rows = read_rollouts(input_path)
+    missing: list[int] = []
+    rows = read_rollouts(input_path, allow_missing_entropies=checkpoint is not None,
+                         missing=missing)
+    if missing:
+        fill_entropies(rows, missing, checkpoint)
     out_dir = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{output_path}: directory {out_dir} does not exist")

@@ -68,3 +68,28 @@ def test_budget_below_root_path_is_named(tmp_path, capsys):
     assert main(["prune", "--input", str(inp), "--output", str(out), "--budget", "2"]) == 1
     assert "smaller than its root path" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_missing_entropies_come_from_a_forward_pass(hf_dirs, tmp_path, capsys):
+    """Lines without entropies: an error naming the line, or computed with --checkpoint (equal to
+    what `kat-jax score` reports for the same tokens)."""
+    path, _ = hf_dirs("qwen3_mha_tied")
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, 300, 8).tolist()
+    rows = [{"id": i, "tokens": prompt + rng.integers(0, 300, 6).tolist()} for i in range(3)]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, rows)
+    assert main(["prune", "--input", str(inp), "--output", str(out), "--budget", "14"]) == 1
+    assert f"{inp}:1: trajectory 0" in capsys.readouterr().err
+    assert main(["prune", "--input", str(inp), "--output", str(out), "--budget", "14",
+                 "--checkpoint", path]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["tokens_after"] == 14 and 0 < summary["entropy_mass_kept"] < 1
+    # the kept rollout is the one with the most entropy per token, as scored by the model
+    scored = tmp_path / "scored.jsonl"
+    assert main(["score", "--checkpoint", path, "--input", str(inp), "--output", str(scored)]) == 0
+    capsys.readouterr()
+    ents = [json.loads(line)["entropies"] for line in scored.read_text().splitlines()]
+    best = int(np.argmax([np.mean(e[7:]) for e in ents]))  # the 6 tokens after the shared prompt
+    kept = [json.loads(line)["kept"] for line in out.read_text().splitlines()]
+    assert kept[best] == 14 and sorted(kept) == [8, 8, 14]
