@@ -10,7 +10,9 @@ given; otherwise they are an error. Each group becomes one prefix trie, pruned w
 Output JSONL, same order: {"id", "kept"}: how many leading tokens of the trajectory remain (pruning
 removes whole subtrees, so what remains of a trajectory is a prefix). The last stdout line is a JSON
 summary: groups, trajectories, tokens_before / tokens_after (distinct tree tokens), and
-entropy_mass_kept (share of the reach-weighted entropy sum(reach * entropy) kept).
+entropy_mass_kept (share of sum(share * entropy) kept, with share-of-trajectories reach whatever
+--reach is). Entropies computed by --checkpoint cover every token after the first (the model's
+entropy at prompt tokens too).
 
 Bad input is an error naming the file, line and trajectory, and no output file is left behind.
 """
@@ -36,7 +38,8 @@ def _bad(path: str, lineno: int, obj_id: Any, msg: str) -> ValueError:
 
 
 def read_rollouts(path: str, allow_missing_entropies: bool = False,
-                  missing: list[int] | None = None) -> list[tuple[Any, Trajectory]]:
+                  missing: list[int] | None = None, need_logprobs: bool = False
+                  ) -> list[tuple[Any, Trajectory]]:
     """(group, Trajectory) per line, validated. Lines without "entropies" are accepted only when
     allow_missing_entropies; their indices are appended to `missing`."""
     missing = [] if missing is None else missing
@@ -86,6 +89,9 @@ def read_rollouts(path: str, allow_missing_entropies: bool = False,
                                    f"{sorted(TAGS)}")
                     tags[j] = TAGS[tag]
             lps_in = obj.get("logprobs")
+            if need_logprobs and lps_in is None:
+                raise _bad(path, lineno, tid, "--reach prob needs 'logprobs' (one per token, null "
+                           "where not sampled)")
             lps = None
             if lps_in is not None:
                 if not isinstance(lps_in, list) or len(lps_in) != len(toks):
@@ -94,7 +100,8 @@ def read_rollouts(path: str, allow_missing_entropies: bool = False,
                 for j, x in enumerate(lps_in):
                     if x is None:
                         continue
-                    if not isinstance(x, (int, float)) or not math.isfinite(x) or x > 0:
+                    if not isinstance(x, (int, float)) or isinstance(x, bool) \
+                            or not math.isfinite(x) or x > 0:
                         raise _bad(path, lineno, tid, f"log-prob {x!r} at index {j} must be a "
                                    "finite number <= 0 or null")
                     lps[j] = x
@@ -115,9 +122,16 @@ def fill_entropies(rows: list[tuple[Any, Trajectory]], missing: list[int], check
 
     model, cfg = load_model(checkpoint)
     for i in missing:
-        rows[i][1].validate(cfg.vocab_size)
+        traj = rows[i][1]
+        traj.validate(cfg.vocab_size)
+        if len(traj) > cfg.max_position_embeddings:
+            raise ValueError(f"{traj.name()}: {len(traj)} tokens exceed the model's maximum of "
+                             f"{cfg.max_position_embeddings}")
     records = [ScoreRecord(rows[i][1].id, rows[i][1].tokens) for i in missing]
-    results, _ = score_records(model, records, batch_tokens)
+    results, summary = score_records(model, records, batch_tokens)
+    if summary["nonfinite_values"]:
+        raise ValueError(f"{checkpoint}: the forward pass gave {summary['nonfinite_values']} "
+                         "non-finite entropies")
     for i, (_, ent) in zip(missing, results):
         traj = rows[i][1]
         traj.entropies = np.concatenate([[0.0], np.maximum(ent, 0.0)]).astype(np.float32)
@@ -130,12 +144,14 @@ def run_prune(input_path: str, output_path: str, budget: int, reach: str = "shar
     cfg = PruneConfig(budget=budget, reach=reach, fuse_tool_results=fuse_tool_results, **kw)
     missing: list[int] = []
     rows = read_rollouts(input_path, allow_missing_entropies=checkpoint is not None,
-                         missing=missing)
-    if missing:
-        fill_entropies(rows, missing, checkpoint)
+                         missing=missing, need_logprobs=reach == "prob")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{output_path}: directory {out_dir} does not exist")
+    if os.path.isdir(output_path):
+        raise IsADirectoryError(f"{output_path}: is a directory; --output names a file")
+    if missing:
+        fill_entropies(rows, missing, checkpoint)
     groups: dict[str, list[int]] = {}
     for i, (g, _) in enumerate(rows):
         groups.setdefault(g, []).append(i)

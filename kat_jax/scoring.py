@@ -186,6 +186,8 @@ def run_score(checkpoint: str, input_path: str, output_path: str, batch_tokens: 
     if batch_tokens <= 0:
         raise ValueError(f"--batch-tokens must be positive, got {batch_tokens}")
     records = read_score_input(input_path, cfg.vocab_size, cfg.max_position_embeddings)
+    if not records:
+        raise InputError(f"{input_path}: no sequences")
     out_dir = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{output_path}: directory {out_dir} does not exist")

@@ -130,7 +130,10 @@ def stage_loss(stage: str, logp: jax.Array, entropy: jax.Array, batch: dict,
                count_pruned_in_denominator: bool = False):
     """The loss of a stage from per-trajectory views logp, entropy [N, L] and batch arrays:
     traj_valid, traj_trainable [N, L], traj_advantage [N], optional traj_old_logprobs,
-    traj_behaviour_logprobs, traj_ref_logprobs, traj_pruned [N, L]. Returns (num, den, metrics).
+    traj_behaviour_logprobs, traj_ref_logprobs, traj_pruned [N, L], traj_has_behaviour [N] (the
+    truncated importance correction applies only to trajectories with behaviour log-probs).
+    traj_pruned covers trainable tokens, so for `mid` the pruned-denominator option counts only
+    those. Returns (num, den, metrics).
 
     mid: next-token LM on every (kept) token with a prediction; sft: on trainable tokens; rft and rl:
     the clipped policy loss on trainable tokens (RFT differs by how advantages are built: relative to
@@ -154,6 +157,10 @@ def stage_loss(stage: str, logp: jax.Array, entropy: jax.Array, batch: dict,
     cfg = policy_cfg or PolicyLossConfig()
     old = batch.get("traj_old_logprobs")
     old = jax.lax.stop_gradient(logp) if old is None else old
+    rollout = batch.get("traj_behaviour_logprobs")
+    has = batch.get("traj_has_behaviour")
+    if rollout is not None and has is not None:  # no correction where none were recorded
+        rollout = jnp.where(has[:, None], rollout, old)
     return policy_loss(logp, old, batch["traj_advantage"], trainable, cfg,
-                       rollout_logp=batch.get("traj_behaviour_logprobs"),
+                       rollout_logp=rollout,
                        ref_logp=batch.get("traj_ref_logprobs"), entropy=entropy, denom_mask=dmask)

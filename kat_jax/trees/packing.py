@@ -101,6 +101,7 @@ class TreeBatch:
     traj_reward: np.ndarray
     traj_present: np.ndarray
     traj_pruned: np.ndarray  # bool[N, L]: trainable tokens removed by pruning
+    traj_has_behaviour: np.ndarray | None = None  # bool[N]: behaviour log-probs were given
     total_tokens: int = 0  # sum of trajectory lengths
     tree_tokens: int = 0  # distinct prefixes laid out (each computed once; after pruning if any)
     laid_out_tokens: int = 0  # non-padding tokens in the rows (tree tokens + repeated context)
@@ -229,7 +230,7 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     num_rows / num_traj / traj_len: pad to these sizes (fixed shapes under jit); errors when the
     content needs more. Defaults: as many rows as needed; N = number of trajectories;
     L = bucket_length(longest trajectory). attention_block_size: also build the block-sparse
-    attention schedule of the rows (block = min(attention_block_size, row_len)).
+    attention schedule of the rows (block = ops.attention.effective_block_size).
     keep: bool[num_nodes] from the pruner (closed under ancestors): pruned nodes are not laid out,
     cost no compute, and their tokens get traj_index -1, traj_valid and traj_trainable False, and
     traj_pruned True (a loss may still count them in its denominators: a config choice)."""
@@ -257,7 +258,8 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     longest = max(len(t) for t in trajs)
     l_max = bucket_length(longest) if traj_len is None else traj_len
     if longest > l_max:
-        raise ValueError(f"a trajectory of {longest} tokens exceeds traj_len={l_max}")
+        t = max(trajs, key=len)
+        raise ValueError(f"{t.name()}: {longest} tokens exceed traj_len={l_max}")
     traj_index = np.full((n_traj, l_max), -1, np.int32)
     traj_valid = np.zeros((n_traj, l_max), bool)
     traj_trainable = np.zeros((n_traj, l_max), bool)
@@ -285,6 +287,8 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
         np.add.at(train_count, flat[trainable & kept], 1.0)
     present = np.zeros(n_traj, bool)
     present[:len(trajs)] = True
+    has_behaviour = np.zeros(n_traj, bool)
+    has_behaviour[:len(trajs)] = [t.behaviour_logprobs is not None for t in trajs]
     adv = np.zeros(n_traj, np.float32)
     rew = np.zeros(n_traj, np.float32)
     for k, traj in enumerate(trajs):
@@ -301,7 +305,8 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
         attn_schedule=schedule, **rows, tags=tags, train_count=train_count.reshape(n_rows, row_len),
         traj_index=traj_index, traj_valid=traj_valid, traj_trainable=traj_trainable,
         traj_behaviour_logprobs=traj_blp, traj_advantage=adv, traj_reward=rew,
-        traj_present=present, traj_pruned=traj_pruned, total_tokens=trie.total_tokens,
+        traj_present=present, traj_pruned=traj_pruned, traj_has_behaviour=has_behaviour,
+        total_tokens=trie.total_tokens,
         tree_tokens=int(sub[trie.roots].sum()),
         laid_out_tokens=int(sum(p.size for p in pieces)))
 

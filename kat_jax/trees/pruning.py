@@ -10,7 +10,8 @@ Per trie node n (a maximal shared segment of len(n) tokens):
                 e.g. the prompt); from the rollout, or from a scoring forward pass when absent;
     reach(n)  = "share": the fraction of the group's trajectories that pass through n, or
                 "prob":  the product of the sampling probabilities of the tokens before n
-                         (exp of the summed behaviour log-probs along the path);
+                         (exp of the summed behaviour log-probs along the path; float32, so it
+                         underflows to 0 below about -100 nats and such nodes then tie at key 0);
     prio(n)   = reach(n) * E(n) / len(n)       (reach-weighted entropy per token spent);
     tier(n)   = 1 if any token of n carries a tag in keep_tags (default tool_call, tool_result,
                 memory), else 0;
@@ -64,7 +65,7 @@ class PruneConfig:
         if self.reach not in REACH_MODES:
             raise ValueError(f"prune config: key 'reach' must be one of {REACH_MODES}, "
                              f"got {self.reach!r}")
-        if not isinstance(self.budget, int) or self.budget <= 0:
+        if not isinstance(self.budget, int) or not 0 < self.budget < 2**31:
             raise ValueError(f"prune config: key 'budget' must be a positive integer, got "
                              f"{self.budget!r}")
         tag_mask(self.keep_tags)
@@ -101,6 +102,9 @@ def node_arrays(trie: Trie, keep_tags=DEFAULT_KEEP_TAGS, fuse_tool_results: bool
     representative trajectory (trajectories through a node share its tokens; their entropies and
     log-probs are those of the same distributions when sampled by the same policy)."""
     m = trie.num_nodes
+    if trie.tree_tokens >= 2**31:
+        raise ValueError(f"a group of {trie.tree_tokens} tree tokens exceeds the pruner's int32 "
+                         "token counts; prune smaller groups")
     size = m if pad_to is None else pad_to
     if size < m:
         raise ValueError(f"{m} nodes do not fit pad_to={size}")
@@ -280,4 +284,10 @@ def prune_trie(trie: Trie, cfg: PruneConfig, pad_to: int | None = None) -> np.nd
     nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results, pad_to)
     keep, _ = prune_keep_mask({k: jnp.asarray(v) for k, v in nodes.as_dict().items()},
                               jnp.int32(cfg.budget), cfg.reach == "prob")
-    return np.asarray(keep)[:trie.num_nodes]
+    keep = np.asarray(keep)[:trie.num_nodes]
+    if not keep.any():
+        # The first group in importance order (a root with any fused tool results) does not fit.
+        t = trie.trajectories[trie.node_rep[trie.roots[0]]]
+        raise ValueError(f"{t.name()}: budget {cfg.budget} keeps nothing: the most important root "
+                         "group (a root path, with any tool results fused to it) is larger")
+    return keep

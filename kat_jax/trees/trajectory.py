@@ -56,7 +56,11 @@ class Trajectory:
         name = self.name()
         if self.tokens.ndim != 1 or n == 0:
             raise ValueError(f"{name}: tokens must be a non-empty 1-D sequence")
-        self.tokens = self.tokens.astype(np.int32) if n and self.tokens.max() < 2**31 else self.tokens
+        if self.tokens.min() < 0 or self.tokens.max() >= 2**31:
+            i = int(np.flatnonzero((self.tokens < 0) | (self.tokens >= 2**31))[0])
+            raise ValueError(f"{name}: token id {int(self.tokens[i])} at index {i} is not a valid "
+                             "id (0 <= id < 2^31)")
+        self.tokens = self.tokens.astype(np.int32)
         defaults = {"trainable": (np.bool_, True), "roles": (np.int8, -1), "tags": (np.int32, 0)}
         for key, (dtype, fill) in defaults.items():
             value = getattr(self, key)
