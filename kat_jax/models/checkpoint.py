@@ -101,14 +101,17 @@ def _save_params(params: dict, path: str) -> None:
         ckptr.save(path, args=ocp.args.PyTreeSave(params))
 
 
-def save_checkpoint(out_dir: str, params: dict, cfg: ModelConfig, extra_files_from: str | None = None
+def save_checkpoint(out_dir: str, params: dict, cfg: ModelConfig, hf_dir: str | None = None
                     ) -> None:
-    """Write a kat_jax checkpoint (params: nested dict of arrays in kat_jax layout)."""
+    """Write a kat_jax checkpoint (params: nested dict of arrays in kat_jax layout). hf_dir: the
+    Hugging Face directory it came from; its config.json and tokenizer files are kept."""
     with atomic_directory(out_dir) as tmp:
         cfg.save_json(os.path.join(tmp, CONFIG_FILE))
+        if hf_dir:
+            shutil.copy2(os.path.join(hf_dir, "config.json"), os.path.join(tmp, HF_CONFIG_FILE))
         _save_params(params, os.path.join(tmp, PARAMS_DIR))
-        if extra_files_from:
-            copy_tokenizer_files(extra_files_from, tmp)
+        if hf_dir:
+            copy_tokenizer_files(hf_dir, tmp)
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
@@ -210,11 +213,7 @@ def import_hf(hf_dir: str, out_dir: str, param_dtype: str | None = None) -> Mode
     overrides = {"param_dtype": param_dtype, "dtype": param_dtype} if param_dtype else {}
     cfg = load_hf_config(hf_dir, **overrides)
     params = read_hf_params(hf_dir, cfg)  # numpy arrays: no device copy
-    with atomic_directory(out_dir) as tmp:
-        cfg.save_json(os.path.join(tmp, CONFIG_FILE))
-        shutil.copy2(os.path.join(hf_dir, "config.json"), os.path.join(tmp, HF_CONFIG_FILE))
-        _save_params(params, os.path.join(tmp, PARAMS_DIR))
-        copy_tokenizer_files(hf_dir, tmp)
+    save_checkpoint(out_dir, params, cfg, hf_dir=hf_dir)
     return cfg
 
 
@@ -226,6 +225,7 @@ def export_hf(ckpt: str, out_dir: str, dtype: str | None = None,
     from kat_jax.models.config import to_hf_config
     from kat_jax.models.hf_io import write_hf_safetensors
 
+    check_output_directory(out_dir)  # fail before loading a large model, not after
     if is_kat_checkpoint(ckpt):
         cfg = ModelConfig.load_json(os.path.join(ckpt, CONFIG_FILE))
         params = load_params(ckpt, cfg)
@@ -245,7 +245,6 @@ def export_hf(ckpt: str, out_dir: str, dtype: str | None = None,
         merged.pop("layer_types", None)
         merged.update(hf_config)
         hf_config = merged
-    check_output_directory(out_dir)
     with atomic_directory(out_dir) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
