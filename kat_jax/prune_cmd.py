@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from kat_jax.atomic_io import check_output_file, write_jsonl_atomic
 from kat_jax.trees.pruning import PruneConfig, node_arrays, prune_trie
 from kat_jax.trees.trajectory import TAGS, Trajectory
 from kat_jax.trees.trie import build_trie
@@ -145,11 +144,7 @@ def run_prune(input_path: str, output_path: str, budget: int, reach: str = "shar
     missing: list[int] = []
     rows = read_rollouts(input_path, allow_missing_entropies=checkpoint is not None,
                          missing=missing, need_logprobs=reach == "prob")
-    out_dir = os.path.dirname(os.path.abspath(output_path))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"{output_path}: directory {out_dir} does not exist")
-    if os.path.isdir(output_path):
-        raise IsADirectoryError(f"{output_path}: is a directory; --output names a file")
+    check_output_file(output_path)
     if missing:
         fill_entropies(rows, missing, checkpoint)
     groups: dict[str, list[int]] = {}
@@ -176,17 +171,7 @@ def run_prune(input_path: str, output_path: str, budget: int, reach: str = "shar
         mass_kept += float(mass[keep].sum())
         before += trie.tree_tokens
         after += int(trie.node_len[keep].sum())
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(output_path) + ".", suffix=".tmp",
-                               dir=out_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for (_, traj), k in zip(rows, kept):
-                f.write(json.dumps({"id": traj.id, "kept": k}) + "\n")
-        os.replace(tmp, output_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_jsonl_atomic(output_path, ({"id": traj.id, "kept": k} for (_, traj), k in zip(rows, kept)))
     summary = {"groups": len(groups), "trajectories": len(rows), "budget_per_group": budget,
                "tokens_before": before, "tokens_after": after,
                "entropy_mass_kept": 1.0 if mass_all == 0 else mass_kept / mass_all}

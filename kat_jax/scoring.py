@@ -22,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 from typing import Any
 
 import jax
@@ -32,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kat_jax.atomic_io import check_output_file, write_jsonl_atomic
 from kat_jax.models.decoder import Decoder
 from kat_jax.ops.logprobs import tree_logprobs
 from kat_jax.trees.packing import (
@@ -159,18 +158,9 @@ def _finite(x: float) -> float | None:
 def write_score_output(path: str, records: list[ScoreRecord],
                        results: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """Write JSONL atomically (temporary file in the same directory, then rename)."""
-    out_dir = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for rec, (lp, en) in zip(records, results):
-                f.write(json.dumps({"id": rec.id, "logprobs": [_finite(x) for x in lp.tolist()],
-                                    "entropies": [_finite(x) for x in en.tolist()]}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_jsonl_atomic(path, ({"id": rec.id, "logprobs": [_finite(x) for x in lp.tolist()],
+                               "entropies": [_finite(x) for x in en.tolist()]}
+                              for rec, (lp, en) in zip(records, results)))
 
 
 def run_score(checkpoint: str, input_path: str, output_path: str, batch_tokens: int = 4096,
@@ -188,11 +178,7 @@ def run_score(checkpoint: str, input_path: str, output_path: str, batch_tokens: 
     records = read_score_input(input_path, cfg.vocab_size, cfg.max_position_embeddings)
     if not records:
         raise InputError(f"{input_path}: no sequences")
-    out_dir = os.path.dirname(os.path.abspath(output_path))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"{output_path}: directory {out_dir} does not exist")
-    if os.path.isdir(output_path):
-        raise IsADirectoryError(f"{output_path}: is a directory; --output names a file")
+    check_output_file(output_path)
     model, cfg = load_model(checkpoint, **overrides)
     results, summary = score_records(model, records, batch_tokens)
     write_score_output(output_path, records, results)
