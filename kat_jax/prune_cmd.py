@@ -36,6 +36,23 @@ def _bad(path: str, lineno: int, obj_id: Any, msg: str) -> ValueError:
     return ValueError(f"{path}:{lineno}: trajectory {obj_id!r}: {msg}")
 
 
+def _per_token_floats(values: Any, n: int, key: str, what: str, ok, rule: str, bad
+                      ) -> np.ndarray:
+    """float32[n] from a JSON list of n numbers or nulls (null -> 0); `ok(x)` decides validity;
+    `bad(msg)` builds the error naming the line and trajectory."""
+    if not isinstance(values, list) or len(values) != n:
+        raise bad(f"'{key}' must be a list of {n} values (one per token, null where not sampled)")
+    out = np.zeros(n, np.float32)
+    for j, x in enumerate(values):
+        if x is None:
+            continue
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) \
+                or not ok(x):
+            raise bad(f"{what} {x!r} at index {j} must be a finite number {rule} or null")
+        out[j] = x
+    return out
+
+
 def read_rollouts(path: str, allow_missing_entropies: bool = False,
                   missing: list[int] | None = None, need_logprobs: bool = False
                   ) -> list[tuple[Any, Trajectory]]:
@@ -62,19 +79,15 @@ def read_rollouts(path: str, allow_missing_entropies: bool = False,
             if ents is None and "entropies" not in obj and allow_missing_entropies:
                 ents = [None] * len(toks)
                 missing.append(len(out))
-            if not isinstance(ents, list) or len(ents) != len(toks):
-                raise _bad(path, lineno, tid, f"'entropies' must be a list of {len(toks)} values "
-                           "(one per token, null where not sampled); without them, pass "
-                           "--checkpoint to compute them with a forward pass")
-            ent = np.zeros(len(toks), np.float32)
-            for j, e in enumerate(ents):
-                if e is None:
-                    continue
-                if not isinstance(e, (int, float)) or isinstance(e, bool) or not math.isfinite(e) \
-                        or e < 0:
-                    raise _bad(path, lineno, tid, f"entropy {e!r} at index {j} must be a finite "
-                               "number >= 0 or null")
-                ent[j] = e
+            def bad(msg, lineno=lineno, tid=tid):
+                return _bad(path, lineno, tid, msg)
+
+            if ents is None:
+                raise bad(f"'entropies' must be a list of {len(toks)} values (one per token, null "
+                          "where not sampled); without them, pass --checkpoint to compute them "
+                          "with a forward pass")
+            ent = _per_token_floats(ents, len(toks), "entropies", "entropy", lambda x: x >= 0,
+                                    ">= 0", bad)
             tags_in = obj.get("tags")
             tags = np.zeros(len(toks), np.int32)
             if tags_in is not None:
@@ -91,19 +104,8 @@ def read_rollouts(path: str, allow_missing_entropies: bool = False,
             if need_logprobs and lps_in is None:
                 raise _bad(path, lineno, tid, "--reach prob needs 'logprobs' (one per token, null "
                            "where not sampled)")
-            lps = None
-            if lps_in is not None:
-                if not isinstance(lps_in, list) or len(lps_in) != len(toks):
-                    raise _bad(path, lineno, tid, f"'logprobs' must be a list of {len(toks)} values")
-                lps = np.zeros(len(toks), np.float32)
-                for j, x in enumerate(lps_in):
-                    if x is None:
-                        continue
-                    if not isinstance(x, (int, float)) or isinstance(x, bool) \
-                            or not math.isfinite(x) or x > 0:
-                        raise _bad(path, lineno, tid, f"log-prob {x!r} at index {j} must be a "
-                                   "finite number <= 0 or null")
-                    lps[j] = x
+            lps = None if lps_in is None else _per_token_floats(
+                lps_in, len(toks), "logprobs", "log-prob", lambda x: x <= 0, "<= 0", bad)
             traj = Trajectory(np.asarray(toks), entropies=ent, tags=tags, id=tid,
                               behaviour_logprobs=lps)
             out.append((json.dumps(obj.get("group"), sort_keys=True), traj))
