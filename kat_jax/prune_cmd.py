@@ -159,7 +159,8 @@ def run_prune(input_path: str, output_path: str, budget: int, reach: str = "shar
         trie = build_trie([rows[i][1] for i in members])
         # pad to a power of two: groups of similar size share one compiled pruner
         pad = 1 << max(4, (trie.num_nodes - 1).bit_length())
-        keep = prune_trie(trie, cfg, pad_to=pad)
+        nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results, pad_to=pad)
+        keep = prune_trie(trie, cfg, nodes=nodes)
         for local, i in enumerate(members):
             n_kept = 0
             for n in trie.traj_path[local]:
@@ -167,8 +168,7 @@ def run_prune(input_path: str, output_path: str, budget: int, reach: str = "shar
                     break
                 n_kept += int(trie.node_len[n])
             kept[i] = n_kept
-        nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results)
-        mass = nodes.share * nodes.entropy
+        mass = (nodes.share * nodes.entropy)[:trie.num_nodes]
         mass_all += float(mass.sum())
         mass_kept += float(mass[keep].sum())
         before += trie.tree_tokens

@@ -274,14 +274,18 @@ def prune_keep_mask(nodes: dict, budget: jax.Array, reach_prob: bool = False
     return selected, key
 
 
-def prune_trie(trie: Trie, cfg: PruneConfig, pad_to: int | None = None) -> np.ndarray:
-    """bool[num_nodes] keep mask of a trie under cfg (the jitted pruner on padded arrays)."""
+def prune_trie(trie: Trie, cfg: PruneConfig, pad_to: int | None = None,
+               nodes: NodeArrays | None = None) -> np.ndarray:
+    """bool[num_nodes] keep mask of a trie under cfg (the jitted pruner on padded arrays).
+    nodes: node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results, pad_to), when the caller
+    already has them."""
     shortest = min(trie.roots, key=lambda r: trie.node_len[r])
     if cfg.budget < trie.node_len[shortest]:
         t = trie.trajectories[trie.node_rep[shortest]]
         raise ValueError(f"{t.name()}: budget {cfg.budget} is smaller than its root path "
                          f"({int(trie.node_len[shortest])} tokens shared before any branch)")
-    nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results, pad_to)
+    if nodes is None:
+        nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results, pad_to)
     keep, _ = prune_keep_mask({k: jnp.asarray(v) for k, v in nodes.as_dict().items()},
                               jnp.int32(cfg.budget), cfg.reach == "prob")
     keep = np.asarray(keep)[:trie.num_nodes]
