@@ -24,15 +24,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kat_jax.trees.packing import gather_per_trajectory
+
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_TYPES = ("k1", "k2", "k3")
 STAGES = ("mid", "sft", "rft", "rl")
 
 
-def gather(values: jax.Array, traj_index: jax.Array) -> jax.Array:
-    """values [R, T] -> [N, L] at each trajectory's tokens (0 where traj_index < 0)."""
-    flat = values.reshape(-1)
-    return jnp.where(traj_index >= 0, flat[jnp.maximum(traj_index, 0)], 0.0)
+# values [R, T] -> [N, L] at each trajectory's tokens (0 where traj_index < 0); numpy or jax.
+gather = gather_per_trajectory
 
 
 def aggregate(per_token: jax.Array, mask: jax.Array, mode: str,
