@@ -75,15 +75,13 @@ class PruneConfig:
 class NodeArrays:
     """Per-node inputs of the pruner, numpy, padded to M nodes (pre-order).
 
-    parent int32 (-1 root or pad), end int32 (one past the subtree's last node), depth int32 (token
-    depth of the node's first token), length int32, entropy float32 (sum over the node's tokens),
-    share float32 (fraction of trajectories through the node), logp float32 (sum of the node's
-    tokens' behaviour log-probs), tier int32 (1 = keep_tags), fuse bool (first token is a tool result:
-    fused with the parent), valid bool."""
+    parent int32 (-1 root or pad), end int32 (one past the subtree's last node), length int32,
+    entropy float32 (sum over the node's tokens), share float32 (fraction of trajectories through
+    the node), logp float32 (sum of the node's tokens' behaviour log-probs), tier int32 (1 =
+    keep_tags), fuse bool (first token is a tool result: fused with the parent), valid bool."""
 
     parent: np.ndarray
     end: np.ndarray
-    depth: np.ndarray
     length: np.ndarray
     entropy: np.ndarray
     share: np.ndarray
@@ -111,12 +109,11 @@ def node_arrays(trie: Trie, keep_tags=DEFAULT_KEEP_TAGS, fuse_tool_results: bool
     keep = tag_mask(keep_tags)
     out = NodeArrays(
         parent=np.full(size, -1, np.int32), end=np.arange(1, size + 1, dtype=np.int32),
-        depth=np.zeros(size, np.int32), length=np.zeros(size, np.int32),
+        length=np.zeros(size, np.int32),
         entropy=np.zeros(size, np.float32), share=np.zeros(size, np.float32),
         logp=np.zeros(size, np.float32), tier=np.zeros(size, np.int32),
         fuse=np.zeros(size, bool), valid=np.zeros(size, bool))
     out.parent[:m] = trie.node_parent
-    out.depth[:m] = trie.node_depth
     out.length[:m] = trie.node_len
     out.valid[:m] = True
     n_nodes_sub = np.ones(m, np.int64)
