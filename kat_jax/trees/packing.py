@@ -152,10 +152,10 @@ def kept_structure(trie: Trie, keep: np.ndarray | None) -> tuple[list[list[int]]
     return children, sub, [r for r in trie.roots if keep[r]]
 
 
-def make_pieces(trie: Trie, capacity: int, keep: np.ndarray | None = None) -> list[_Piece]:
+def make_pieces(trie: Trie, capacity: int, structure: tuple | None = None) -> list[_Piece]:
     """Cut the trie's trees into pieces of at most `capacity` tokens (see the module docstring).
-    Only nodes with keep[n] are laid out (keep=None: all)."""
-    children, sub, roots = kept_structure(trie, keep)
+    structure: kept_structure(trie, keep) to lay out only kept nodes (default: all nodes)."""
+    children, sub, roots = structure or kept_structure(trie, None)
     nlen = trie.node_len
     pieces: list[_Piece] = []
     todo: list[tuple[list[int], int]] = [([], r) for r in reversed(roots)]
@@ -234,8 +234,9 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     keep: bool[num_nodes] from the pruner (closed under ancestors): pruned nodes are not laid out,
     cost no compute, and their tokens get traj_index -1, traj_valid and traj_trainable False, and
     traj_pruned True (a loss may still count them in its denominators: a config choice)."""
-    children, sub, _ = kept_structure(trie, keep)
-    pieces = make_pieces(trie, row_len, keep)
+    structure = kept_structure(trie, keep)
+    children, sub, _ = structure
+    pieces = make_pieces(trie, row_len, structure)
     groups = assign_rows([p.size for p in pieces], row_len)
     n_rows = len(groups) if num_rows is None else num_rows
     if len(groups) > n_rows:
