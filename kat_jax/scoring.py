@@ -83,7 +83,7 @@ def read_score_input(path: str, vocab_size: int, max_len: int) -> list[ScoreReco
             if len(arr) > max_len:
                 raise InputError(f"{where}: {len(arr)} tokens exceed the model's maximum of "
                                  f"{max_len} (max_position_embeddings)")
-            records.append(ScoreRecord(obj["id"], arr.astype(np.int32)))
+            records.append(ScoreRecord(obj["id"], arr))
     return records
 
 
