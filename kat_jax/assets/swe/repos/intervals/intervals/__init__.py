@@ -1,0 +1,1 @@
+from intervals.ops import merge, total_length

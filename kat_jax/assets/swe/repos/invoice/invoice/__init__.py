@@ -1,0 +1,1 @@
+from invoice.cart import Cart

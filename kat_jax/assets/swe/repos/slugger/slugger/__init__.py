@@ -1,0 +1,1 @@
+from slugger.text import slugify

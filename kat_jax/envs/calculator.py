@@ -1,0 +1,136 @@
+"""Calculator toy: arithmetic questions, a ``calculator`` tool, reward 1 for the right final answer.
+
+Small enough for a tiny model to learn by RL on CPU: questions are generated from a seed (two to three
+integers, ``+ - *``, and exact divisions at higher levels). The tool evaluates expressions safely with
+``ast`` (numbers, ``+ - * / // % **`` with bounded exponents, parentheses; nothing else, no ``eval``).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import random
+from fractions import Fraction
+from typing import Any
+
+from kat_jax.envs.base import Task, ToolSchema, function_schema, register_env
+from kat_jax.envs.maths import AnswerEnv
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+           ast.Pow: operator.pow}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+MAX_ABS = 10 ** 30
+MAX_EXPONENT = 100
+MAX_LEN = 500
+
+SYSTEM_PROMPT = ("Answer the arithmetic question. You may call the `calculator` tool. Give the final "
+                 "answer as \\boxed{number}.")
+CALCULATOR_SCHEMA = function_schema(
+    "calculator", "Evaluate an arithmetic expression (numbers, + - * / // % ** and parentheses).",
+    {"expression": {"type": "string", "description": "e.g. (12 + 7) * 3"}}, ["expression"])
+
+
+def safe_eval(expr: str) -> int | Fraction | float:
+    """Value of an arithmetic expression; ``ValueError`` for anything else or out-of-range numbers.
+
+    Division is exact (a Fraction) between integers; a float appears only when the input has one.
+    """
+    if not isinstance(expr, str) or len(expr) > MAX_LEN:
+        raise ValueError(f"expression must be a string of at most {MAX_LEN} characters")
+    try:
+        tree = ast.parse(expr.replace("^", "**").replace("×", "*").replace("÷", "/"), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"invalid expression: {e.msg}") from None
+
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            return _UNARY[type(node.op)](ev(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and abs(b) > MAX_EXPONENT:
+                raise ValueError(f"exponent larger than {MAX_EXPONENT}")
+            if isinstance(node.op, ast.Div) and not isinstance(a, float) and not isinstance(b, float):
+                a = Fraction(a)
+            try:
+                out = _BINOPS[type(node.op)](a, b)
+            except ZeroDivisionError:
+                raise ValueError("division by zero") from None
+            except OverflowError:
+                raise ValueError("number too large") from None
+            if isinstance(out, complex) or abs(out) > MAX_ABS:
+                raise ValueError("result out of range")
+            return out
+        raise ValueError(f"unsupported syntax: {type(node).__name__}")
+
+    return ev(tree)
+
+
+def format_number(x: int | Fraction | float) -> str:
+    if isinstance(x, Fraction):
+        return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return repr(x) if isinstance(x, float) else str(x)
+
+
+def make_question(rng: random.Random, level: int = 1) -> tuple[str, str]:
+    """One (question, answer) pair. Level 1: a op b; 2: three operands; 3: with exact division."""
+    hi = 10 ** min(level + 1, 4)
+    ops = ["+", "-", "*"]
+    a, b, c = (rng.randint(2, hi) for _ in range(3))
+    if level <= 1:
+        expr = f"{a} {rng.choice(ops)} {b}"
+    elif level == 2:
+        expr = f"{a} {rng.choice(ops)} {b} {rng.choice(ops)} {c}"
+    else:
+        q = rng.randint(2, 50)
+        expr = f"({a * q} / {q}) {rng.choice(ops)} {b}"
+    return f"What is {expr}?", format_number(safe_eval(expr))
+
+
+def generate_tasks(n: int = 200, seed: int = 0, level: int = 1) -> list[Task]:
+    """``n`` reproducible calculator tasks."""
+    rng = random.Random(seed * 1000 + level)
+    tasks = []
+    for i in range(n):
+        q, a = make_question(rng, level)
+        tasks.append(Task(id=f"calc-{level}-{seed}-{i}", messages=[{"role": "user", "content": q}],
+                          metadata={"answer": a}))
+    return tasks
+
+
+def load_tasks(path: str | None = None) -> list[Task]:
+    """Tasks from JSONL ``{"id", "question", "answer"}``, or 100 generated ones (levels 1-3)."""
+    if path is None:
+        return [t for level in (1, 2, 3) for t in generate_tasks(34 if level < 3 else 32, 0, level)]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [Task(id=str(r["id"]), messages=[{"role": "user", "content": r["question"]}],
+                 metadata={"answer": str(r["answer"])}) for r in rows]
+
+
+@register_env("calculator")
+class CalculatorEnv(AnswerEnv):
+    """Arithmetic with a ``calculator`` tool; reward 1 iff the boxed final answer is right."""
+
+    name = "calculator"
+    system_prompt = SYSTEM_PROMPT
+
+    def schemas(self) -> list[ToolSchema]:
+        return [CALCULATOR_SCHEMA]
+
+    def tools(self) -> dict[str, Any]:
+        return {"calculator": self._calculator}
+
+    @staticmethod
+    def _calculator(args: dict[str, Any]) -> str:
+        expr = args.get("expression")
+        if not isinstance(expr, str):
+            raise ValueError("`expression` must be a string")
+        return format_number(safe_eval(expr))
