@@ -441,7 +441,8 @@ def build(spec: dict) -> dict:
     return {"repo": f"kat-jax/{name}", "instance_id": f"kat-jax__{name}-1", "base_commit": base,
             "problem_statement": spec["issue"], "patch": patch, "test_patch": test_patch,
             "FAIL_TO_PASS": json.dumps(spec["f2p"]), "PASS_TO_PASS": json.dumps(spec["p2p"]),
-            "version": "0.1", "repo_path": f"repos/{name}"}
+            "version": "0.1", "repo_path": f"repos/{name}",
+            "test_env": {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}}
 
 
 def main() -> int:

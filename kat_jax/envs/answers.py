@@ -46,7 +46,8 @@ def extract_answer(text: str | None) -> str | None:
     m = list(re.finditer(r"answer\s*(?:is|:|=)\s*\$?([^\n$]+)", text, flags=re.IGNORECASE))
     if m:
         return m[-1].group(1).strip().rstrip(".").strip()
-    nums = re.findall(rf"{_NUM}(?:\s*/\s*\d+)?", text.replace(",", ""))
+    flat = _FRAC.sub(r"\1/\2", text).replace(",", "")
+    nums = re.findall(rf"{_NUM}(?:\s*/\s*\d+)?", flat)
     return nums[-1].strip() if nums else None
 
 

@@ -4,8 +4,9 @@ Instances use the SWE-bench JSONL fields: ``repo, instance_id, base_commit, prob
 test_patch, FAIL_TO_PASS, PASS_TO_PASS`` (the two test lists as JSON lists or JSON strings of lists),
 plus optional ``image`` and ``workdir`` (docker backend), ``repo_path`` (local backend: a directory or
 git repository, relative to the JSONL file) and ``test_cmd`` (a per-test command template with
-``{test}``; passing = exit code 0). Without ``test_cmd`` the tests are pytest node ids
-(``tests/test_x.py::TestC::test_y``) run by pytest when the sandbox's python has it, else by unittest.
+``{test}``; passing = exit code 0) and ``test_env`` (environment variables of the test run). Without
+``test_cmd`` the tests are pytest node ids (``tests/test_x.py::TestC::test_y``) run by pytest when the
+sandbox's python has it, else by unittest.
 
 Episode: the agent works in a sandbox on a copy at ``base_commit`` with ``bash``, ``str_replace_editor``
 and ``submit``. Grading (``evaluate``) happens in a *fresh* sandbox: the agent's diff is applied on
@@ -183,7 +184,9 @@ def _run_tests(sb: Sandbox, inst: dict[str, Any], tests: list[str],
         return out
     sb.write_file(f"{_KAT_DIR}/run_tests.py", TEST_RUNNER.encode())
     sb.write_file(f"{_KAT_DIR}/tests.json", json.dumps(tests).encode())
-    r = sb.exec(f"python {_KAT_DIR}/run_tests.py {_KAT_DIR}/tests.json", timeout=timeout,
+    env = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in (inst.get("test_env") or {}).items())
+    r = sb.exec(f"{'env ' + env if env else ''} python {_KAT_DIR}/run_tests.py {_KAT_DIR}/tests.json",
+                timeout=timeout,
                 output_limit=8 << 20)
     if r.timed_out:
         return {"__timeout__": "timeout"}

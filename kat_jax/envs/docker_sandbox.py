@@ -1,0 +1,226 @@
+"""Docker sandbox: one container per sandbox, locked down (needs the ``docker`` extra; imported lazily).
+
+The container starts from the instance's image and idles (``sleep infinity``, with ``init``) while
+commands run in it through ``docker exec``. Settings (see :func:`container_kwargs`): no network
+(``network_mode="none"``), memory (swap included), CPU and pids limits, every capability dropped
+except ``CHOWN``/``DAC_OVERRIDE``/``FOWNER`` (used once, by a root exec that hands the working copy to
+the sandbox user), ``no-new-privileges``, auto-remove, and labels (``kat_jax.sandbox``, owner host and
+pid, creation time) so :func:`reap` can remove what a crashed run left. Agent commands run as a
+non-root user (``user``, default ``1000:1000``) under ``timeout -s KILL`` (the whole process group),
+their output cut at ``kill_output_bytes`` inside the container and capped to ``output_limit`` here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import shlex
+import socket
+import tarfile
+import threading
+import time
+from typing import Any
+
+from kat_jax.envs.sandbox import (
+    DEFAULT_OUTPUT_LIMIT,
+    ExecResult,
+    OutputCap,
+    SandboxError,
+    git_baseline_script,
+    git_diff_script,
+)
+
+LABEL = "kat_jax.sandbox"
+
+
+def _default_client() -> Any:
+    try:
+        import docker  # lazy: the docker extra is optional
+    except ImportError as e:
+        raise SandboxError("the docker backend needs `pip install kat_jax[docker]`") from e
+    try:
+        return docker.from_env()
+    except Exception as e:  # noqa: BLE001  (docker raises DockerException subclasses)
+        raise SandboxError(f"no docker engine reachable: {e}") from e
+
+
+def container_kwargs(image: str, workdir: str, user: str, memory: str, cpus: float,
+                     pids_limit: int) -> dict[str, Any]:
+    """Keyword arguments of ``client.containers.run`` for a locked-down sandbox container."""
+    return dict(
+        image=image, command=["sleep", "infinity"], detach=True, auto_remove=True, init=True,
+        network_mode="none", mem_limit=memory, memswap_limit=memory, nano_cpus=int(cpus * 1e9),
+        pids_limit=pids_limit, cap_drop=["ALL"], cap_add=["CHOWN", "DAC_OVERRIDE", "FOWNER"],
+        security_opt=["no-new-privileges"], user=user, working_dir=workdir,
+        environment={"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PAGER": "cat"},
+        labels={LABEL: "1", "kat_jax.host": socket.gethostname(), "kat_jax.pid": str(os.getpid()),
+                "kat_jax.created": str(int(time.time()))})
+
+
+class DockerSandbox:
+    """A sandbox in a docker container (see the module docstring).
+
+    Args:
+      image: image holding the repository at ``workdir``.
+      base_commit: commit checked out as the start (a plain directory is committed as a baseline).
+      client: a docker client (default ``docker.from_env()``); tests pass a fake one.
+    """
+
+    def __init__(self, image: str, workdir: str = "/testbed", base_commit: str | None = None, *,
+                 client: Any = None, user: str = "1000:1000", memory: str = "4g", cpus: float = 2.0,
+                 pids_limit: int = 256, kill_output_bytes: int = 32 << 20,
+                 start_timeout: float = 300.0) -> None:
+        self.client = client if client is not None else _default_client()
+        self.workdir, self.user = workdir, user
+        self.kill_output_bytes = kill_output_bytes
+        self._closed = False
+        self._lock = threading.Lock()
+        try:
+            self.container = self.client.containers.run(
+                **container_kwargs(image, workdir, user, memory, cpus, pids_limit))
+        except Exception as e:  # noqa: BLE001
+            raise SandboxError(f"could not start a container from {image!r}: {e}") from e
+        try:
+            r = self.exec(f"chown -R {shlex.quote(user)} {shlex.quote(workdir)}", timeout=start_timeout,
+                          user="root")
+            if r.exit_code != 0:
+                raise SandboxError(f"could not hand {workdir} to {user}: {r.output[-1000:]}")
+            r = self.exec(git_baseline_script(base_commit), timeout=start_timeout)
+            if r.exit_code != 0:
+                raise SandboxError(f"could not set up the baseline commit: {r.output[-2000:]}")
+            self.base = r.output.strip().splitlines()[-1]
+        except BaseException:
+            self.close()
+            raise
+
+    def exec(self, cmd: str, timeout: float = 60.0, cwd: str | None = None,
+             output_limit: int = DEFAULT_OUTPUT_LIMIT, user: str | None = None) -> ExecResult:
+        """Runs ``cmd`` with bash in the container; ``timeout -s KILL`` kills its process group."""
+        if self._closed:
+            raise SandboxError("sandbox is closed")
+        t = max(int(timeout + 0.999), 1)
+        inner = (f"timeout -s KILL {t} bash -c \"$0\" 2>&1 | head -c {self.kill_output_bytes}; "
+                 "exit ${PIPESTATUS[0]}")
+        api = self.client.api
+        start = time.monotonic()
+        try:
+            ex = api.exec_create(self.container.id, ["bash", "-c", inner, cmd], user=user or self.user,
+                                 workdir=cwd or self.workdir, stdout=True, stderr=True)
+            cap = OutputCap(output_limit)
+            for chunk in api.exec_start(ex["Id"], stream=True):
+                cap.feed(chunk)
+            code = api.exec_inspect(ex["Id"])["ExitCode"]
+        except Exception as e:  # noqa: BLE001
+            raise SandboxError(f"docker exec failed: {e}") from e
+        timed_out = code == 137 and time.monotonic() - start >= t - 0.5
+        limited = cap.total >= self.kill_output_bytes
+        text = cap.text()
+        if timed_out:
+            text += f"\n[command timed out after {timeout:g}s and was killed]"
+        elif limited:
+            text += f"\n[command killed: more than {self.kill_output_bytes} bytes of output]"
+        reason = "timeout" if timed_out else "output_limit" if limited else None
+        return ExecResult(exit_code=code if code is not None else -1, output=text, timed_out=timed_out,
+                          truncated=cap.truncated, killed_reason=reason)
+
+    def _path(self, path: str) -> str:
+        full = posixpath.normpath(posixpath.join(self.workdir, path))
+        if full != self.workdir and not full.startswith(self.workdir.rstrip("/") + "/"):
+            raise ValueError(f"path {path!r} is outside the working copy {self.workdir}")
+        return full
+
+    def read_file(self, path: str) -> bytes:
+        full = self._path(path)
+        try:
+            bits, _ = self.container.get_archive(full)
+            data = b"".join(bits)
+        except Exception as e:  # noqa: BLE001  (docker.errors.NotFound)
+            raise FileNotFoundError(full) from e
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = tar.next()
+            if member is None or not member.isfile():
+                raise IsADirectoryError(full)
+            return tar.extractfile(member).read()
+
+    def write_file(self, path: str, data: bytes) -> None:
+        full = self._path(path)
+        parent = posixpath.dirname(full)
+        r = self.exec(f"mkdir -p {shlex.quote(parent)}", timeout=60)
+        if r.exit_code != 0:
+            raise ValueError(f"cannot create {parent}: {r.output[-500:]}")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo(posixpath.basename(full))
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            uid, _, gid = self.user.partition(":")
+            if uid.isdigit():
+                info.uid = int(uid)
+                info.gid = int(gid) if gid.isdigit() else int(uid)
+            tar.addfile(info, io.BytesIO(data))
+        try:
+            self.container.put_archive(parent, buf.getvalue())
+        except Exception as e:  # noqa: BLE001
+            raise SandboxError(f"writing {full} failed: {e}") from e
+
+    def diff(self) -> str:
+        r = self.exec(git_diff_script(self.base), timeout=120, output_limit=64 << 20)
+        if r.exit_code != 0 or r.truncated:
+            raise SandboxError(f"git diff failed: {r.output[-2000:]}")
+        return r.output
+
+    def healthy(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            self.container.reload()
+            return self.container.status == "running" and self.exec("true", timeout=20).exit_code == 0
+        except Exception:  # noqa: BLE001
+            return False
+
+    def close(self) -> None:
+        """Removes the container (kill + force remove); idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        container = getattr(self, "container", None)
+        if container is not None:
+            try:
+                container.remove(force=True)
+            except Exception:  # noqa: BLE001  (already gone: auto_remove)
+                pass
+
+    def __enter__(self) -> DockerSandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap(client: Any = None, older_than_s: float | None = None) -> list[str]:
+    """Removes sandbox containers left by crashed runs: those whose owner process on this host is gone,
+    and (any host) those older than ``older_than_s``. Returns the removed container ids."""
+    client = client if client is not None else _default_client()
+    host, now, removed = socket.gethostname(), time.time(), []
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        labels = c.labels or {}
+        orphan = labels.get("kat_jax.host") == host and not _pid_alive(int(labels.get("kat_jax.pid", 0)))
+        old = older_than_s is not None and now - int(labels.get("kat_jax.created", now)) > older_than_s
+        if orphan or old:
+            try:
+                c.remove(force=True)
+                removed.append(c.id)
+            except Exception:  # noqa: BLE001
+                pass
+    return removed

@@ -1,0 +1,191 @@
+"""Docker backend against a fake docker client: container settings, exec, files, diff, reaper, SWE."""
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import pytest
+
+from kat_jax.envs import make_env
+from kat_jax.envs.docker_sandbox import LABEL, DockerSandbox, reap
+from kat_jax.envs.swe import grade_patch, load_instances, task_from_instance
+
+INSTANCES = load_instances()
+
+
+class FakeContainer:
+    def __init__(self, client, kwargs):
+        self.client, self.kwargs = client, kwargs
+        self.id = f"c{len(client.containers.made)}"
+        self.labels, self.status = kwargs["labels"], "running"
+        self.dir = tempfile.mkdtemp()
+        src = client.images.get(kwargs["image"])
+        if src:
+            shutil.copytree(src, self.dir, dirs_exist_ok=True)
+
+    def map(self, text):
+        return text.replace(self.kwargs["working_dir"], self.dir)
+
+    def get_archive(self, path):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(self.map(path), arcname=os.path.basename(path))
+        return iter([buf.getvalue()]), {}
+
+    def put_archive(self, path, data):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(self.map(path), filter="data")
+        return True
+
+    def reload(self):
+        pass
+
+    def remove(self, force=False):
+        self.client.removed.append(self.id)
+        self.status = "removed"
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class FakeAPI:
+    def __init__(self, client):
+        self.client, self.execs = client, {}
+
+    def exec_create(self, cid, cmd, user, workdir, **kw):
+        c = self.client.containers.by_id[cid]
+        assert c.status == "running"
+        self.execs[str(len(self.execs))] = (c, cmd, user, workdir)
+        return {"Id": str(len(self.execs) - 1)}
+
+    def exec_start(self, eid, stream):
+        c, cmd, user, workdir = self.execs[eid]
+        self.client.exec_users.append(user)
+        if user == "root" and cmd[3].startswith("chown"):
+            self.execs[eid] += (0,)
+            return iter([b""])
+        p = subprocess.run([cmd[0], cmd[1], c.map(cmd[2]), c.map(cmd[3])], cwd=c.map(workdir),
+                           capture_output=True)
+        self.execs[eid] += (p.returncode,)
+        return iter([p.stdout[i: i + 100] for i in range(0, len(p.stdout), 100)])
+
+    def exec_inspect(self, eid):
+        return {"ExitCode": self.execs[eid][4]}
+
+
+class FakeContainers:
+    def __init__(self, client):
+        self.client, self.made, self.by_id = client, [], {}
+
+    def run(self, **kwargs):
+        c = FakeContainer(self.client, kwargs)
+        self.made.append(c)
+        self.by_id[c.id] = c
+        return c
+
+    def list(self, all=False, filters=None):
+        key = filters["label"]
+        return [c for c in self.made if key in c.labels and c.status == "running"]
+
+
+class FakeImages:
+    def __init__(self, mapping):
+        self.mapping = mapping
+
+    def get(self, name):
+        return self.mapping.get(name)
+
+
+class FakeDocker:
+    def __init__(self, images=None):
+        self.containers, self.api = FakeContainers(self), FakeAPI(self)
+        self.images = FakeImages(images or {})
+        self.removed, self.exec_users = [], []
+
+
+@pytest.fixture
+def client():
+    return FakeDocker({f"kat/{i['instance_id']}": i["repo_path"] for i in INSTANCES})
+
+
+def test_docker_is_imported_lazily():
+    code = "import kat_jax.envs, kat_jax.envs.docker_sandbox, sys; print('docker' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_container_is_locked_down(client):
+    sb = DockerSandbox(f"kat/{INSTANCES[0]['instance_id']}", client=client, memory="2g", cpus=1.5,
+                       pids_limit=128)
+    kw = client.containers.made[0].kwargs
+    assert kw["network_mode"] == "none" and kw["auto_remove"] and kw["detach"]
+    assert kw["mem_limit"] == kw["memswap_limit"] == "2g" and kw["nano_cpus"] == 1_500_000_000
+    assert kw["pids_limit"] == 128 and kw["cap_drop"] == ["ALL"]
+    assert "no-new-privileges" in kw["security_opt"]
+    assert kw["user"] not in ("root", "0", "0:0", "") and kw["labels"][LABEL] == "1"
+    assert kw["labels"]["kat_jax.pid"] == str(os.getpid())
+    assert set(client.exec_users) == {"root", kw["user"]} and client.exec_users[0] == "root"
+    assert client.exec_users.count("root") == 1          # only the chown of the working copy
+    sb.close()
+    sb.close()
+    assert client.removed == ["c0"]
+
+
+def test_exec_files_and_diff(client):
+    sb = DockerSandbox(f"kat/{INSTANCES[0]['instance_id']}", client=client)
+    r = sb.exec("echo hi; exit 4")
+    assert r.exit_code == 4 and r.output.strip() == "hi"
+    assert sb.diff() == ""
+    src = sb.read_file("statskit/core.py").decode()
+    sb.write_file("/testbed/statskit/core.py", src.replace("n // 2]", "0]").encode())
+    sb.write_file("notes/new.txt", b"x\n")
+    d = sb.diff()
+    assert "+    return s[0]" in d and "notes/new.txt" in d
+    with pytest.raises(ValueError):
+        sb.read_file("/etc/passwd")
+    big = sb.exec("seq 1 100000", output_limit=300)
+    assert big.truncated and big.output.rstrip().endswith("100000")
+    sb.close()
+
+
+def test_reaper_removes_containers_of_dead_owners(client):
+    sb = DockerSandbox(f"kat/{INSTANCES[0]['instance_id']}", client=client)
+    other = client.containers.run(**{**client.containers.made[0].kwargs,
+                                     "labels": {**client.containers.made[0].labels,
+                                                "kat_jax.pid": "999999999"}})
+    assert reap(client) == [other.id]
+    assert sb.healthy()
+    assert reap(client, older_than_s=-1) == [client.containers.made[0].id]
+    sb.close()
+
+
+def test_swe_grading_and_episode_on_the_docker_backend(client):
+    inst = {**INSTANCES[1], "image": f"kat/{INSTANCES[1]['instance_id']}"}
+    assert grade_patch(inst, inst["patch"], "docker", client=client).reward == 1.0
+    assert grade_patch(inst, "", "docker", client=client).reward == 0.0
+    env = make_env("swe", backend="docker", sandbox_kwargs={"client": client})
+    messages, _ = env.reset(task_from_instance(inst))
+    assert "/testbed" in messages[0]["content"]
+    env.sb.write_file("x.txt", b"x")
+    res = env.evaluate()
+    assert res.reward == 0.0 and not res.masked and "x.txt" in res.details["diff"]
+    env.close()
+    assert all(c.status == "removed" for c in client.containers.made)
+
+
+def test_unreachable_engine_is_an_env_error_not_a_crash():
+    class Broken:
+        class containers:  # noqa: N801
+            @staticmethod
+            def run(**kw):
+                raise RuntimeError("engine down")
+
+    inst = {**INSTANCES[0], "image": "x"}
+    env = make_env("swe", backend="docker", sandbox_kwargs={"client": Broken()})
+    env.reset(task_from_instance(inst))
+    [msg] = env.step([{"id": "1", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}])
+    assert msg["content"].startswith("Error")
+    res = env.evaluate()
+    assert res.masked and res.reward == 0.0
