@@ -13,8 +13,15 @@ Implementations are chosen by name (config `model.attention_impl`), never by imp
   xla_dense        every (q, k) pair scored and masked: the reference, O(T * S).
   xla_block_sparse each query block visits only the key blocks it can see (kat_jax.ops.block_sparse);
                    full blocks need no element mask. Cost follows the visible pairs. CPU default.
-  pallas           (issue "Pallas kernels"): not built yet.
-  auto             the best available for the platform; today xla_block_sparse everywhere.
+  pallas           flash-attention kernels in Pallas (kat_jax.ops.pallas): Triton on GPU, Mosaic on
+                   TPU, interpreted on CPU (slow; for tests). Same block classification as
+                   xla_block_sparse, schedule in-kernel. Decode (q_index) falls back to xla_dense.
+  auto             by platform (`resolve_attention_impl`): pallas on GPU and TPU (xla_block_sparse
+                   where the kernels do not take the head dim), xla_block_sparse on CPU.
+
+Under a mesh, the Pallas kernel runs inside shard_map over batch rows and heads
+(`sharded_tree_attention`); `tree_attention` does that by itself when a mesh is set with
+jax.set_mesh and names axes of BATCH_MESH_AXES / HEAD_MESH_AXES.
 """
 
 from __future__ import annotations
@@ -57,14 +64,6 @@ def xla_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: j
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def _not_built(name: str, issue: str) -> Callable:
-    def fn(*args, **kwargs):
-        raise NotImplementedError(f"attention_impl={name!r} is not built yet (issue: {issue}); "
-                                  "use 'xla_block_sparse', 'xla_dense' or 'auto'")
-
-    return fn
-
-
 def _xla_block_sparse(q, k, v, subtree_end, q_index=None, scale=None, *, schedule=None,
                       block_size=128):
     from kat_jax.ops.block_sparse import xla_block_sparse_attention
@@ -79,11 +78,27 @@ def _xla_dense(q, k, v, subtree_end, q_index=None, scale=None, *, schedule=None,
     return xla_dense_attention(q, k, v, subtree_end, q_index=q_index, scale=scale)
 
 
+def _pallas(q, k, v, subtree_end, q_index=None, scale=None, *, schedule=None, block_size=128):
+    from kat_jax.ops.pallas import pallas_tree_attention
+
+    if q_index is not None:  # decode against a cache: dense over the cache
+        return xla_dense_attention(q, k, v, subtree_end, q_index=q_index, scale=scale)
+    return pallas_tree_attention(q, k, v, subtree_end, scale=scale, schedule=schedule,
+                                 block_size=block_size)
+
+
 ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {
     "xla_dense": _xla_dense,
     "xla_block_sparse": _xla_block_sparse,
-    "pallas": _not_built("pallas", "Pallas tree-attention kernels"),
+    "pallas": _pallas,
 }
+
+# Head dims the device kernels are built for (the Triton lowering needs a power of two).
+PALLAS_HEAD_DIMS = (64, 128, 256)
+# Mesh axis names that split attention rows (batch) and heads when tree_attention shards the
+# Pallas kernel by itself under a mesh set with jax.set_mesh; others are left to GSPMD.
+BATCH_MESH_AXES = ("data", "fsdp")
+HEAD_MESH_AXES = ("tensor",)
 
 
 def effective_block_size(block_size: int, row_len: int) -> int:
@@ -93,12 +108,18 @@ def effective_block_size(block_size: int, row_len: int) -> int:
     return max(1, min(int(block_size), row_len & -row_len))
 
 
-def resolve_attention_impl(name: str, platform: str | None = None) -> str:
-    """Map a config name to a concrete implementation for a platform ('cpu', 'gpu', 'tpu').
+def resolve_attention_impl(name: str, platform: str | None = None,
+                           head_dim: int | None = None) -> str:
+    """Map a config name to a concrete implementation for a platform ('cpu', 'gpu'/'cuda', 'tpu';
+    default: JAX's default backend, i.e. the platform of the devices a mesh is made of).
 
-    auto: xla_block_sparse on every platform until the Pallas kernels land (then pallas on GPU/TPU).
-    """
+    auto: pallas on GPU and TPU when head_dim is one of PALLAS_HEAD_DIMS (or not given),
+    otherwise xla_block_sparse (CPU: the Pallas kernels would only run interpreted)."""
     if name == "auto":
+        platform = (platform or jax.default_backend()).lower()
+        if platform in ("gpu", "cuda", "tpu") and (head_dim is None
+                                                   or head_dim in PALLAS_HEAD_DIMS):
+            return "pallas"
         return "xla_block_sparse"
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {name!r}; known: {['auto', *ATTENTION_IMPLS]}")
@@ -112,8 +133,68 @@ def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Ar
     """Attention under the tree rule by the implementation named `impl` (see module docstring).
 
     schedule: the host-built block schedule of kat_jax.ops.block_sparse (block pairs a query block
-    must visit) for xla_block_sparse; ignored by xla_dense. Without it, block-sparse visits every
-    lower-triangular block pair (exact, about half the dense work)."""
-    fn = ATTENTION_IMPLS[resolve_attention_impl(impl)]
+    must visit) for xla_block_sparse, and the kernel lists for pallas; ignored by xla_dense.
+    Without it, block-sparse visits every lower-triangular block pair (exact, about half the
+    dense work) and pallas computes its lists inside jit (exact, no extra work).
+
+    When the resolved impl is pallas and a mesh is set (jax.set_mesh) with axes named in
+    BATCH_MESH_AXES / HEAD_MESH_AXES that are not already manual, the kernel runs inside
+    shard_map over them (a custom call cannot be partitioned by GSPMD)."""
+    name = resolve_attention_impl(impl, head_dim=q.shape[-1])
+    if name == "pallas" and q_index is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        free = () if mesh.empty else tuple(a for a in mesh.axis_names
+                                           if a not in mesh.manual_axes and mesh.shape[a] > 1)
+        batch = tuple(a for a in BATCH_MESH_AXES if a in free)
+        heads = next((a for a in HEAD_MESH_AXES if a in free), None)
+        if batch or heads:
+            fn = sharded_tree_attention(mesh, batch, heads, impl="pallas")
+            return fn(q, k, v, subtree_end, scale=scale, schedule=schedule,
+                      block_size=block_size)
+    fn = ATTENTION_IMPLS[name]
     return fn(q, k, v, subtree_end, q_index=q_index, scale=scale, schedule=schedule,
               block_size=block_size)
+
+
+def sharded_tree_attention(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+                           batch_axes: str | tuple[str, ...] | None = ("data",),
+                           head_axis: str | None = "tensor",
+                           impl: str = "pallas") -> Callable[..., jax.Array]:
+    """`tree_attention` (same signature, minus impl) run inside shard_map over `mesh`: rows split
+    over batch_axes, query and kv heads over head_axis (GQA groups stay on one shard; if the kv
+    heads do not divide over head_axis they are repeated to one per query head first). Axes
+    whose size does not divide B (or the heads) are not used for that dimension (replicated).
+    Every array of `schedule` is [B, ...] and is split with the rows. Exact: attention is
+    independent per row and per head, so the result equals the unsharded call."""
+    from jax.sharding import PartitionSpec as P
+
+    if isinstance(batch_axes, str):
+        batch_axes = (batch_axes,)
+    batch_axes = tuple(a for a in (batch_axes or ()) if a in mesh.axis_names)
+    head_axis = head_axis if head_axis in mesh.axis_names else None
+
+    def fn(q, k, v, subtree_end, q_index=None, *, scale=None, schedule=None, block_size=128):
+        b, n, kv_heads = q.shape[0], q.shape[2], k.shape[2]
+        rows = 1
+        for a in batch_axes:
+            rows *= mesh.shape[a]
+        row_spec = batch_axes if batch_axes and b % rows == 0 else None
+        hs = mesh.shape[head_axis] if head_axis else 1
+        head_spec = head_axis if head_axis and n % hs == 0 else None
+        if head_spec and kv_heads % hs:
+            k, v = (jnp.repeat(x, n // kv_heads, axis=2) for x in (k, v))
+        qkv_spec = P(row_spec, None, head_spec, None)
+        row2 = P(row_spec, None)
+        sched_spec = None if schedule is None else {key: row2 for key in schedule}
+        qi_spec = None if q_index is None else row2
+
+        def local(q, k, v, e, qi, sched):
+            return tree_attention(q, k, v, e, qi, impl=impl, scale=scale, schedule=sched,
+                                  block_size=block_size)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, row2,
+                                                         qi_spec, sched_spec),
+                             out_specs=qkv_spec, check_vma=False)(q, k, v, subtree_end, q_index,
+                                                                  schedule)
+
+    return fn

@@ -90,12 +90,15 @@ def classify_block_pairs(subtree_end: np.ndarray, block_size: int) -> np.ndarray
 
 
 def build_block_schedule(subtree_end: np.ndarray, block_size: int,
-                         min_pairs: int = 8) -> dict[str, np.ndarray]:
+                         min_pairs: int = 8, kernel_lists: bool = False) -> dict[str, np.ndarray]:
     """Host-side (numpy) schedule of non-empty block pairs for `xla_block_sparse_attention`.
 
     Returns int32[B, P] arrays "q_block", "k_block", "kind" (0 skip/padding -> block 0/0,
     1 partial, 2 full), pairs of a row in (q block, k block) order. P is the max number of
     non-empty pairs over rows rounded up to a power of two, and at least `min_pairs`.
+    With kernel_lists, also the Pallas kernels' loops (kat_jax.ops.pallas.schedule.KERNEL_KEYS:
+    "q_kv_blocks" int32[B, nb * nb], "q_kv_count", "kv_q_last", "kv_min_end" int32[B, nb]),
+    so attention_impl='pallas' takes them from the batch instead of computing them in jit.
     """
     kind = classify_block_pairs(subtree_end, block_size)
     b, nb, _ = kind.shape
@@ -108,6 +111,10 @@ def build_block_schedule(subtree_end: np.ndarray, block_size: int,
     out["q_block"][rows, slot] = qb
     out["k_block"][rows, slot] = kb
     out["kind"][rows, slot] = kind[rows, qb, kb]
+    if kernel_lists:
+        from kat_jax.ops.pallas.schedule import kernel_schedule_host
+
+        out.update(kernel_schedule_host(subtree_end, block_size))
     return out
 
 

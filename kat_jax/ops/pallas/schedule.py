@@ -1,0 +1,76 @@
+"""Block schedules of the Pallas tree-attention kernels, on host (numpy) or inside jit (jnp).
+
+Rule (ARCHITECTURE.md): query q may see key k iff  k <= q < subtree_end[k].  The row of T tokens is
+cut into nb = T // bs square blocks. Key k is seen by the contiguous query range [k, subtree_end[k]),
+so kv block j is seen by the contiguous q blocks [j, q_last[j]] (q_last = the largest
+(subtree_end - 1) // bs over the block's keys) and by no other; pair (q block i, kv block j) is
+non-empty iff j <= i <= q_last[j], and full (every element visible, no mask needed) iff j < i and
+(i + 1) * bs <= kv_min_end[j] (the smallest subtree_end of the block). Same classification as
+kat_jax.ops.block_sparse.classify_block_pairs; exact.
+
+Arrays (all int32, per row b; 2-D so that they batch, pad and shard like the rest of the
+schedule dict built by kat_jax.ops.block_sparse.build_block_schedule):
+  q_kv_blocks [B, nb * nb]  row-major [i, s]: the s-th non-empty kv block of q block i in
+                            increasing order, for s < q_kv_count[i]; later slots repeat the last
+                            one (0 when there is none), so a TPU pipeline fetches nothing new.
+  q_kv_count  [B, nb]       number of non-empty kv blocks of q block i (forward and dQ loops).
+  kv_q_last   [B, nb]       last q block that sees kv block j (j - 1 or less: nobody does); the dK/dV
+                            loop of kv block j runs over q blocks j .. kv_q_last[j].
+  kv_min_end  [B, nb]       min subtree_end over kv block j (full-block test).
+An all-zero row is a valid schedule that computes nothing (output 0, zero gradients): the filler
+rows that kat_jax.scoring appends get exactly that.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KERNEL_KEYS = ("q_kv_blocks", "q_kv_count", "kv_q_last", "kv_min_end")
+
+
+def _block_stats(xp, subtree_end, bs: int):
+    """(q_last, min_end) [B, nb] with the array module xp (numpy or jax.numpy)."""
+    b, t = subtree_end.shape
+    nb = t // bs
+    se = xp.minimum(subtree_end.astype(xp.int32), t)
+    pos = xp.arange(t, dtype=xp.int32)
+    last_q = xp.where(se > pos, (se - 1) // bs, -1)
+    return (last_q.reshape(b, nb, bs).max(axis=2).astype(xp.int32),
+            se.reshape(b, nb, bs).min(axis=2).astype(xp.int32))
+
+
+def _lists(xp, q_last, sort):
+    """Per-q-block lists of non-empty kv blocks: (q_kv_blocks [B, nb * nb], q_kv_count [B, nb])."""
+    b, nb = q_last.shape
+    i = xp.arange(nb, dtype=xp.int32)[:, None]
+    j = xp.arange(nb, dtype=xp.int32)[None, :]
+    nonempty = (j <= i)[None] & (i[None] <= q_last[:, None, :])          # [B, i, j]
+    count = nonempty.sum(axis=2).astype(xp.int32)
+    order = sort(~nonempty).astype(xp.int32)       # stable: non-empty j first, increasing
+    slot = xp.minimum(xp.arange(nb, dtype=xp.int32)[None, None, :], xp.maximum(count, 1)[..., None] - 1)
+    blocks = xp.take_along_axis(order, slot, axis=2)
+    blocks = xp.where(count[..., None] > 0, blocks, 0).astype(xp.int32)
+    return blocks.reshape(b, nb * nb), count
+
+
+def kernel_schedule_host(subtree_end: np.ndarray, block_size: int) -> dict[str, np.ndarray]:
+    """numpy: the kernel schedule (KERNEL_KEYS, see module docstring) of int32[B, T] subtree_end,
+    T a multiple of block_size. O(B * nb^2) time and memory."""
+    se = np.asarray(subtree_end)
+    if se.ndim != 2 or se.shape[1] % int(block_size):
+        raise ValueError(f"subtree_end must be [B, T] with T a multiple of {block_size}, "
+                         f"got shape {se.shape}")
+    q_last, min_end = _block_stats(np, se, int(block_size))
+    blocks, count = _lists(np, q_last, lambda x: np.argsort(x, axis=2, kind="stable"))
+    return {"q_kv_blocks": blocks, "q_kv_count": count, "kv_q_last": q_last,
+            "kv_min_end": min_end}
+
+
+def kernel_schedule(subtree_end: jax.Array, block_size: int) -> dict[str, jax.Array]:
+    """jnp (jittable; shapes static from T and block_size): same arrays as kernel_schedule_host."""
+    q_last, min_end = _block_stats(jnp, subtree_end, int(block_size))
+    blocks, count = _lists(jnp, q_last, lambda x: jnp.argsort(x, axis=2, stable=True))
+    return {"q_kv_blocks": blocks, "q_kv_count": count, "kv_q_last": q_last,
+            "kv_min_end": min_end}

@@ -1,0 +1,136 @@
+"""Pallas tree attention: one custom VJP over the GPU (Triton) and TPU (Mosaic) kernels.
+
+Rule (ARCHITECTURE.md): query q may see key k iff  k <= q < subtree_end[k]  (queries and keys are
+the same tokens of a row, DFS pre-order; padding tokens are one-token trees).
+
+Shapes: q: [B, T, N, H], k and v: [B, T, K, H] (GQA: query head n reads kv head n // G,
+G = N // K), subtree_end: int32[B, T]. Output [B, T, N, H] in q's dtype; bfloat16 or float32
+inputs; scores, softmax statistics and all accumulators are float32. Forward saves the
+log-sum-exp (float32) for the backward, which computes dQ, dK and dV in Pallas kernels
+(kat_jax.ops.pallas.gpu / .tpu describe them); subtree_end and the schedule get no gradient.
+
+Exact: the block classification (empty / partial / full) is exact, so the result and its
+gradients equal the dense reference `xla_dense_attention` up to float rounding (the online
+softmax reorders float32 sums). A query that sees no key (impossible for valid trees) gets 0.
+
+Block size bs: `effective_block_size(block_size, T)` (as the data packer uses) when it suits the
+backend (>= 16 on GPU, a multiple of 128 on TPU), else T is padded with one-token trees up to a
+multiple of a suitable bs. The kernel schedule (kat_jax.ops.pallas.schedule) comes from
+`schedule` when it holds the KERNEL_KEYS arrays for that bs (build_block_schedule adds them with
+kernel_lists=True), and is otherwise computed inside jit from subtree_end (cheap: O(B * nb^2)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from kat_jax.ops.pallas.schedule import KERNEL_KEYS, kernel_schedule
+
+BACKENDS = ("gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    backend: str
+    bs: int
+    scale: float
+    interpret: bool
+
+
+def _module(backend: str):
+    if backend == "gpu":
+        from kat_jax.ops.pallas import gpu
+        return gpu
+    from kat_jax.ops.pallas import tpu
+    return tpu
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st: _Static, q, k, v, end, sched):
+    return _attention_fwd(st, q, k, v, end, sched)[0]
+
+
+def _attention_fwd(st: _Static, q, k, v, end, sched):
+    out, lse = _module(st.backend).forward(q, k, v, end, sched, bs=st.bs, scale=st.scale,
+                                           interpret=st.interpret)
+    return out, (q, k, v, end, sched, out, lse)
+
+
+def _attention_bwd(st: _Static, res, dout):
+    q, k, v, end, sched, out, lse = res
+    dq, dk, dv = _module(st.backend).backward(q, k, v, end, sched, out, lse, dout, bs=st.bs,
+                                              scale=st.scale, interpret=st.interpret)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def default_backend(platform: str | None = None) -> tuple[str, bool]:
+    """(kernel lowering, interpret) for a platform ('cpu', 'gpu'/'cuda', 'tpu'; default: JAX's
+    default backend). CPU runs the GPU lowering interpreted (the faster interpreter)."""
+    platform = (platform or jax.default_backend()).lower()
+    if platform == "tpu":
+        return "tpu", False
+    if platform in ("gpu", "cuda", "rocm"):
+        return "gpu", False
+    return "gpu", True
+
+
+def _block_size(backend: str, block_size: int, t: int) -> int:
+    from kat_jax.ops.attention import effective_block_size
+
+    bs = effective_block_size(block_size, t)
+    if backend == "tpu":
+        return bs if bs % 128 == 0 else max(128, block_size // 128 * 128)
+    if bs >= 16:
+        return bs
+    return max(16, min(int(block_size), 1 << max(0, t - 1).bit_length()))
+
+
+def pallas_tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Array, *,
+                          scale: float | None = None, schedule: dict | None = None,
+                          block_size: int = 128, backend: str | None = None,
+                          interpret: bool | None = None) -> jax.Array:
+    """Tree attention by the Pallas kernels (see module docstring). Jittable, differentiable.
+
+    backend: 'gpu' (Triton) or 'tpu' (Mosaic); default from the platform (CPU: 'gpu').
+    interpret: run the kernels interpreted on CPU (default: True on CPU only; the TPU lowering
+    then uses the TPU interpret mode, pltpu.InterpretParams)."""
+    if backend is None:
+        backend, auto_interpret = default_backend()
+    else:
+        auto_interpret = default_backend()[1]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    interpret = auto_interpret if interpret is None else bool(interpret)
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    if k.shape != (b, t, kv_heads, h) or v.shape != k.shape or subtree_end.shape != (b, t):
+        raise ValueError(f"q, k, v and subtree_end must share B, T (and k, v the shape): q {q.shape}"
+                         f", k {k.shape}, v {v.shape}, subtree_end {subtree_end.shape}")
+    if n % kv_heads:
+        raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kv_heads})")
+    if not interpret and backend == "gpu" and (h & (h - 1) or h < 16):
+        raise ValueError(f"the Triton kernels need a power-of-two head dim >= 16, got {h}")
+    scale = float(h ** -0.5 if scale is None else scale)
+    bs = _block_size(backend, int(block_size), t)
+    end = subtree_end.astype(jnp.int32)
+    t_pad = -(-t // bs) * bs
+    if t_pad != t:
+        pad = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
+        q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+        own = jnp.broadcast_to(jnp.arange(t + 1, t_pad + 1, dtype=jnp.int32), (b, t_pad - t))
+        end = jnp.concatenate([end, own], axis=1)
+    nb = t_pad // bs
+    if (t_pad == t and schedule is not None and all(key in schedule for key in KERNEL_KEYS)
+            and schedule["q_kv_count"].shape == (b, nb)):
+        sched = {key: jnp.asarray(schedule[key], jnp.int32) for key in KERNEL_KEYS}
+    else:
+        sched = kernel_schedule(end, bs)
+    out = _attention(_Static(backend, bs, scale, interpret), q, k, v, end, sched)
+    return out[:, :t]
