@@ -1,5 +1,6 @@
 """The `kat-jax` command: one entry point, one subcommand per job.
 
+    kat-jax train      train a stage (mid, sft, rft, rl) or a pipeline of stages from a config
     kat-jax score      per-token log-probs and entropies of JSONL token sequences
     kat-jax import-hf  Hugging Face directory -> kat_jax (orbax) checkpoint
     kat-jax export-hf  kat_jax checkpoint -> Hugging Face directory (config.json + safetensors)
@@ -60,6 +61,26 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from kat_jax.training import config_lib
+    from kat_jax.training.trainer import PREEMPTED_EXIT, Preempted, TrainingError, run_train
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_lib.load_config(args.config, args.overrides)
+    try:
+        summary = run_train(cfg, args.workdir)
+    except Preempted as e:
+        print(f"kat-jax: preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except TrainingError as e:
+        raise ValueError(str(e)) from None
+    print(json.dumps(summary, default=str))
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from kat_jax.models.config import PRESETS
 
@@ -74,6 +95,17 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kat-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train", help="train from an ml_collections config (kat-jax train --config F.py:VARIANT)",
+        description="Train a stage or a pipeline of stages. Overrides: --config.KEY=VALUE (e.g. "
+        "--config.train.steps=20 --config.optimizer.learning_rate=1e-4); unknown keys and wrong "
+        "types are errors. Running again on the same --workdir resumes.")
+    p.add_argument("--config", required=True,
+                   help="config file and variant, e.g. configs/sft.py:tiny or configs/quickstart.py")
+    p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, model)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.set_defaults(fn=_cmd_train, overrides=[])
 
     p = sub.add_parser("score", help="per-token log-probs and entropies of token sequences",
                        description="Score JSONL lines {\"id\", \"tokens\"}; write {\"id\", "
@@ -137,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args.fn(args)
     except (ValueError, KeyError, OSError, NotImplementedError) as e:

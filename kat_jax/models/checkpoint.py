@@ -38,6 +38,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json")
 
 
+def resolve_checkpoint_dir(spec: str) -> str:
+    """A training workdir (kat-jax train) stands for the model it ended with (WORKDIR/model)."""
+    if spec.startswith("preset:"):
+        return spec
+    inner = os.path.join(spec, "model")
+    if not os.path.isfile(os.path.join(spec, CONFIG_FILE)) and os.path.isfile(
+            os.path.join(inner, CONFIG_FILE)):
+        return inner
+    return spec
+
+
 def is_kat_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
@@ -157,6 +168,7 @@ def model_from_params(cfg: ModelConfig, params: dict) -> Decoder:
 
 
 def load_config(spec: str, **overrides: Any) -> ModelConfig:
+    spec = resolve_checkpoint_dir(spec)
     if spec.startswith("preset:"):
         return get_preset(spec[len("preset:"):].split("@")[0], **overrides)
     if is_kat_checkpoint(spec):
@@ -175,6 +187,7 @@ def load_model(spec: str, **overrides: Any) -> tuple[Decoder, ModelConfig]:
 
     overrides replace ModelConfig keys (e.g. dtype='bfloat16', attention_impl='xla_dense'); a
     param_dtype override converts the stored parameters."""
+    spec = resolve_checkpoint_dir(spec)
     cfg = load_config(spec, **overrides)
     if spec.startswith("preset:"):
         seed = int(spec.split("@")[1]) if "@" in spec else 0
@@ -226,6 +239,7 @@ def export_hf(ckpt: str, out_dir: str, dtype: str | None = None,
     from kat_jax.models.hf_io import write_hf_safetensors
 
     check_output_directory(out_dir)  # fail before loading a large model, not after
+    ckpt = resolve_checkpoint_dir(ckpt)
     if is_kat_checkpoint(ckpt):
         cfg = ModelConfig.load_json(os.path.join(ckpt, CONFIG_FILE))
         params = load_params(ckpt, cfg)

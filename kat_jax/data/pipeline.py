@@ -1,0 +1,334 @@
+"""The input pipeline: JSONL groups -> trajectories -> fixed-shape packed tree batches per step.
+
+    grain.MapDataset.source(JsonlGroups) -> shuffle(seed) -> repeat(epochs) -> [host::hosts]
+      -> map(records -> list[Trajectory]) -> iterator        (grain: deterministic, checkpointable)
+    -> TreeBatcher: groups packed into shard batches of R rows x T tokens, N trajectories
+    -> StepIterator: M microbatches x S_local shards, stacked into numpy arrays [M, S_local, ...]
+
+Shapes are fixed by the config (data.rows, data.row_len, data.trajectories per shard batch), so the
+train step compiles once. Groups are packed greedily in order; a group that does not fit the current
+shard batch waits for the next one (never dropped). A trajectory longer than a row cannot be laid
+out and is dropped, counted in `dropped_overlong` and logged with its id (never silently); RL
+trajectories with status env_error are excluded and counted in `excluded_env_error`.
+
+State (saved in checkpoints): the grain iterator state from before the first group still waiting
+to be packed, so a restored iterator yields exactly the batches the original would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from kat_jax.data.chat import ChatError, encode_chat
+from kat_jax.data.sources import JsonlGroups
+from kat_jax.ops.attention import effective_block_size
+from kat_jax.ops.block_sparse import build_block_schedule
+from kat_jax.trees.packing import empty_rows, pack_trie
+from kat_jax.trees.trajectory import TAGS, Trajectory
+from kat_jax.trees.trie import build_trie
+
+log = logging.getLogger(__name__)
+
+STAGE_KIND = {"mid": "mid", "sft": "chat", "rft": "rollouts", "rl": "rollouts"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    rows: int  # R rows per shard batch
+    row_len: int  # T tokens per row (also the longest trajectory)
+    trajectories: int  # N trajectory slots per shard batch
+    block_size: int  # attention block size (for the schedule)
+
+    @property
+    def num_pairs(self) -> int:
+        """Schedule length: every lower-triangular block pair, rounded up to a multiple of 16 (the
+        block-sparse scan's chunk); entries past a row's own pairs are skipped padding."""
+        nb = -(-self.row_len // effective_block_size(self.block_size, self.row_len))
+        return -(-(nb * (nb + 1) // 2) // 16) * 16
+
+
+def fixed_schedule(subtree_end: np.ndarray, shape: BatchShape) -> dict[str, np.ndarray]:
+    """The block-sparse attention schedule of rows, padded to the fixed length shape.num_pairs
+    (so the train step compiles once)."""
+    bs = effective_block_size(shape.block_size, shape.row_len)
+    sched = build_block_schedule(subtree_end, bs, min_pairs=1)
+    p, width = shape.num_pairs, next(iter(sched.values())).shape[1]
+    out = {}
+    for k, v in sched.items():
+        if width >= p:
+            assert k != "kind" or not v[:, p:].any(), "more block pairs than the triangle holds"
+            out[k] = np.ascontiguousarray(v[:, :p])
+        else:
+            out[k] = np.pad(v, ((0, 0), (0, p - width)))
+    return out
+
+
+def _group_advantages(trajs: list[Trajectory], rewards: list[float | None],
+                      teacher: list[bool], stage: str, eps: float = 1e-6) -> None:
+    """Fill missing advantages: rl -> GRPO (r - mean) / (std + eps) over the group; rft -> reward
+    relative to the group's teacher trajectories, (r - mean teacher r) / (std + eps). Trajectories
+    that already carry an advantage keep it."""
+    need = [i for i, t in enumerate(trajs) if t.advantage is None and not teacher[i]]
+    if not need:
+        return
+    r = np.array([rewards[i] for i in range(len(trajs)) if not teacher[i]], np.float64)
+    std = float(r.std()) if r.size > 1 else 0.0
+    if stage == "rft" and any(teacher):
+        base = float(np.mean([rewards[i] for i in range(len(trajs)) if teacher[i]]))
+    else:
+        base = float(r.mean())
+    for i in need:
+        trajs[i].advantage = (rewards[i] - base) / (std + eps) if std > 0 else rewards[i] - base
+
+
+class RecordConverter:
+    """records of one group -> list[Trajectory] for a stage (a picklable grain map function)."""
+
+    def __init__(self, stage: str, tokenizer, row_len: int, vocab_size: int):
+        self.stage, self.tok, self.row_len, self.vocab = stage, tokenizer, row_len, vocab_size
+        self.kind = STAGE_KIND[stage]
+
+    def __call__(self, group: list[tuple[dict, str]]) -> list[Trajectory]:
+        out: list[Trajectory] = []
+        if self.kind == "mid":
+            for obj, where in group:
+                ids = obj["tokens"] if "tokens" in obj else self.tok.encode(obj["text"]) + [
+                    self.tok.eos_id]
+                for c, start in enumerate(range(0, len(ids), self.row_len)):
+                    piece = ids[start:start + self.row_len]
+                    if len(piece) >= 2:
+                        out.append(self._checked(Trajectory(np.asarray(piece),
+                                                            id=f"{obj.get('id', where)}#{c}"),
+                                                 where))
+            return out
+        if self.kind == "chat":
+            for obj, where in group:
+                try:
+                    t = encode_chat(self.tok, obj["messages"], obj.get("tools"),
+                                    id=obj.get("id", where))
+                except ChatError as e:
+                    raise ValueError(f"{where}: {e}") from None
+                out.append(self._checked(t, where))
+            return out
+        rewards, teacher = [], []
+        for obj, where in group:
+            if obj.get("status") == "env_error":
+                out.append(None)  # excluded (counted by the batcher)
+                continue
+            lp = obj["logprobs"]
+            gen = np.array([x is not None for x in lp])
+            tags = np.zeros(len(lp), np.int32)
+            for j, tag in enumerate(obj.get("tags") or []):
+                if tag is not None:
+                    if tag not in TAGS:
+                        raise ValueError(f"{where}: unknown tag {tag!r} at index {j}")
+                    tags[j] = TAGS[tag]
+            is_teacher = bool(obj.get("teacher", False))
+            t = Trajectory(np.asarray(obj["tokens"]), trainable=gen & (not is_teacher), tags=tags,
+                           behaviour_logprobs=np.array([0.0 if x is None else x for x in lp]),
+                           reward=obj.get("reward"), advantage=obj.get("advantage"),
+                           group_id=obj.get("group"), id=obj.get("id", where))
+            out.append(self._checked(t, where))
+            rewards.append(obj.get("reward") if obj.get("reward") is not None else 0.0)
+            teacher.append(is_teacher)
+        kept = [t for t in out if t is not None]
+        _group_advantages(kept, rewards, teacher, self.stage)
+        return [t for t, te in zip(kept, teacher) if not te] + [None] * (len(out) - len(kept))
+
+    def _checked(self, t: Trajectory, where: str) -> Trajectory:
+        try:
+            t.validate(self.vocab)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return t
+
+
+class TreeBatcher:
+    """Packs groups of trajectories into fixed-shape shard batches (numpy dicts)."""
+
+    def __init__(self, groups_iter, shape: BatchShape, pad_id: int = 0):
+        self.it = groups_iter
+        self.shape = shape
+        self.pad_id = pad_id
+        # (trajectories, iterator state before their group, how many of the group came before)
+        self.pending: list[tuple[list[Trajectory], Any, int]] = []
+        self.exhausted = False
+        self._skip = 0
+        self.counters = {"dropped_overlong": 0, "excluded_env_error": 0, "packed": 0}
+
+    def get_state(self) -> dict:
+        """{"grain": iterator state before the first waiting group, "skip": trajectories of that
+        group already packed, "counters": ...} (JSON-serialisable)."""
+        if self.pending:
+            _, state, offset = self.pending[0]
+        else:
+            state, offset = self.it.get_state(), 0
+        return {"grain": state, "skip": offset, "counters": dict(self.counters)}
+
+    def set_state(self, state: dict) -> None:
+        self.it.set_state(state["grain"])
+        self._skip = int(state.get("skip", 0))
+        self.counters.update(state.get("counters", {}))
+        self.pending = []
+        self.exhausted = False
+
+    def _fetch(self) -> tuple[list[Trajectory], Any, int] | None:
+        if self.pending:
+            return self.pending.pop(0)
+        if self.exhausted:
+            return None
+        state = self.it.get_state()
+        try:
+            group = next(self.it)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        trajs = []
+        for t in group:
+            if t is None:
+                self.counters["excluded_env_error"] += 1
+            elif len(t) > self.shape.row_len:
+                self.counters["dropped_overlong"] += 1
+                log.warning("dropped %s: %d tokens exceed the row length %d", t.name(), len(t),
+                            self.shape.row_len)
+            else:
+                trajs.append(t)
+        skip, self._skip = self._skip, 0  # restored mid-group: its first `skip` were packed
+        # A group with more trajectories than a shard batch holds is split (in order).
+        n = self.shape.trajectories
+        parts = [(trajs[i:i + n], state, i) for i in range(skip, len(trajs), n)] or [([], state, 0)]
+        self.pending[:0] = parts[1:]
+        return parts[0]
+
+    def _pack(self, trajs: list[Trajectory]):
+        s = self.shape
+        return pack_trie(build_trie(trajs), s.row_len, num_rows=s.rows, num_traj=s.trajectories,
+                         traj_len=s.row_len, pad_id=self.pad_id, attention_block_size=0)
+
+    def next_batch(self) -> tuple[dict[str, np.ndarray], dict[str, int]] | None:
+        """One shard batch and its token statistics; None when the data is exhausted."""
+        s = self.shape
+        taken: list[tuple[list[Trajectory], Any, int]] = []
+        n_traj, tokens = 0, 0
+        while True:
+            item = self._fetch()
+            if item is None:
+                break
+            group = item[0]
+            if not group:
+                continue
+            g_tokens = build_trie(group).tree_tokens
+            if taken and (n_traj + len(group) > s.trajectories
+                          or tokens + g_tokens > s.rows * s.row_len):
+                self.pending.insert(0, item)
+                break
+            taken.append(item)
+            n_traj += len(group)
+            tokens += g_tokens
+        if not taken:
+            return None
+        while True:
+            trajs = [t for g, _, _ in taken for t in g]
+            try:
+                tb = self._pack(trajs)
+                break
+            except ValueError:
+                if len(taken) == 1:  # one group that needs more rows: split it in halves
+                    group, state, offset = taken[0]
+                    half = len(group) // 2
+                    if half == 0:
+                        raise
+                    taken = [(group[:half], state, offset)]
+                    self.pending.insert(0, (group[half:], state, offset + half))
+                else:
+                    self.pending.insert(0, taken.pop())
+        self.counters["packed"] += len(trajs)
+        arrays = self._arrays(tb)
+        stats = {"total_tokens": tb.total_tokens, "computed_tokens": tb.laid_out_tokens,
+                 "tree_tokens": tb.tree_tokens, "trajectories": len(trajs)}
+        return arrays, stats
+
+    def _arrays(self, tb) -> dict[str, np.ndarray]:
+        out = {k: getattr(tb, k) for k in ("tokens", "positions", "parent", "subtree_end",
+                                           "traj_index", "traj_valid", "traj_trainable",
+                                           "traj_pruned", "traj_behaviour_logprobs",
+                                           "traj_advantage", "traj_has_behaviour")}
+        sched = fixed_schedule(tb.subtree_end, self.shape)
+        out.update({f"schedule_{k}": v for k, v in sched.items()})
+        return out
+
+    def empty_batch(self) -> dict[str, np.ndarray]:
+        """A shard batch of padding only (no loss terms): fills the shards of a last step."""
+        s = self.shape
+        rows = empty_rows(s.rows, s.row_len, self.pad_id)
+        n, length = s.trajectories, s.row_len
+        out = {k: rows[k] for k in ("tokens", "positions", "parent", "subtree_end")}
+        out.update(traj_index=np.full((n, length), -1, np.int32),
+                   traj_valid=np.zeros((n, length), bool),
+                   traj_trainable=np.zeros((n, length), bool),
+                   traj_pruned=np.zeros((n, length), bool),
+                   traj_behaviour_logprobs=np.zeros((n, length), np.float32),
+                   traj_advantage=np.zeros(n, np.float32),
+                   traj_has_behaviour=np.zeros(n, bool))
+        sched = fixed_schedule(out["subtree_end"], self.shape)
+        out.update({f"schedule_{k}": v for k, v in sched.items()})
+        return out
+
+
+class StepIterator:
+    """Yields (arrays [M, S_local, ...], stats) per train step; checkpointable."""
+
+    def __init__(self, batcher: TreeBatcher, microbatches: int, local_shards: int):
+        self.batcher, self.m, self.s = batcher, microbatches, local_shards
+
+    def get_state(self) -> Any:
+        return self.batcher.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self.batcher.set_state(state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        shards, stats = [], {"total_tokens": 0, "computed_tokens": 0, "tree_tokens": 0,
+                             "trajectories": 0}
+        for _ in range(self.m * self.s):
+            got = self.batcher.next_batch()
+            if got is None:
+                if not shards:
+                    raise StopIteration
+                shards.append(self.batcher.empty_batch())
+                continue
+            arrays, st = got
+            shards.append(arrays)
+            for k in stats:
+                stats[k] += st[k]
+        stacked = {k: np.stack([sh[k] for sh in shards]).reshape(self.m, self.s, *shards[0][k].shape)
+                   for k in shards[0]}
+        stats.update(self.batcher.counters)
+        return stacked, stats
+
+
+def make_step_iterator(files: list[str], stage: str, tokenizer, shape: BatchShape,
+                       vocab_size: int, microbatches: int, local_shards: int, seed: int = 0,
+                       shuffle: bool = True, epochs: int | None = None, process_index: int = 0,
+                       process_count: int = 1) -> StepIterator:
+    """The whole pipeline for one stage. epochs=None repeats forever (train.steps decides)."""
+    import grain
+
+    source = JsonlGroups(files, STAGE_KIND[stage])
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(epochs)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    ds = ds.map(RecordConverter(stage, tokenizer, shape.row_len, vocab_size))
+    it = iter(ds.to_iter_dataset())
+    batcher = TreeBatcher(it, shape, pad_id=tokenizer.pad_id)
+    return StepIterator(batcher, microbatches, local_shards)

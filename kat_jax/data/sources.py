@@ -1,0 +1,145 @@
+"""JSONL data sources for the four stages, as groups of records with random access (grain sources).
+
+Formats (one JSON object per line; blank lines are skipped):
+  mid       {"text": str} or {"tokens": [ids]}; optional "id". A document is tokenized, ended with
+            the tokenizer's eos, and cut into chains of at most row_len tokens (all trainable).
+  chat      {"messages": [...], "tools": [...] (optional), "id", "group" (optional)}: agent
+            trajectories in OpenAI chat form, rendered by kat_jax.data.chat (Qwen format).
+  rollouts  {"id", "group", "tokens": [ids], "logprobs": [float or null per token] (null where the
+            token was not generated: those are not trainable), "tags": [null or tag name per
+            token] (optional), "reward" and/or "advantage", "status" (optional; "env_error"
+            trajectories are excluded, counted), "teacher": bool (optional; RFT ground truth)}.
+            The output of `kat-jax rollout`.
+
+Records that share "group" are one element, so trajectories that share prompts land in the same
+tree; without "group", every line is its own element (its prefix can still be shared with others
+of the same batch). The whole file is indexed and every line parsed once up front, so bad input
+fails before training starts with `file:line:` in the message.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from typing import Any
+
+KINDS = ("mid", "chat", "rollouts")
+
+
+def expand_files(spec: str | list[str], key: str) -> list[str]:
+    """Comma-separated paths or globs ('pkg:' prefix: a file bundled in kat_jax/assets)."""
+    items = spec if isinstance(spec, (list, tuple)) else [s for s in str(spec).split(",") if s]
+    out: list[str] = []
+    for item in items:
+        item = item.strip()
+        if item.startswith("pkg:"):
+            item = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
+                                item[len("pkg:"):])
+        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        for m in matches:
+            if not os.path.isfile(m):
+                raise FileNotFoundError(f"{key}: {m}: no such file")
+            out.append(m)
+    if not out:
+        raise ValueError(f"{key}: no data files given")
+    return out
+
+
+def _check(kind: str, obj: Any, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    if kind == "mid":
+        if "text" in obj:
+            if not isinstance(obj["text"], str) or not obj["text"]:
+                raise ValueError(f"{where}: 'text' must be a non-empty string")
+        elif "tokens" in obj:
+            t = obj["tokens"]
+            if not isinstance(t, list) or len(t) < 2 or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t):
+                raise ValueError(f"{where}: 'tokens' must be a list of at least 2 ids >= 0")
+        else:
+            raise ValueError(f"{where}: a mid-training document needs 'text' or 'tokens'")
+    elif kind == "chat":
+        m = obj.get("messages")
+        if not isinstance(m, list) or not m:
+            raise ValueError(f"{where}: 'messages' must be a non-empty list")
+        if not any(isinstance(x, dict) and x.get("role") == "assistant" for x in m):
+            raise ValueError(f"{where}: no assistant message (nothing to train on)")
+    elif kind == "rollouts":
+        t = obj.get("tokens")
+        if not isinstance(t, list) or len(t) < 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t):
+            raise ValueError(f"{where}: 'tokens' must be a list of at least 2 ids >= 0")
+        lp = obj.get("logprobs")
+        if not isinstance(lp, list) or len(lp) != len(t):
+            raise ValueError(f"{where}: 'logprobs' must be a list of {len(t)} values (null where "
+                             "the token was not generated)")
+        for j, x in enumerate(lp):
+            if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool)
+                                  or not math.isfinite(x) or x > 0):
+                raise ValueError(f"{where}: log-prob {x!r} at index {j} must be a finite number "
+                                 "<= 0 or null")
+        for key in ("reward", "advantage"):
+            v = obj.get(key)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
+                                  or not math.isfinite(v)):
+                raise ValueError(f"{where}: '{key}' must be a finite number")
+        if obj.get("reward") is None and obj.get("advantage") is None \
+                and obj.get("status") != "env_error":
+            raise ValueError(f"{where}: a rollout needs 'reward' or 'advantage'")
+    else:
+        raise ValueError(f"unknown data kind {kind!r}; known: {KINDS}")
+
+
+class JsonlGroups:
+    """Random-access source: element i is a list of (record, "file:line") of one group."""
+
+    def __init__(self, files: list[str], kind: str, group_key: str | None = "group"):
+        if kind not in KINDS:
+            raise ValueError(f"unknown data kind {kind!r}; known: {KINDS}")
+        self.kind = kind
+        self.files = list(files)
+        self._index: list[list[tuple[int, int, int]]] = []  # per group: (file idx, offset, lineno)
+        by_group: dict[str, int] = {}
+        for fi, path in enumerate(self.files):
+            with open(path, "rb") as f:
+                offset = 0
+                for lineno, raw in enumerate(f, 1):
+                    here = offset
+                    offset += len(raw)
+                    if not raw.strip():
+                        continue
+                    where = f"{path}:{lineno}"
+                    try:
+                        obj = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise ValueError(f"{where}: not valid JSON ({e})") from None
+                    _check(kind, obj, where)
+                    g = obj.get(group_key) if group_key else None
+                    if g is None:
+                        self._index.append([(fi, here, lineno)])
+                    else:
+                        key = json.dumps(g, sort_keys=True)
+                        if key not in by_group:
+                            by_group[key] = len(self._index)
+                            self._index.append([])
+                        self._index[by_group[key]].append((fi, here, lineno))
+        if not self._index:
+            raise ValueError(f"{', '.join(self.files)}: no records")
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> list[tuple[dict, str]]:
+        out = []
+        for fi, offset, lineno in self._index[i]:
+            with open(self.files[fi], "rb") as f:
+                f.seek(offset)
+                out.append((json.loads(f.readline()), f"{self.files[fi]}:{lineno}"))
+        return out
+
+    @property
+    def num_records(self) -> int:
+        return sum(len(g) for g in self._index)

@@ -1,0 +1,115 @@
+"""Default stage configs and size variants (the configs/*.py files are thin wrappers over these).
+
+Every stage config has the same keys; the stage changes the data kind and the loss:
+
+  stage                      mid | sft | rft | rl
+  model.checkpoint           preset:NAME[@SEED], a kat_jax checkpoint, a Hugging Face directory, a
+                             training workdir (its exported model), or stage:NAME (in a pipeline:
+                             the model the named earlier stage ended with)
+  model.dtype / param_dtype / remat_policy / attention_impl / attention_block_size
+                             overrides of the checkpoint's model config ('' or 0: keep)
+  tokenizer                  'bytes' (the tiny model's byte tokenizer), a tokenizer.json directory,
+                             or '' (the checkpoint's own tokenizer.json)
+  data.train_files           comma-separated JSONL paths or globs; 'pkg:' = bundled in kat_jax/assets
+  data.eval_files            same, for the eval step ('' = no eval)
+  data.rows / row_len / trajectories   one shard batch: rows x row_len tokens, trajectory slots
+  data.shuffle / seed / epochs         epochs -1 = repeat forever (train.steps decides)
+  train.steps / microbatches / checkpoint_every / log_every / eval_every / eval_batches
+  train.keep_checkpoints / max_consecutive_skips / seed / async_checkpointing
+  train.profile_start / profile_steps  a jax.profiler trace window (profile_steps 0 = off)
+  optimizer.*                AdamW and its schedule (kat_jax.training.optim)
+  loss.*                     aggregation, sampling temperature, PPO clip, dual clip (0 = off),
+                             truncated IS cap (0 = off), KL and entropy coefficients
+  mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
+  distributed.*              jax.distributed.initialize arguments (multi-host)
+
+A global step holds train.microbatches x (mesh.data x mesh.fsdp) shard batches.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGE_DATA = {
+    "mid": "pkg:data/mid_tool_use.jsonl",
+    "sft": "pkg:data/sft_trajectories.jsonl",
+    "rft": "pkg:data/rl_rollouts.jsonl",
+    "rl": "pkg:data/rl_rollouts.jsonl",
+}
+
+# variant -> (model preset, tokenizer, data shape, mesh, precision / memory) overrides
+VARIANTS = ("tiny", "qwen3_0_6b", "qwen3_8b", "kat_dev_32b")
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.model = ml_collections.ConfigDict(dict(
+        checkpoint="preset:tiny", dtype="", param_dtype="", remat_policy="", attention_impl="",
+        attention_block_size=0))
+    c.tokenizer = "bytes"
+    c.data = ml_collections.ConfigDict(dict(
+        train_files=STAGE_DATA[stage], eval_files="", rows=2, row_len=2048, trajectories=8,
+        shuffle=True, seed=0, epochs=-1))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=40, microbatches=1, checkpoint_every=20, log_every=5, eval_every=0, eval_batches=2,
+        keep_checkpoints=3, max_consecutive_skips=10, seed=0, async_checkpointing=True,
+        profile_start=-1, profile_steps=0))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=3e-3, warmup_steps=4, schedule="cosine", final_lr_ratio=0.1, b1=0.9,
+        b2=0.95, eps=1e-8, weight_decay=0.01, grad_clip=1.0))
+    c.loss = ml_collections.ConfigDict(dict(
+        agg_mode="token-mean", temperature=1.0, count_pruned_in_denominator=False, eps_low=0.2,
+        eps_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.0, entropy_coef=0.0))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, unsharded_tolerance=0.02))
+    c.distributed = ml_collections.ConfigDict(dict(
+        initialize=False, coordinator_address="", num_processes=-1, process_id=-1))
+    return c
+
+
+def stage_config(stage: str, variant: str | None = None) -> ml_collections.ConfigDict:
+    variant = variant or "tiny"
+    if variant not in VARIANTS:
+        raise KeyError(f"unknown variant {variant!r}; known: {VARIANTS}")
+    c = base_config(stage)
+    if variant == "tiny":
+        if stage == "mid":
+            c.data.update(dict(rows=4, row_len=512, trajectories=16))
+            c.train.update(dict(steps=60, checkpoint_every=30, log_every=10))
+        elif stage == "sft":
+            c.data.update(dict(rows=2, row_len=2048, trajectories=6))
+            c.train.update(dict(steps=30, checkpoint_every=15, log_every=5))
+        else:
+            c.data.update(dict(rows=4, row_len=64, trajectories=16))
+            c.train.update(dict(steps=30, checkpoint_every=15, log_every=5))
+            c.optimizer.learning_rate = 1e-3
+        return c
+    # Pod variants: a real checkpoint is expected (override model.checkpoint with an HF or kat_jax
+    # directory); preset:NAME initialises randomly, e.g. for compile checks and throughput tests.
+    c.model.checkpoint = f"preset:{variant}"
+    c.tokenizer = ""
+    c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="full",
+                        attention_block_size=512))
+    c.optimizer.update(dict(learning_rate=1e-5, warmup_steps=100, final_lr_ratio=0.1))
+    c.train.update(dict(steps=2000, checkpoint_every=200, log_every=10, microbatches=4))
+    c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    if variant == "qwen3_0_6b":
+        c.data.update(dict(rows=1, row_len=8192, trajectories=16))
+    elif variant == "qwen3_8b":
+        c.data.update(dict(rows=1, row_len=16384, trajectories=32))
+    else:  # kat_dev_32b (Qwen3-32B shapes): 32k-token rows
+        c.data.update(dict(rows=1, row_len=32768, trajectories=64))
+        c.mesh.update(dict(fsdp=-1, tensor=4))
+    if stage in ("rft", "rl"):
+        c.optimizer.learning_rate = 1e-6
+        c.loss.agg_mode = "seq-mean-token-mean"
+    return c
+
+
+def pipeline_config(stages: list[tuple[str, ml_collections.ConfigDict]]) -> ml_collections.ConfigDict:
+    """A config that runs stages in order, each in WORKDIR/<name>; `stages` is the order."""
+    c = ml_collections.ConfigDict()
+    c.stages = ",".join(name for name, _ in stages)
+    for name, cfg in stages:
+        c[name] = cfg
+    return c

@@ -1,0 +1,422 @@
+"""The training loop: one linear function per stage, and a pipeline of stages.
+
+    summary = run_train(cfg, workdir)       # cfg from kat_jax.training.config_lib.load_config
+
+Per stage, in WORKDIR:
+    config.json          the resolved config
+    metrics.jsonl        one JSON object per logged step (kat_jax.training.metrics)
+    tensorboard/         event files
+    checkpoints/<step>/  orbax: state (params, optimizer state, step, rng, skip counters) + data
+                         iterator state; async, every train.checkpoint_every steps, on SIGTERM, and
+                         at the end; the last train.keep_checkpoints are kept
+    model/               the final model as a kat_jax checkpoint (score, export-hf, next stage)
+
+Running again on the same WORKDIR resumes from the latest complete checkpoint (an interrupted save
+leaves only a temporary directory, which orbax ignores) and logs the same losses as a run that never
+stopped: params, optimizer state, step, RNG and the data iterator are all restored. A stage whose
+model/ exists and whose checkpoint reached train.steps is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kat_jax.training import config_lib
+from kat_jax.training.losses import PolicyLossConfig
+from kat_jax.training.metrics import MetricsWriter, peak_flops, step_flops
+from kat_jax.training.optim import make_optimizer
+from kat_jax.training.sharding import (
+    batch_sharding,
+    check_sharded_fraction,
+    like_params,
+    make_mesh,
+    maybe_initialize_distributed,
+    named,
+    num_batch_shards,
+    param_specs,
+)
+from kat_jax.training.step import LossSpec, init_state, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT = 143
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
+    """SIGTERM (preemption): a checkpoint was saved; running again resumes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+
+def model_config_for(cfg: ml_collections.ConfigDict):
+    from kat_jax.models.checkpoint import load_config
+
+    overrides = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat_policy",
+                                           "attention_impl", "attention_block_size")
+                 if cfg.model[k] not in ("", 0, None)}
+    try:
+        return load_config(cfg.model.checkpoint, **overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(f"model.checkpoint: {e}") from None
+
+
+def tokenizer_for(cfg: ml_collections.ConfigDict):
+    from kat_jax.data.tokenizer import load_tokenizer
+
+    spec = cfg.tokenizer
+    if not spec:
+        spec = cfg.model.checkpoint
+        if spec.startswith("preset:") or not os.path.isfile(os.path.join(spec, "tokenizer.json")):
+            raise TrainingError(f"tokenizer: '' means the checkpoint's tokenizer.json, and "
+                                f"{cfg.model.checkpoint} has none; set tokenizer=bytes or a path")
+    return load_tokenizer(spec)
+
+
+def initial_params(cfg: ml_collections.ConfigDict, model_cfg, shardings) -> dict:
+    """Parameters from model.checkpoint, placed with `shardings` (presets are initialised on the
+    devices, already sharded)."""
+    from kat_jax.models import checkpoint as ck
+    from kat_jax.models.decoder import init_model
+
+    spec = cfg.model.checkpoint
+    if spec.startswith("preset:"):
+        seed = int(spec.split("@")[1]) if "@" in spec else 0
+
+        def init():
+            return nnx.to_pure_dict(nnx.state(init_model(model_cfg, seed), nnx.Param))
+
+        if model_cfg.num_params() < 50_000_000:  # small: eager init (compiling it costs more)
+            return jax.device_put(init(), shardings)
+        return jax.jit(init, out_shardings=shardings)()  # large: born sharded on the devices
+    path = ck.resolve_checkpoint_dir(spec)
+    if ck.is_kat_checkpoint(path):
+        from kat_jax.models.config import ModelConfig
+
+        stored = ModelConfig.load_json(os.path.join(path, ck.CONFIG_FILE))
+        params = ck.load_params(path, stored, shardings if stored.param_dtype == model_cfg.param_dtype
+                                else None)
+    else:
+        from kat_jax.models.hf_io import read_hf_params
+
+        params = read_hf_params(path, model_cfg)
+    from kat_jax.models.layers import DTYPE
+
+    dtype = DTYPE[model_cfg.param_dtype]
+    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, dtype), s), params, shardings)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Host-local [M, S_local, ...] arrays -> global [M, S, ...] arrays split over the batch axes."""
+    out = {}
+    n_proc = jax.process_count()
+    for k, v in local.items():
+        shape = (v.shape[0], v.shape[1] * n_proc, *v.shape[2:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, shape)
+    return out
+
+
+def _loss_spec(cfg) -> LossSpec:
+    lc = cfg.loss
+    policy = PolicyLossConfig(eps_low=lc.eps_low, eps_high=lc.eps_high,
+                              dual_clip=lc.dual_clip or None, tis_cap=lc.tis_cap or None,
+                              kl_coef=lc.kl_coef, entropy_coef=lc.entropy_coef,
+                              agg_mode=lc.agg_mode)
+    return LossSpec(stage=cfg.stage, agg_mode=lc.agg_mode, temperature=lc.temperature,
+                    count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy)
+
+
+def _validate(cfg) -> None:
+    from kat_jax.training.losses import AGG_MODES, STAGES
+
+    checks = [
+        ("stage", cfg.stage in STAGES, f"must be one of {STAGES}"),
+        ("train.steps", cfg.train.steps >= 1, "must be >= 1"),
+        ("train.microbatches", cfg.train.microbatches >= 1, "must be >= 1"),
+        ("train.checkpoint_every", cfg.train.checkpoint_every >= 1, "must be >= 1"),
+        ("train.log_every", cfg.train.log_every >= 1, "must be >= 1"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
+        ("train.max_consecutive_skips", cfg.train.max_consecutive_skips >= 1, "must be >= 1"),
+        ("data.rows", cfg.data.rows >= 1, "must be >= 1"),
+        ("data.row_len", cfg.data.row_len >= 2, "must be >= 2"),
+        ("data.trajectories", cfg.data.trajectories >= 1, "must be >= 1"),
+        ("loss.agg_mode", cfg.loss.agg_mode in AGG_MODES, f"must be one of {AGG_MODES}"),
+        ("loss.temperature", cfg.loss.temperature > 0, "must be > 0"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            raise config_lib.ConfigError(f"--config.{key}: {rule} (got {node!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# one stage
+
+
+def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from kat_jax.data.pipeline import BatchShape, make_step_iterator
+    from kat_jax.data.sources import expand_files
+    from kat_jax.models.checkpoint import save_checkpoint
+    from kat_jax.models.decoder import abstract_model
+
+    _validate(cfg)
+    maybe_initialize_distributed(cfg)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    model_cfg = model_config_for(cfg)
+    tokenizer = tokenizer_for(cfg)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TrainingError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the model's "
+                            f"vocabulary of {model_cfg.vocab_size}")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    shards = num_batch_shards(mesh)
+    if shards % jax.process_count():
+        raise TrainingError(f"mesh.data x mesh.fsdp = {shards} batch shards cannot be split over "
+                            f"{jax.process_count()} processes")
+    train_files = expand_files(cfg.data.train_files, "data.train_files")
+    if jax.process_index() == 0:
+        config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
+        model_cfg.save_json(os.path.join(workdir, "model_config.json"))
+
+    abstract = abstract_model(model_cfg)
+    graphdef = nnx.graphdef(abstract)
+    specs = param_specs(abstract, mesh)
+    abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    frac = check_sharded_fraction(abstract_params, specs, mesh, cfg.mesh.unsharded_tolerance)
+    p_shard = named(mesh, specs)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, tx, cfg.train.seed), abstract_params)
+    state_shard = {k: rep for k in abstract_state}
+    state_shard["params"] = p_shard
+    state_shard["opt_state"] = like_params(abstract_state["opt_state"], abstract_params, p_shard, rep)
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.train.keep_checkpoints, create=True,
+        enable_async_checkpointing=cfg.train.async_checkpointing), item_names=("state", "data"))
+    shape = BatchShape(cfg.data.rows, cfg.data.row_len, cfg.data.trajectories,
+                       model_cfg.attention_block_size)
+    local_shards = shards // jax.process_count()
+    data_it = make_step_iterator(
+        train_files, cfg.stage, tokenizer, shape, model_cfg.vocab_size, cfg.train.microbatches,
+        local_shards, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
+        epochs=None if cfg.data.epochs < 0 else cfg.data.epochs,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    start = mngr.latest_step()
+    if start is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, state_shard)
+        restored = mngr.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state = restored["state"]
+        data_it.set_state(restored["data"]["iterator"][str(jax.process_index())]
+                          if "iterator" in restored["data"] else restored["data"])
+        log.info("resumed %s from step %d", workdir, start)
+    else:
+        start = 0
+        params = initial_params(cfg, model_cfg, p_shard)
+        state = jax.jit(lambda p: init_state(p, tx, cfg.train.seed), out_shardings=state_shard,
+                        donate_argnums=0)(params)  # optimizer state born sharded like params
+    if start >= cfg.train.steps and os.path.isdir(os.path.join(workdir, "model")):
+        mngr.close()
+        return {"workdir": workdir, "step": int(start), "status": "already finished"}
+
+    spec = _loss_spec(cfg)
+    constrain = lambda x: jax.lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+    step_fn = make_train_step(graphdef, tx, schedule, spec, constrain)
+    example, _ = _peek_shapes(data_it)
+    batch_shard = {k: batch_sharding(mesh, v.ndim) for k, v in example.items()}
+    jit_step = jax.jit(step_fn, in_shardings=(state_shard, batch_shard),
+                       out_shardings=(state_shard, rep), donate_argnums=0)
+    eval_fn = None
+    if cfg.data.eval_files and cfg.train.eval_every > 0:
+        eval_files = expand_files(cfg.data.eval_files, "data.eval_files")
+        eval_fn = jax.jit(make_eval_step(graphdef, spec, constrain),
+                          in_shardings=(p_shard, batch_shard), out_shardings=rep)
+
+    stop = {"signal": None}
+    old_handler = None
+    try:
+        old_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+    except ValueError:  # not the main thread (e.g. tests): no preemption handling
+        pass
+
+    def save(step: int, force: bool = False) -> None:
+        data_state = {"iterator": {str(jax.process_index()): data_it.get_state()}}
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                data=ocp.args.JsonSave(data_state)), force=force)
+
+    writer = MetricsWriter(workdir, resume_step=start)
+    peak = peak_flops()
+    bar = tqdm(total=cfg.train.steps, initial=start, desc=f"{cfg.stage} {os.path.basename(workdir)}",
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    totals = {"total_tokens": 0, "computed_tokens": 0}
+    last = {"time": time.perf_counter(), "total_tokens": 0, "computed_tokens": 0}
+    profiling = False
+    step = start
+    logged: dict[str, Any] = {}
+    try:
+        while step < cfg.train.steps:
+            if cfg.train.profile_steps > 0 and step == cfg.train.profile_start:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                profiling = True
+            try:
+                local, stats = next(data_it)
+            except StopIteration:
+                log.warning("data exhausted at step %d (data.epochs=%d)", step, cfg.data.epochs)
+                break
+            state, metrics = jit_step(state, global_batch(local, mesh))
+            step += 1
+            for k in totals:
+                totals[k] += stats[k]
+            bar.update(1)
+            if profiling and step >= cfg.train.profile_start + cfg.train.profile_steps:
+                jax.block_until_ready(state["step"])
+                jax.profiler.stop_trace()
+                profiling = False
+            skips = int(metrics["consecutive_skips"])
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps or skips:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                dt = max(now - last["time"], 1e-9)
+                steps_since = max(1, step - last.get("step", start))
+                m["step_time_s"] = dt / steps_since
+                m["tokens_per_s"] = (totals["total_tokens"] - last["total_tokens"]) / dt
+                m["computed_tokens_per_s"] = (totals["computed_tokens"]
+                                              - last["computed_tokens"]) / dt
+                m["total_tokens"] = stats["total_tokens"]
+                m["computed_tokens"] = stats["computed_tokens"]
+                m["trajectories"] = stats["trajectories"]
+                m["dropped_overlong"] = stats["dropped_overlong"]
+                m["excluded_env_error"] = stats["excluded_env_error"]
+                m["mfu"] = None if peak is None else step_flops(
+                    model_cfg, stats["computed_tokens"] * jax.process_count(),
+                    cfg.data.row_len) / (m["step_time_s"] * peak * jax.device_count())
+                if eval_fn is not None and step % cfg.train.eval_every == 0:
+                    m.update(_evaluate(eval_fn, state["params"], eval_files, cfg, tokenizer, shape,
+                                       model_cfg, local_shards, mesh))
+                writer.write(step, m)
+                logged = m
+                bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+                last.update(time=time.perf_counter(), step=step, **totals)
+            if skips >= cfg.train.max_consecutive_skips:
+                raise TrainingError(
+                    f"{skips} consecutive non-finite updates (loss or gradient) at step {step}: "
+                    f"stopping (train.max_consecutive_skips={cfg.train.max_consecutive_skips}); "
+                    f"the last checkpoint in {ckpt_dir} holds the state before them")
+            if stop["signal"] is not None:
+                save(step, force=True)
+                mngr.wait_until_finished()
+                raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt_dir}; run "
+                                "the same command again to resume")
+            if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+                save(step)
+        if mngr.latest_step() != step:
+            save(step, force=True)
+        mngr.wait_until_finished()
+        model_dir = os.path.join(workdir, "model")
+        if os.path.isdir(model_dir):
+            import shutil
+
+            if jax.process_index() == 0:
+                shutil.rmtree(model_dir)
+        save_checkpoint(model_dir, state["params"], model_cfg, hf_dir=_hf_dir(cfg))
+    finally:
+        if profiling:
+            jax.profiler.stop_trace()
+        bar.close()
+        writer.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    return {"workdir": workdir, "step": int(step), "stage": cfg.stage,
+            "loss": logged.get("loss"), "sharded_fraction": frac, "mesh": dict(mesh.shape),
+            "total_tokens": totals["total_tokens"], "computed_tokens": totals["computed_tokens"]}
+
+
+def _hf_dir(cfg) -> str | None:
+    from kat_jax.models import checkpoint as ck
+
+    spec = cfg.model.checkpoint
+    if spec.startswith("preset:"):
+        return None
+    path = ck.resolve_checkpoint_dir(spec)
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def _peek_shapes(data_it):
+    """Shapes of one step's arrays without consuming data (state is restored)."""
+    state = data_it.get_state()
+    example = next(data_it)
+    data_it.set_state(state)
+    return example
+
+
+def _evaluate(eval_fn, params, files, cfg, tokenizer, shape, model_cfg, local_shards, mesh) -> dict:
+    from kat_jax.data.pipeline import make_step_iterator
+
+    it = make_step_iterator(files, cfg.stage, tokenizer, shape, model_cfg.vocab_size,
+                            cfg.train.microbatches, local_shards, shuffle=False, epochs=1,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    num = den = 0.0
+    for _ in range(cfg.train.eval_batches):
+        try:
+            local, _ = next(it)
+        except StopIteration:
+            break
+        out = jax.device_get(eval_fn(params, global_batch(local, mesh)))
+        num += float(out["loss"][0])
+        den += float(out["loss"][1])
+    return {"eval_loss": num / den if den > 0 else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# pipelines
+
+
+def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """A stage config, or a pipeline config (key `stages`: names run in order, each in
+    WORKDIR/<name>; model.checkpoint 'stage:NAME' is the model that stage ended with)."""
+    if "stages" not in cfg:
+        return train_stage(cfg, workdir)
+    names = [s for s in cfg.stages.split(",") if s]
+    for name in names:
+        if name not in cfg:
+            raise config_lib.ConfigError(f"--config.stages: no stage config named {name!r}")
+    results = {}
+    for name in names:
+        sub = cfg[name]
+        ref = sub.model.checkpoint
+        if ref.startswith("stage:"):
+            prev = ref[len("stage:"):]
+            if prev not in results:
+                raise config_lib.ConfigError(f"--config.{name}.model.checkpoint: {ref} does not "
+                                             "name an earlier stage")
+            with sub.unlocked():
+                sub.model.checkpoint = os.path.join(os.path.abspath(workdir), prev, "model")
+        results[name] = train_stage(sub, os.path.join(workdir, name))
+    return {"stages": results}

@@ -1,0 +1,173 @@
+"""Chat rendering, tokenizers, data sources and the packed-batch pipeline (host side, no model)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kat_jax.data.chat import encode_chat, render_text
+from kat_jax.data.pipeline import BatchShape, make_step_iterator
+from kat_jax.data.sources import JsonlGroups, expand_files
+from kat_jax.data.tokenizer import ByteTokenizer, HFTokenizer
+from kat_jax.trees.trajectory import ROLES, TAGS
+
+TOK = ByteTokenizer()
+MSGS = [
+    {"role": "system", "content": "sys"},
+    {"role": "user", "content": "fix it"},
+    {"role": "assistant", "content": "looking",
+     "tool_calls": [{"type": "function", "function": {"name": "bash",
+                                                      "arguments": "{\"command\": \"ls\"}"}},
+                    {"type": "function", "function": {"name": "bash",
+                                                      "arguments": {"command": "pwd"}}}]},
+    {"role": "tool", "content": "a.py"},
+    {"role": "tool", "content": "/repo"},
+    {"role": "assistant", "content": "done"},
+]
+
+
+def test_chat_render_matches_qwen_format_and_masks_only_assistant_output():
+    text = render_text(MSGS)
+    assert text == (
+        "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nfix it<|im_end|>\n"
+        "<|im_start|>assistant\nlooking\n<tool_call>\n{\"name\": \"bash\", \"arguments\": "
+        "{\"command\": \"ls\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"bash\", \"arguments\": "
+        "{\"command\": \"pwd\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\na.py\n"
+        "</tool_response>\n<tool_response>\n/repo\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\ndone<|im_end|>\n")
+    t = encode_chat(TOK, MSGS)
+    assert TOK.decode(t.tokens) == text
+    trained = TOK.decode(t.tokens[t.trainable])
+    assert trained == ("looking\n<tool_call>\n{\"name\": \"bash\", \"arguments\": {\"command\": "
+                       "\"ls\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"bash\", \"arguments\": "
+                       "{\"command\": \"pwd\"}}\n</tool_call><|im_end|>done<|im_end|>")
+    assert np.all(t.roles[t.trainable] == ROLES["assistant"])
+    calls = TOK.decode(t.tokens[(t.tags & TAGS["tool_call"]) > 0])
+    assert calls.count("<tool_call>") == 2 and "looking" not in calls
+    results = TOK.decode(t.tokens[(t.tags & TAGS["tool_result"]) > 0])
+    assert "a.py" in results and "/repo" in results and "fix it" not in results
+
+
+def test_chat_with_tools_header_and_generation_prompt():
+    tools = [{"type": "function", "function": {"name": "bash", "parameters": {}}}]
+    text = render_text(MSGS[1:2], tools, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n# Tools\n")
+    assert "<tools>\n" + json.dumps(tools[0]) + "\n</tools>" in text
+    assert text.endswith("<|im_start|>user\nfix it<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_errors_name_the_message():
+    with pytest.raises(ValueError, match="message 1: unknown role"):
+        encode_chat(TOK, [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}])
+    bad = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}
+    with pytest.raises(ValueError, match="message 0: tool call 'f': arguments are not JSON"):
+        encode_chat(TOK, [bad])
+
+
+def test_byte_tokenizer_round_trip_with_specials():
+    s = "héllo <|im_start|>user\n<tool_call>x</tool_call>"
+    ids = TOK.encode(s)
+    assert TOK.decode(ids) == s
+    assert TOK.special("<|im_start|>") in ids and max(ids) < TOK.vocab_size <= 512
+
+
+def test_hf_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz <>|_\n")}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="_"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    hf = HFTokenizer(str(tmp_path))
+    assert hf.eos_id == hf.special("<|im_end|>") and hf.pad_id == hf.special("<|endoftext|>")
+    t = encode_chat(hf, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert hf.decode(t.tokens[t.trainable]).replace(" ", "") == "yo<|im_end|>"
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_sources_reject_bad_lines_with_file_and_line(tmp_path):
+    f = _write(tmp_path / "d.jsonl", [{"text": "ok"}, {"txt": "no"}])
+    with pytest.raises(ValueError, match=r"d.jsonl:2: a mid-training document needs"):
+        JsonlGroups([f], "mid")
+    (tmp_path / "e.jsonl").write_text('{"messages": [{"role": "assistant", "content": "a"}]}\n{bad\n')
+    with pytest.raises(ValueError, match=r"e.jsonl:2: not valid JSON"):
+        JsonlGroups([str(tmp_path / "e.jsonl")], "chat")
+    f = _write(tmp_path / "r.jsonl", [{"id": 1, "tokens": [1, 2], "logprobs": [None, 0.5],
+                                       "reward": 1}])
+    with pytest.raises(ValueError, match=r"r.jsonl:1: log-prob 0.5 at index 1"):
+        JsonlGroups([f], "rollouts")
+    with pytest.raises(FileNotFoundError, match="data.train_files: .*nope.jsonl"):
+        expand_files(str(tmp_path / "nope.jsonl"), "data.train_files")
+
+
+def _mid_iter(files, m=2, s=2, **kw):
+    return make_step_iterator(files, "mid", TOK, BatchShape(2, 32, 8, 16), 512, m, s, seed=3, **kw)
+
+
+def test_pipeline_is_deterministic_and_resumes_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [{"id": i, "text": "x" * int(rng.integers(5, 80))} for i in range(40)]
+    f = _write(tmp_path / "docs.jsonl", docs)
+    a = _mid_iter([f])
+    first = [next(a)[0] for _ in range(3)]
+    state = a.get_state()
+    json.dumps(state)  # checkpointable as JSON
+    rest = [next(a)[0] for _ in range(4)]
+    b = _mid_iter([f])
+    for want in first:
+        got = next(b)[0]
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    c = _mid_iter([f])
+    c.set_state(state)
+    for want in rest:
+        got = next(c)[0]
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+        assert got["tokens"].shape == (2, 2, 2, 32) and got["traj_index"].shape == (2, 2, 8, 32)
+
+
+def test_pipeline_packs_every_trajectory_once_per_epoch_and_counts_drops(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for g in range(12):  # groups share a prompt; one group is larger than a shard batch holds
+        prompt = [int(x) for x in rng.integers(0, 256, 10)]
+        for k in range(12 if g == 0 else int(rng.integers(1, 4))):
+            n = int(rng.integers(3, 20))
+            toks = prompt + [int(x) for x in rng.integers(0, 256, n)]
+            rows.append({"id": f"{g}-{k}", "group": g, "tokens": toks,
+                         "logprobs": [None] * 10 + [-1.0] * n, "reward": float(k % 2)})
+    rows.append({"id": "long", "group": 99, "tokens": list(range(100)),
+                 "logprobs": [-1.0] * 100, "reward": 1.0})
+    rows.append({"id": "err", "group": 98, "tokens": [1, 2, 3], "logprobs": [None, -1, -1],
+                 "status": "env_error"})
+    f = _write(tmp_path / "r.jsonl", rows)
+    it = make_step_iterator([f], "rl", TOK, BatchShape(2, 48, 8, 16), 512, 1, 1, shuffle=True,
+                            epochs=1)
+    seen = []
+    for _arrays, stats in it:
+        n = int(stats["trajectories"])
+        assert n <= 8
+        seen.append(n)
+    assert sum(seen) == len(rows) - 2
+    assert stats["dropped_overlong"] == 1 and stats["excluded_env_error"] == 1
+
+
+def test_group_advantages_rl_and_rft(tmp_path):
+    from kat_jax.data.pipeline import RecordConverter
+
+    grp = [({"id": i, "tokens": [1, 2, 3], "logprobs": [None, -1.0, -1.0], "reward": r,
+             "group": 0, **({"teacher": True} if i == 3 else {})}, f"f:{i}")
+           for i, r in enumerate([1.0, 0.0, 0.0, 1.0])]
+    rl = RecordConverter("rl", TOK, 16, 512)(grp[:3])
+    r = np.array([1.0, 0.0, 0.0])
+    np.testing.assert_allclose([t.advantage for t in rl], (r - r.mean()) / (r.std() + 1e-6),
+                               rtol=1e-6)
+    rft = RecordConverter("rft", TOK, 16, 512)(grp)
+    assert len(rft) == 3  # the teacher is the baseline, not a training sample
+    np.testing.assert_allclose([t.advantage for t in rft], (r - 1.0) / (r.std() + 1e-6), rtol=1e-6)
+    assert not rft[0].trainable[0] and rft[0].trainable[1:].all()
