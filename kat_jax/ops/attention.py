@@ -166,6 +166,7 @@ def sharded_tree_attention(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
     whose size does not divide B (or the heads) are not used for that dimension (replicated).
     Every array of `schedule` is [B, ...] and is split with the rows. Exact: attention is
     independent per row and per head, so the result equals the unsharded call."""
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     if isinstance(batch_axes, str):
@@ -192,9 +193,14 @@ def sharded_tree_attention(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
             return tree_attention(q, k, v, e, qi, impl=impl, scale=scale, schedule=sched,
                                   block_size=block_size)
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, row2,
-                                                         qi_spec, sched_spec),
-                             out_specs=qkv_spec, check_vma=False)(q, k, v, subtree_end, q_index,
-                                                                  schedule)
+        args = (q, k, v, subtree_end, q_index, schedule)
+        specs = (qkv_spec, qkv_spec, qkv_spec, row2, qi_spec, sched_spec)
+        if set(mesh.explicit_axes) & {*batch_axes, head_axis}:  # explicit sharding: say it
+            abstract = isinstance(mesh, jax.sharding.AbstractMesh)
+            args = tuple(None if a is None else jax.tree.map(
+                lambda x, sp: jax.reshard(x, sp if abstract else NamedSharding(mesh, sp)), a, sp,
+                is_leaf=lambda x: isinstance(x, P)) for a, sp in zip(args, specs))
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv_spec,
+                             check_vma=False)(*args)
 
     return fn
