@@ -18,7 +18,7 @@ setup(
     install_requires=[
         JAX,
         "flax>=0.11.0",
-        "optax>=0.2.4",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.11.0",
         "tensorstore>=0.1.70",
         "grain>=0.2.10",
@@ -28,6 +28,7 @@ setup(
         "numpy>=1.26",
         "ml_dtypes>=0.5.0",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "test": [

@@ -43,7 +43,7 @@ def resolve_checkpoint_dir(spec: str) -> str:
     if spec.startswith("preset:"):
         return spec
     inner = os.path.join(spec, "model")
-    if not os.path.isfile(os.path.join(spec, CONFIG_FILE)) and os.path.isfile(
+    if not os.path.isdir(os.path.join(spec, PARAMS_DIR)) and os.path.isfile(
             os.path.join(inner, CONFIG_FILE)):
         return inner
     return spec

@@ -14,7 +14,7 @@ marked full (no element mask needed) or partial; the list is padded to a power-o
 with kind-0 entries that are skipped (fully masked).
 
 `xla_block_sparse_attention` is flash-style with a `jax.custom_vjp`:
-  forward   `lax.scan` over chunks of C = `pairs_per_step` pairs (P padded to a multiple of C with
+  forward   a loop over chunks of C = `pairs_per_step` pairs (P padded to a multiple of C with
             kind-0 pairs). Per step it gathers the chunk's Q and K/V blocks, scores them
             ([B, C, bs, K, G, bs]), masks them (element mask only for kind 1) and updates running
             online-softmax statistics of the chunk's q blocks: max m and sum l [B, nb, bs, K, G],
@@ -27,7 +27,8 @@ with kind-0 entries that are skipped (fully masked).
             dQ += dS K * scale, dK += dS^T Q * scale (dS = p * (dO V^T - delta)) into float32
             [B, nb, bs, ...] buffers; dK / dV sum over the G query heads of a kv head. No autodiff
             runs through the scans; subtree_end and the schedule get no gradient.
-  Chunks whose pairs are all kind 0 (the schedule's padding) are skipped by a `lax.cond`.
+  The loops stop after the last chunk holding a live pair in any row of the batch (the rest is
+  the schedule's padding), with a trip count reduced over the whole batch (uniform under SPMD).
 
 Memory: O(B * C * bs^2 * N) float32 for one step's scores (a few such arrays in the backward)
 plus O(B * T * N * H) for accumulators, residuals and gradients; nothing is O(P * bs^2). Work is
@@ -161,14 +162,26 @@ def _chunked(x: jax.Array, c: int) -> jax.Array:
     return x.reshape(b, p // c, c).transpose(1, 0, 2)
 
 
-def _skip_empty(step):
-    """Scan body that leaves the carry untouched when every pair of the chunk is kind 0 (the
-    power-of-two and chunk padding at the end of the schedule)."""
-    def body(carry, chunk):
-        return jax.lax.cond(jnp.any(chunk[2] != KIND_SKIP), lambda: step(carry, chunk)[0],
-                            lambda: carry), None
+def _run_live_chunks(step, init, xs):
+    """Run `step` over the schedule's chunks up to the last chunk that holds a live pair in any
+    row of the batch; the rest (the power-of-two and chunk padding at the end of every row's
+    schedule) is never visited. The trip count is reduced over the whole batch, so under a
+    batch-sharded jit every device runs the same iterations. (A per-chunk lax.cond would skip the
+    same chunks, but conditionals holding collectives deadlock XLA:CPU's multi-device runtime.)"""
+    q_chunks, k_chunks, kind_chunks, live = xs
+    n_live = jnp.max(jnp.where(live, jnp.arange(1, live.shape[0] + 1), 0))
 
-    return body
+    def body(i, carry):
+        return step(carry, (q_chunks[i], k_chunks[i], kind_chunks[i]))[0]
+
+    return jax.lax.fori_loop(0, n_live, body, init)
+
+
+def _scan_inputs(q_block, k_block, kind, c):
+    """Chunks [P // c, B, c] of the schedule, and per chunk whether any pair of any row is live."""
+    kinds = _chunked(kind, c)
+    return (_chunked(q_block, c), _chunked(k_block, c), kinds,
+            jnp.any(kinds != KIND_SKIP, axis=(1, 2)))
 
 
 def _flash_fwd_impl(q, k, v, end, scale, q_block, k_block, kind, c):
@@ -205,8 +218,7 @@ def _flash_fwd_impl(q, k, v, end, scale, q_block, k_block, kind, c):
     init = (jnp.full((b, nb, bs, kv_heads, g), MASK_VALUE, jnp.float32),
             jnp.zeros((b, nb, bs, kv_heads, g), jnp.float32),
             jnp.zeros((b, nb, bs, kv_heads, g, h), jnp.float32))
-    xs = (_chunked(q_block, c), _chunked(k_block, c), _chunked(kind, c))
-    (m, denom, acc), _ = jax.lax.scan(_skip_empty(step), init, xs)
+    m, denom, acc = _run_live_chunks(step, init, _scan_inputs(q_block, k_block, kind, c))
     seen = denom > 0                                                        # else: sees no key
     out = acc / jnp.where(seen, denom, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), 0.0)
@@ -247,8 +259,7 @@ def _flash_bwd(c, res, dout):
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
             jnp.zeros(v.shape, jnp.float32))
-    xs = (_chunked(q_block, c), _chunked(k_block, c), _chunked(kind, c))
-    (dq, dk, dv), _ = jax.lax.scan(_skip_empty(step), init, xs)
+    dq, dk, dv = _run_live_chunks(step, init, _scan_inputs(q_block, k_block, kind, c))
     # subtree_end, scale and the schedule get no gradient (None: a zero cotangent).
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
 

@@ -13,17 +13,21 @@ Every stage config has the same keys; the stage changes the data kind and the lo
   data.train_files           comma-separated JSONL paths or globs; 'pkg:' = bundled in kat_jax/assets
   data.eval_files            same, for the eval step ('' = no eval)
   data.rows / row_len / trajectories   one shard batch: rows x row_len tokens, trajectory slots
+  data.shards                shard batches per microbatch (the global batch; a multiple of
+                             mesh.data x mesh.fsdp; -1 = one per batch-parallel device group)
   data.shuffle / seed / epochs         epochs -1 = repeat forever (train.steps decides)
   train.steps / microbatches / checkpoint_every / log_every / eval_every / eval_batches
   train.keep_checkpoints / max_consecutive_skips / seed / async_checkpointing
   train.profile_start / profile_steps  a jax.profiler trace window (profile_steps 0 = off)
+  train.stop_at_step         stop after this step as on preemption (checkpoint, exit 143; -1 = off)
   optimizer.*                AdamW and its schedule (kat_jax.training.optim)
   loss.*                     aggregation, sampling temperature, PPO clip, dual clip (0 = off),
                              truncated IS cap (0 = off), KL and entropy coefficients
   mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
   distributed.*              jax.distributed.initialize arguments (multi-host)
 
-A global step holds train.microbatches x (mesh.data x mesh.fsdp) shard batches.
+A global step holds train.microbatches x data.shards shard batches, whatever the mesh (so a run can
+move between meshes and see the same batches).
 """
 
 from __future__ import annotations
@@ -49,12 +53,12 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         attention_block_size=0))
     c.tokenizer = "bytes"
     c.data = ml_collections.ConfigDict(dict(
-        train_files=STAGE_DATA[stage], eval_files="", rows=2, row_len=2048, trajectories=8,
+        train_files=STAGE_DATA[stage], eval_files="", rows=2, row_len=2048, trajectories=8, shards=-1,
         shuffle=True, seed=0, epochs=-1))
     c.train = ml_collections.ConfigDict(dict(
         steps=40, microbatches=1, checkpoint_every=20, log_every=5, eval_every=0, eval_batches=2,
         keep_checkpoints=3, max_consecutive_skips=10, seed=0, async_checkpointing=True,
-        profile_start=-1, profile_steps=0))
+        profile_start=-1, profile_steps=0, stop_at_step=-1))
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=4, schedule="cosine", final_lr_ratio=0.1, b1=0.9,
         b2=0.95, eps=1e-8, weight_decay=0.01, grad_clip=1.0))

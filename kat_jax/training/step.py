@@ -109,7 +109,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         safe_den = jnp.maximum(den, 1e-9)
         loss = num / safe_den
         grads = jax.tree.map(lambda g: g / safe_den.astype(g.dtype), grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         empty = den <= 0
         apply = finite & ~empty

@@ -189,10 +189,11 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise TrainingError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the model's "
                             f"vocabulary of {model_cfg.vocab_size}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    shards = num_batch_shards(mesh)
-    if shards % jax.process_count():
-        raise TrainingError(f"mesh.data x mesh.fsdp = {shards} batch shards cannot be split over "
-                            f"{jax.process_count()} processes")
+    groups = num_batch_shards(mesh)
+    shards = groups if cfg.data.shards <= 0 else cfg.data.shards
+    if shards % groups or shards % jax.process_count():
+        raise TrainingError(f"data.shards={shards} must be a multiple of mesh.data x mesh.fsdp = "
+                            f"{groups} and of the {jax.process_count()} processes")
     train_files = expand_files(cfg.data.train_files, "data.train_files")
     if jax.process_index() == 0:
         config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
@@ -265,6 +266,9 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pass
 
     def save(step: int, force: bool = False) -> None:
+        # Let the in-flight step finish first: orbax's device-to-host copies must not interleave
+        # with a running multi-device program (on XLA:CPU that interleaving deadlocks collectives).
+        jax.block_until_ready(state)
         data_state = {"iterator": {str(jax.process_index()): data_it.get_state()}}
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                 data=ocp.args.JsonSave(data_state)), force=force)
@@ -288,7 +292,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             except StopIteration:
                 log.warning("data exhausted at step %d (data.epochs=%d)", step, cfg.data.epochs)
                 break
-            state, metrics = jit_step(state, global_batch(local, mesh))
+            with jax.set_mesh(mesh):  # Pallas attention then runs inside shard_map over the mesh
+                state, metrics = jit_step(state, global_batch(local, mesh))
             step += 1
             for k in totals:
                 totals[k] += stats[k]
@@ -327,11 +332,12 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     f"{skips} consecutive non-finite updates (loss or gradient) at step {step}: "
                     f"stopping (train.max_consecutive_skips={cfg.train.max_consecutive_skips}); "
                     f"the last checkpoint in {ckpt_dir} holds the state before them")
-            if stop["signal"] is not None:
+            if stop["signal"] is not None or step == cfg.train.stop_at_step:
                 save(step, force=True)
                 mngr.wait_until_finished()
-                raise Preempted(f"SIGTERM at step {step}: checkpoint saved in {ckpt_dir}; run "
-                                "the same command again to resume")
+                why = "SIGTERM" if stop["signal"] is not None else "train.stop_at_step"
+                raise Preempted(f"{why} at step {step}: checkpoint saved in {ckpt_dir}; run "
+                                "the same command again (without stop_at_step) to resume")
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                 save(step)
         if mngr.latest_step() != step:
@@ -388,7 +394,8 @@ def _evaluate(eval_fn, params, files, cfg, tokenizer, shape, model_cfg, local_sh
             local, _ = next(it)
         except StopIteration:
             break
-        out = jax.device_get(eval_fn(params, global_batch(local, mesh)))
+        with jax.set_mesh(mesh):
+            out = jax.device_get(eval_fn(params, global_batch(local, mesh)))
         num += float(out["loss"][0])
         den += float(out["loss"][1])
     return {"eval_loss": num / den if den > 0 else None}
