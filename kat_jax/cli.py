@@ -5,6 +5,7 @@
     kat-jax import-hf  Hugging Face directory -> kat_jax (orbax) checkpoint
     kat-jax export-hf  kat_jax checkpoint -> Hugging Face directory (config.json + safetensors)
     kat-jax prune      what an entropy-pruning token budget keeps of groups of rollouts
+    kat-jax env check  every bundled (or given) environment task scores 1 with its gold answer, 0 without
     kat-jax presets    list the model presets
 
 Every `--checkpoint` accepts a kat_jax checkpoint, a Hugging Face directory, or preset:NAME[@SEED]
@@ -79,6 +80,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(str(e)) from None
     print(json.dumps(summary, default=str))
     return 0
+
+
+def _cmd_env_check(args: argparse.Namespace) -> int:
+    from kat_jax.envs.check import run
+
+    return run(args)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -161,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse-tool-results", action="store_true",
                    help="allow a tool call to be kept without its result")
     p.set_defaults(fn=_cmd_prune)
+
+    p = sub.add_parser("env", help="environment tools (env check)",
+                       description="Environment tools.")
+    env_sub = p.add_subparsers(dest="env_command", required=True, metavar="ENV_COMMAND")
+    pc = env_sub.add_parser("check", help="gold answers score 1 and empty ones 0 on every task",
+                            description="Audit an environment's tasks: each must score 1 with its "
+                            "gold answer (SWE: the gold patch) and 0 without; prints a table, exits "
+                            "1 when any task is broken.")
+    from kat_jax.envs.check import add_arguments
+
+    add_arguments(pc)
+    pc.set_defaults(fn=_cmd_env_check)
 
     p = sub.add_parser("presets", help="list model presets")
     p.set_defaults(fn=_cmd_presets)

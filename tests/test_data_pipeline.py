@@ -171,3 +171,42 @@ def test_group_advantages_rl_and_rft(tmp_path):
     assert len(rft) == 3  # the teacher is the baseline, not a training sample
     np.testing.assert_allclose([t.advantage for t in rft], (r - 1.0) / (r.std() + 1e-6), rtol=1e-6)
     assert not rft[0].trainable[0] and rft[0].trainable[1:].all()
+
+
+class _FakeDataset:
+    def __init__(self, examples):
+        self.examples = examples
+
+    def as_numpy_iterator(self):
+        return iter(self.examples)
+
+
+class _FakeTask:
+    """The part of the seqio Task / Mixture API the bridge uses."""
+
+    name = "fake_task"
+
+    def get_dataset(self, split, shuffle):
+        assert split == "train" and shuffle is False
+        return _FakeDataset([{"targets": np.arange(5 + i, dtype=np.int32)} for i in range(6)]
+                            + [{"inputs": b"q: ", "targets": b"an answer"}])
+
+
+def test_seqio_bridge_source_feeds_the_mid_pipeline():
+    from kat_jax.data.seqio_source import SeqioGroups, parse_seqio_spec
+
+    assert parse_seqio_spec("seqio:mix:validation") == ("mix", "validation")
+    assert parse_seqio_spec("data.jsonl") is None
+    src = SeqioGroups(_FakeTask())
+    assert len(src) == 7 and src[6][0][0]["text"] == "q: an answer"
+    total = sum(stats["total_tokens"] for _, stats in make_step_iterator(
+        src, "mid", TOK, BatchShape(2, 16, 8, 16), 512, 1, 1, epochs=1))
+    # every token of every example, once (the text example gains the tokenizer's eos)
+    assert total == sum(5 + i for i in range(6)) + len("q: an answer") + 1
+    with pytest.raises(ValueError, match="stage 'sft' reads 'chat' data"):
+        make_step_iterator(src, "sft", TOK, BatchShape(2, 16, 8, 16), 512, 1, 1)
+
+
+def test_seqio_registered_task_when_installed():
+    seqio = pytest.importorskip("seqio", reason="the seqio extra is not installed")
+    assert hasattr(seqio, "get_mixture_or_task")

@@ -72,6 +72,31 @@ def test_train_cli_rejects_bad_values_naming_the_key(tmp_path, capsys):
     assert rc == 1 and "mesh" in capsys.readouterr().err
 
 
+def test_sharding_rules_and_the_unsharded_parameter_check():
+    from flax import nnx
+    from jax.sharding import AbstractMesh
+    from jax.sharding import PartitionSpec as P
+
+    from kat_jax.models.config import get_preset
+    from kat_jax.models.decoder import abstract_model
+    from kat_jax.training.sharding import check_sharded_fraction, param_specs
+
+    def mesh(fsdp, tensor):
+        return AbstractMesh((1, fsdp, tensor), ("data", "fsdp", "tensor"))
+
+    model = abstract_model(get_preset("tiny"))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    specs = param_specs(model, mesh(4, 2))
+    assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor", None)
+    assert specs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
+    assert specs["embed_tokens"] == P("tensor", "fsdp")
+    assert check_sharded_fraction(params, specs, mesh(4, 2)) > 0.99
+    # fsdp 3 divides nothing in the tiny model (d=64): most bytes would stay replicated
+    bad = param_specs(model, mesh(3, 1))
+    with pytest.raises(ValueError, match=r"unsharded on mesh .*fsdp.*: 3"):
+        check_sharded_fraction(params, bad, mesh(3, 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # stop / resume / meshes
 
@@ -182,6 +207,13 @@ SHARDED = textwrap.dedent("""
     assert abs(m8["grad_norm"] - m1["grad_norm"]) < 1e-4 * m1["grad_norm"]
     for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+    # the same 16 shard batches as 1 microbatch of 16 shards: the same global mean and update
+    flat = {{k: v.reshape(1, 16, *v.shape[2:]) for k, v in batch.items()}}
+    state = jax.device_put(init_state(params, tx), shard)
+    new, m = jax.jit(step)(state, jax.device_put(flat, bs))
+    assert abs(float(m["loss"]) - m1["loss"]) < 1e-5, (float(m["loss"]), m1["loss"])
+    for a, b in zip(jax.tree.leaves(jax.device_get(new["params"])), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
     # 2) a run on fsdp 4 x tensor 2 stopped at step 2; the test resumes it on one device
     cfg = config_lib.load_config({mid!r} + ":tiny", {fast!r} + [
         "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.train.stop_at_step=2"])
@@ -245,7 +277,9 @@ def test_quickstart_pipeline_every_stage_learns(tmp_path):
             "--config.mid.train.steps=12", "--config.mid.data.row_len=256",
             "--config.mid.train.log_every=1", "--config.sft.train.steps=6",
             "--config.sft.data.rows=1", "--config.sft.data.trajectories=3",
-            "--config.sft.train.log_every=1", "--config.rft.train.steps=8",
+            "--config.sft.train.log_every=1", "--config.sft.train.eval_every=3",
+            "--config.sft.data.eval_files=pkg:data/sft_trajectories.jsonl",
+            "--config.sft.train.eval_batches=1", "--config.rft.train.steps=8",
             "--config.rft.train.log_every=1", "--config.rl.train.steps=8",
             "--config.rl.train.log_every=1", "--config.rl.optimizer.learning_rate=3e-3"]
     assert main(args) == 0
@@ -255,6 +289,9 @@ def test_quickstart_pipeline_every_stage_learns(tmp_path):
         assert last < first, (stage, got)
         assert (tmp_path / stage / "model" / "model_config.json").exists()
         assert os.listdir(tmp_path / stage / "tensorboard")
+    with open(tmp_path / "sft" / "metrics.jsonl") as f:
+        evals = [r["eval_loss"] for r in map(json.loads, f) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]  # steps 3 and 6, same held-out batch
     rollouts = os.path.join(ROOT, "kat_jax", "assets", "data", "rl_rollouts.jsonl")
     before = _adv_weighted_logp(str(tmp_path / "rft"), rollouts)
     after = _adv_weighted_logp(str(tmp_path / "rl"), rollouts)

@@ -314,14 +314,21 @@ class StepIterator:
         return stacked, stats
 
 
-def make_step_iterator(files: list[str], stage: str, tokenizer, shape: BatchShape,
+def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: BatchShape,
                        vocab_size: int, microbatches: int, local_shards: int, seed: int = 0,
                        shuffle: bool = True, epochs: int | None = None, process_index: int = 0,
                        process_count: int = 1) -> StepIterator:
-    """The whole pipeline for one stage. epochs=None repeats forever (train.steps decides)."""
+    """The whole pipeline for one stage. epochs=None repeats forever (train.steps decides).
+    files: JSONL paths, or a source object (e.g. kat_jax.data.seqio_source.SeqioGroups)."""
     import grain
 
-    source = JsonlGroups(files, STAGE_KIND[stage])
+    if isinstance(files, (list, tuple)):
+        source = JsonlGroups(list(files), STAGE_KIND[stage])
+    else:
+        source = files
+        if source.kind != STAGE_KIND[stage]:
+            raise ValueError(f"stage {stage!r} reads {STAGE_KIND[stage]!r} data; the source gives "
+                             f"{source.kind!r}")
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)

@@ -28,6 +28,16 @@ from typing import Any
 KINDS = ("mid", "chat", "rollouts")
 
 
+def open_source(spec: str, key: str):
+    """data.train_files / eval_files -> JSONL file list, or a seqio source for 'seqio:NAME[:SPLIT]'."""
+    from kat_jax.data.seqio_source import SeqioGroups, parse_seqio_spec
+
+    parsed = parse_seqio_spec(spec)
+    if parsed is not None:
+        return SeqioGroups(*parsed)
+    return expand_files(spec, key)
+
+
 def expand_files(spec: str | list[str], key: str) -> list[str]:
     """Comma-separated paths or globs ('pkg:' prefix: a file bundled in kat_jax/assets)."""
     items = spec if isinstance(spec, (list, tuple)) else [s for s in str(spec).split(",") if s]

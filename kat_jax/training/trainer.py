@@ -175,7 +175,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from tqdm import tqdm
 
     from kat_jax.data.pipeline import BatchShape, make_step_iterator
-    from kat_jax.data.sources import expand_files
+    from kat_jax.data.sources import open_source
     from kat_jax.models.checkpoint import save_checkpoint
     from kat_jax.models.decoder import abstract_model
 
@@ -194,7 +194,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if shards % groups or shards % jax.process_count():
         raise TrainingError(f"data.shards={shards} must be a multiple of mesh.data x mesh.fsdp = "
                             f"{groups} and of the {jax.process_count()} processes")
-    train_files = expand_files(cfg.data.train_files, "data.train_files")
+    train_files = open_source(cfg.data.train_files, "data.train_files")
     if jax.process_index() == 0:
         config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
         model_cfg.save_json(os.path.join(workdir, "model_config.json"))
@@ -254,7 +254,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        out_shardings=(state_shard, rep), donate_argnums=0)
     eval_fn = None
     if cfg.data.eval_files and cfg.train.eval_every > 0:
-        eval_files = expand_files(cfg.data.eval_files, "data.eval_files")
+        eval_files = open_source(cfg.data.eval_files, "data.eval_files")
         eval_fn = jax.jit(make_eval_step(graphdef, spec, constrain),
                           in_shardings=(p_shard, batch_shard), out_shardings=rep)
 
