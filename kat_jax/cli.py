@@ -5,8 +5,11 @@
     kat-jax import-hf  Hugging Face directory -> kat_jax (orbax) checkpoint
     kat-jax export-hf  kat_jax checkpoint -> Hugging Face directory (config.json + safetensors)
     kat-jax prune      what an entropy-pruning token budget keeps of groups of rollouts
+    kat-jax rollout    sample agent trajectories in an environment (JSONL for prune / score / training)
+    kat-jax serve      the built-in sampler as an OpenAI-compatible /v1/completions endpoint
     kat-jax env check  every bundled (or given) environment task scores 1 with its gold answer, 0 without
     kat-jax presets    list the model presets
+    kat-jax compile-check  compile a train step for a Cloud TPU topology from this host (libtpu)
 
 Every `--checkpoint` accepts a kat_jax checkpoint, a Hugging Face directory, or preset:NAME[@SEED]
 (a randomly initialised preset; preset:tiny is the embedded default).
@@ -82,10 +85,65 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from kat_jax.rollout.runner import run_rollout_cmd
+
+    summary = run_rollout_cmd(args.checkpoint, args.env, args.output, tasks_file=args.tasks,
+                              samples_per_task=args.samples_per_task,
+                              temperature=args.temperature, seed=args.seed,
+                              max_turns=args.max_turns, max_tokens=args.max_tokens,
+                              max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
+                              max_tasks=args.max_tasks, tokenizer=args.tokenizer)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kat_jax.rollout.runner import tokenizer_for_checkpoint
+    from kat_jax.rollout.sampler import engine_from_checkpoint
+    from kat_jax.rollout.server import make_server
+
+    engine = engine_from_checkpoint(args.checkpoint)
+    server = make_server(engine, args.host, args.port,
+                         tokenizer=tokenizer_for_checkpoint(args.checkpoint, args.tokenizer))
+    print(json.dumps({"url": f"http://{args.host}:{server.server_address[1]}/v1"}), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _cmd_env_check(args: argparse.Namespace) -> int:
     from kat_jax.envs.check import run
 
     return run(args)
+
+
+def _cmd_compile_check(args: argparse.Namespace) -> int:
+    import os
+
+    # Abstract TPU devices come from libtpu's topology API; the host's own backend stays CPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from kat_jax.training import config_lib
+    from kat_jax.training.aot import compile_check, format_report, summary_line
+    from kat_jax.training.trainer import TrainingError
+
+    cfg = config_lib.load_config(args.config, args.overrides)
+    if "stages" in cfg:
+        raise ValueError(f"{args.config} is a pipeline; compile-check takes one stage's config")
+    try:
+        report = compile_check(cfg, args.topology, top=args.top)
+    except ImportError as e:
+        print(f"kat-jax: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        raise ValueError(str(e)) from None
+    print(format_report(report))
+    print(summary_line(report))
+    return 0 if report["fits"] else 3
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -169,6 +227,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a tool call to be kept without its result")
     p.set_defaults(fn=_cmd_prune)
 
+    p = sub.add_parser("rollout", help="sample agent trajectories in an environment",
+                       description="Run --samples-per-task episodes per task (the policy, the "
+                       "environment's tools, the reward); write one JSONL line per trajectory; the "
+                       "last stdout line is a JSON summary.")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--env", required=True, help="environment: calculator, maths, swe")
+    p.add_argument("--tasks", default=None, help="tasks file (default: the environment's bundled)")
+    p.add_argument("--samples-per-task", type=int, default=4, help="G samples per task (a group)")
+    p.add_argument("--output", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-turns", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=4096, help="trajectory length limit")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="per assistant turn")
+    p.add_argument("--concurrency", type=int, default=8, help="episodes in flight")
+    p.add_argument("--max-tasks", type=int, default=None, help="only the first N tasks")
+    p.add_argument("--tokenizer", default=None,
+                   help="'bytes' or a tokenizer.json dir (default: the checkpoint's, else bytes)")
+    p.set_defaults(fn=_cmd_rollout)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible /v1/completions server (token ids in/out)",
+                       description="Serve the built-in sampler on HOST:PORT; prompts are token "
+                       "ids; responses carry token ids, log-probs and entropies.")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="default loopback only")
+    p.add_argument("--tokenizer", default=None, help="for the 'text' field of responses")
+    p.set_defaults(fn=_cmd_serve)
+
     p = sub.add_parser("env", help="environment tools (env check)",
                        description="Environment tools.")
     env_sub = p.add_subparsers(dest="env_command", required=True, metavar="ENV_COMMAND")
@@ -181,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(pc)
     pc.set_defaults(fn=_cmd_env_check)
 
+    p = sub.add_parser(
+        "compile-check", help="compile a stage's train step for a Cloud TPU topology (no TPU)",
+        description="Lower and compile the train step of --config for the abstract devices of a "
+        "Cloud TPU topology (needs libtpu: pip install -e '.[aot]'), with abstract inputs (nothing "
+        "is materialised); print per-device memory against the chip's HBM, the shardings of the "
+        "largest arrays, the step's FLOPs, and a JSON summary line last. Exit status 0: fits, 3: "
+        "does not fit, 2: libtpu missing, 1: bad config or topology. Overrides: "
+        "--config.KEY=VALUE.")
+    p.add_argument("--config", required=True,
+                   help="config file and variant, e.g. configs/sft.py:kat_dev_32b")
+    p.add_argument("--topology", required=True,
+                   help="Cloud TPU slice (v5p-128, v5e-16, v6e-64, v4-32: v4/v5p count "
+                   "TensorCores, v5e/v6e chips) or a libtpu topology string (v5p:2x2x1)")
+    p.add_argument("--top", type=int, default=8, help="largest arrays listed (default 8)")
+    p.set_defaults(fn=_cmd_compile_check, overrides=[])
+
     p = sub.add_parser("presets", help="list model presets")
     p.set_defaults(fn=_cmd_presets)
     return parser
@@ -189,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "compile-check"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:

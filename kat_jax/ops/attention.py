@@ -108,6 +108,15 @@ def effective_block_size(block_size: int, row_len: int) -> int:
     return max(1, min(int(block_size), row_len & -row_len))
 
 
+def mesh_platform() -> str | None:
+    """Platform of the devices of the mesh set with jax.set_mesh, or None when none is set. On a
+    CPU host compiling ahead of time for abstract TPU devices this is 'tpu' while
+    jax.default_backend() is 'cpu'; everywhere else the two agree."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return None if device is None else device.platform
+
+
 def resolve_attention_impl(name: str, platform: str | None = None,
                            head_dim: int | None = None) -> str:
     """Map a config name to a concrete implementation for a platform ('cpu', 'gpu'/'cuda', 'tpu';
@@ -116,7 +125,7 @@ def resolve_attention_impl(name: str, platform: str | None = None,
     auto: pallas on GPU and TPU when head_dim is one of PALLAS_HEAD_DIMS (or not given),
     otherwise xla_block_sparse (CPU: the Pallas kernels would only run interpreted)."""
     if name == "auto":
-        platform = (platform or jax.default_backend()).lower()
+        platform = (platform or mesh_platform() or jax.default_backend()).lower()
         if platform in ("gpu", "cuda", "tpu") and (head_dim is None
                                                    or head_dim in PALLAS_HEAD_DIMS):
             return "pallas"

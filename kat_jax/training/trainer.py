@@ -31,21 +31,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kat_jax.training import config_lib
-from kat_jax.training.losses import PolicyLossConfig
+from kat_jax.training import aot, config_lib
 from kat_jax.training.metrics import MetricsWriter, peak_flops, step_flops
-from kat_jax.training.optim import make_optimizer
 from kat_jax.training.sharding import (
     batch_sharding,
-    check_sharded_fraction,
-    like_params,
     make_mesh,
     maybe_initialize_distributed,
-    named,
-    num_batch_shards,
-    param_specs,
 )
-from kat_jax.training.step import LossSpec, init_state, make_eval_step, make_train_step
+from kat_jax.training.step import LossSpec, init_state, make_eval_step
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +125,7 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 def _loss_spec(cfg) -> LossSpec:
-    lc = cfg.loss
-    policy = PolicyLossConfig(eps_low=lc.eps_low, eps_high=lc.eps_high,
-                              dual_clip=lc.dual_clip or None, tis_cap=lc.tis_cap or None,
-                              kl_coef=lc.kl_coef, entropy_coef=lc.entropy_coef,
-                              agg_mode=lc.agg_mode)
-    return LossSpec(stage=cfg.stage, agg_mode=lc.agg_mode, temperature=lc.temperature,
-                    count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy)
+    return aot.loss_spec(cfg)
 
 
 def _validate(cfg) -> None:
@@ -177,7 +164,6 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from kat_jax.data.pipeline import BatchShape, make_step_iterator
     from kat_jax.data.sources import open_source
     from kat_jax.models.checkpoint import save_checkpoint
-    from kat_jax.models.decoder import abstract_model
 
     _validate(cfg)
     maybe_initialize_distributed(cfg)
@@ -189,28 +175,18 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise TrainingError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the model's "
                             f"vocabulary of {model_cfg.vocab_size}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    groups = num_batch_shards(mesh)
-    shards = groups if cfg.data.shards <= 0 else cfg.data.shards
-    if shards % groups or shards % jax.process_count():
-        raise TrainingError(f"data.shards={shards} must be a multiple of mesh.data x mesh.fsdp = "
-                            f"{groups} and of the {jax.process_count()} processes")
+    try:
+        shards = aot.data_shards(cfg, mesh, jax.process_count())
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     train_files = open_source(cfg.data.train_files, "data.train_files")
     if jax.process_index() == 0:
         config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
         model_cfg.save_json(os.path.join(workdir, "model_config.json"))
 
-    abstract = abstract_model(model_cfg)
-    graphdef = nnx.graphdef(abstract)
-    specs = param_specs(abstract, mesh)
-    abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    frac = check_sharded_fraction(abstract_params, specs, mesh, cfg.mesh.unsharded_tolerance)
-    p_shard = named(mesh, specs)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx, cfg.train.seed), abstract_params)
-    state_shard = {k: rep for k in abstract_state}
-    state_shard["params"] = p_shard
-    state_shard["opt_state"] = like_params(abstract_state["opt_state"], abstract_params, p_shard, rep)
+    setup = aot.train_step_setup(cfg, mesh, model_cfg)  # shared with kat-jax compile-check
+    graphdef, frac, p_shard, rep = setup.graphdef, setup.sharded_fraction, setup.p_shard, setup.rep
+    tx, abstract_state, state_shard = setup.tx, setup.abstract_state, setup.state_shard
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
@@ -244,14 +220,10 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         mngr.close()
         return {"workdir": workdir, "step": int(start), "status": "already finished"}
 
-    spec = _loss_spec(cfg)
-    constrain = lambda x: jax.lax.with_sharding_constraint(
-        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
-    step_fn = make_train_step(graphdef, tx, schedule, spec, constrain)
+    spec, constrain = setup.loss_spec, setup.constrain
     example, _ = _peek_shapes(data_it)
     batch_shard = {k: batch_sharding(mesh, v.ndim) for k, v in example.items()}
-    jit_step = jax.jit(step_fn, in_shardings=(state_shard, batch_shard),
-                       out_shardings=(state_shard, rep), donate_argnums=0)
+    jit_step = aot.jit_train_step(setup, batch_shard)
     eval_fn = None
     if cfg.data.eval_files and cfg.train.eval_every > 0:
         eval_files = open_source(cfg.data.eval_files, "data.eval_files")

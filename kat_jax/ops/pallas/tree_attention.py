@@ -71,9 +71,12 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def default_backend(platform: str | None = None) -> tuple[str, bool]:
-    """(kernel lowering, interpret) for a platform ('cpu', 'gpu'/'cuda', 'tpu'; default: JAX's
-    default backend). CPU runs the GPU lowering interpreted (the faster interpreter)."""
-    platform = (platform or jax.default_backend()).lower()
+    """(kernel lowering, interpret) for a platform ('cpu', 'gpu'/'cuda', 'tpu'; default: the
+    platform of the mesh set with jax.set_mesh, else JAX's default backend). CPU runs the GPU
+    lowering interpreted (the faster interpreter)."""
+    from kat_jax.ops.attention import mesh_platform
+
+    platform = (platform or mesh_platform() or jax.default_backend()).lower()
     if platform == "tpu":
         return "tpu", False
     if platform in ("gpu", "cuda", "rocm"):

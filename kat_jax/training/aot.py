@@ -1,0 +1,283 @@
+"""The train step's pieces shared by the loop and ahead-of-time compiles, and `compile_check`.
+
+    setup = train_step_setup(cfg, mesh, model_cfg)          # shardings, optimizer, pure step
+    jit_step = jit_train_step(setup, batch_shard)           # what kat_jax.training.trainer runs
+    report = compile_check(cfg, "v5p-128")                  # kat-jax compile-check
+
+compile_check builds the mesh over a Cloud TPU topology's abstract devices (libtpu, no TPU:
+kat_jax.training.tpu_topologies), lowers the jitted train step with ShapeDtypeStruct inputs that
+carry their shardings (no parameter, optimizer state or batch is materialised) and compiles it with
+the real TPU compiler (XLA:TPU, Mosaic for the Pallas attention kernel, which runs inside shard_map
+because the mesh is set with jax.set_mesh). It reports compiled.memory_analysis() per device against
+the chip's HBM, the shardings of the largest arrays, and compiled.cost_analysis() FLOPs.
+
+Memory per device: arguments + outputs - aliased (donated state) + temporaries + generated code.
+This is XLA's static buffer assignment, what the runtime allocates for the step; it leaves out the
+runtime's own reserve (a few hundred MiB), so treat > ~95% of HBM as not fitting in practice.
+FLOPs: XLA's cost analysis of the partitioned program (per device). It does not see inside Pallas
+kernels (custom calls), so attention FLOPs are missing from it; the analytic model FLOPs of the
+global step (kat_jax.training.metrics.step_flops, 6 N D + attention) are reported beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kat_jax.training.optim import make_optimizer
+from kat_jax.training.sharding import (
+    BATCH_AXES,
+    batch_sharding,
+    check_sharded_fraction,
+    like_params,
+    make_mesh,
+    named,
+    num_batch_shards,
+    param_specs,
+)
+from kat_jax.training.step import LossSpec, init_state, make_train_step
+
+
+@dataclasses.dataclass
+class StepSetup:
+    """Everything the train step needs besides data: abstract params / state and their shardings,
+    the optimizer, the loss spec, and the pure step function."""
+
+    model_cfg: Any
+    graphdef: nnx.GraphDef
+    abstract_params: dict
+    p_shard: Any  # NamedSharding per parameter
+    rep: NamedSharding  # replicated
+    tx: Any
+    schedule: Any
+    abstract_state: dict
+    state_shard: dict
+    loss_spec: LossSpec
+    constrain: Any
+    step_fn: Any
+    sharded_fraction: float
+
+
+def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
+    from kat_jax.training.losses import PolicyLossConfig
+
+    lc = cfg.loss
+    policy = PolicyLossConfig(eps_low=lc.eps_low, eps_high=lc.eps_high,
+                              dual_clip=lc.dual_clip or None, tis_cap=lc.tis_cap or None,
+                              kl_coef=lc.kl_coef, entropy_coef=lc.entropy_coef,
+                              agg_mode=lc.agg_mode)
+    return LossSpec(stage=cfg.stage, agg_mode=lc.agg_mode, temperature=lc.temperature,
+                    count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy)
+
+
+def data_shards(cfg: ml_collections.ConfigDict, mesh, processes: int = 1) -> int:
+    """Shard batches per microbatch (data.shards; <= 0: one per batch-parallel device group)."""
+    groups = num_batch_shards(mesh)
+    shards = groups if cfg.data.shards <= 0 else cfg.data.shards
+    if shards % groups or shards % processes:
+        raise ValueError(f"data.shards={shards} must be a multiple of mesh.data x mesh.fsdp = "
+                         f"{groups} and of the {processes} processes")
+    return shards
+
+
+def train_step_setup(cfg: ml_collections.ConfigDict, mesh, model_cfg) -> StepSetup:
+    """Shardings, optimizer and the pure train step of a stage config on `mesh` (abstract: no
+    parameter is created). Fails when too much of the model stays unsharded."""
+    from kat_jax.models.decoder import abstract_model
+
+    abstract = abstract_model(model_cfg)
+    graphdef = nnx.graphdef(abstract)
+    specs = param_specs(abstract, mesh)
+    abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    frac = check_sharded_fraction(abstract_params, specs, mesh, cfg.mesh.unsharded_tolerance)
+    p_shard = named(mesh, specs)
+    rep = NamedSharding(mesh, P())
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, tx, cfg.train.seed), abstract_params)
+    state_shard = {k: rep for k in abstract_state}
+    state_shard["params"] = p_shard
+    state_shard["opt_state"] = like_params(abstract_state["opt_state"], abstract_params, p_shard, rep)
+    spec = loss_spec(cfg)
+    constrain = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+    step_fn = make_train_step(graphdef, tx, schedule, spec, constrain)
+    return StepSetup(model_cfg, graphdef, abstract_params, p_shard, rep, tx, schedule,
+                     abstract_state, state_shard, spec, constrain, step_fn, frac)
+
+
+def jit_train_step(setup: StepSetup, batch_shard: dict):
+    """jax.jit of the step with state / batch shardings; the state is donated."""
+    return jax.jit(setup.step_fn, in_shardings=(setup.state_shard, batch_shard),
+                   out_shardings=(setup.state_shard, setup.rep), donate_argnums=0)
+
+
+def shard_batch_example(cfg: ml_collections.ConfigDict, model_cfg) -> dict[str, np.ndarray]:
+    """One shard batch of padding, with the exact shapes and dtypes the data pipeline yields."""
+    from kat_jax.data.pipeline import BatchShape, TreeBatcher
+
+    shape = BatchShape(cfg.data.rows, cfg.data.row_len, cfg.data.trajectories,
+                       model_cfg.attention_block_size)
+    return TreeBatcher(iter(()), shape).empty_batch()
+
+
+def abstract_train_setup(cfg: ml_collections.ConfigDict, mesh, model_cfg=None):
+    """(jit_step, (abstract_state, abstract_batch), setup): the jitted train step and its inputs as
+    ShapeDtypeStructs carrying their shardings, for jit_step.lower(*inputs)."""
+    if model_cfg is None:
+        from kat_jax.training.trainer import model_config_for
+
+        model_cfg = model_config_for(cfg)
+    setup = train_step_setup(cfg, mesh, model_cfg)
+    shards = data_shards(cfg, mesh)
+    m = cfg.train.microbatches
+    example = shard_batch_example(cfg, model_cfg)
+    batch_shard = {k: batch_sharding(mesh, v.ndim + 2) for k, v in example.items()}
+    batch = {k: jax.ShapeDtypeStruct((m, shards, *v.shape), v.dtype, sharding=batch_shard[k])
+             for k, v in example.items()}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         setup.abstract_state, setup.state_shard)
+    return jit_train_step(setup, batch_shard), (state, batch), setup
+
+
+# ---------------------------------------------------------------------------------------------
+# compile check
+
+
+def _per_device_bytes(x: jax.ShapeDtypeStruct) -> int:
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+
+def largest_arrays(tree: Any, n: int = 8) -> list[dict]:
+    """The n largest inputs (global bytes): path, shape, dtype, partition spec, bytes per device."""
+    rows = []
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        spec = getattr(x.sharding, "spec", None)
+        rows.append({"name": jax.tree_util.keystr(path), "shape": list(x.shape),
+                     "dtype": str(np.dtype(x.dtype)), "spec": str(spec), "bytes": nbytes,
+                     "bytes_per_device": _per_device_bytes(x)})
+    rows.sort(key=lambda r: -r["bytes"])
+    return rows[:n]
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def compile_model_config(cfg: ml_collections.ConfigDict):
+    """The checkpoint's model config with the overrides, attention 'auto'/'' forced to pallas (the
+    TPU kernel) when the head dim allows it: the model a TPU run would train."""
+    from kat_jax.ops.attention import resolve_attention_impl
+    from kat_jax.training.trainer import model_config_for
+
+    model_cfg = model_config_for(cfg)
+    impl = resolve_attention_impl(model_cfg.attention_impl, "tpu", model_cfg.head_dim)
+    if impl != model_cfg.attention_impl:
+        model_cfg = dataclasses.replace(model_cfg, attention_impl=impl)
+    return model_cfg
+
+
+def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8) -> dict:
+    """Lower and compile cfg's train step for a TPU topology (see the module docstring); returns
+    the report (JSON-serialisable). ValueError for unknown topologies and bad configs."""
+    import time
+
+    from kat_jax.training.metrics import step_flops
+    from kat_jax.training.tpu_topologies import resolve_topology, topology_devices
+    from kat_jax.training.trainer import _validate
+
+    _validate(cfg)
+    topo = resolve_topology(topology)
+    devices = topology_devices(topo)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    model_cfg = compile_model_config(cfg)
+    jit_step, (state, batch), setup = abstract_train_setup(cfg, mesh, model_cfg)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):  # Pallas attention then runs inside shard_map over the mesh
+        lowered = jit_step.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
+              "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes",
+              "generated_code": "generated_code_size_in_bytes"}
+    memory = {k: int(getattr(mem, attr, 0) or 0) for k, attr in fields.items()}
+    memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+                       + memory["generated_code"])
+    hlo = compiled.as_text() or ""
+    cost = _cost(compiled)
+    shards = batch["tokens"].shape[1]
+    tokens = cfg.train.microbatches * shards * cfg.data.rows * cfg.data.row_len
+    model_flops = step_flops(model_cfg, tokens, cfg.data.row_len)
+    hbm = topo.hbm_bytes
+    return {
+        "topology": topo.name, "libtpu_topology": topo.topology_string, "chips": topo.chips,
+        "device_kind": devices[0].device_kind, "stage": cfg.stage,
+        "model": cfg.model.checkpoint,
+        "params": model_cfg.num_params(), "attention_impl": model_cfg.attention_impl,
+        "attention_block_size": model_cfg.attention_block_size,
+        "remat_policy": model_cfg.remat_policy, "dtype": model_cfg.dtype,
+        "param_dtype": model_cfg.param_dtype, "mesh": dict(mesh.shape),
+        "sharded_fraction": setup.sharded_fraction,
+        "microbatches": cfg.train.microbatches, "data_shards": shards, "rows": cfg.data.rows,
+        "row_len": cfg.data.row_len, "tokens_per_step": tokens,
+        "memory_per_device": memory, "hbm_per_device": hbm,
+        "hbm_fraction": memory["total"] / hbm, "fits": memory["total"] <= hbm,
+        "flops_per_device_xla": float(cost.get("flops", 0.0)),
+        "model_flops_per_step": float(model_flops),
+        "step_time_at_100pct_mfu_s": float(model_flops) / (topo.chips * topo.chip.peak_bf16_flops),
+        "mosaic_kernels": hlo.count("tpu_custom_call"),
+        "largest_arrays": largest_arrays({"state": state, "batch": batch}, top),
+        "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.2f} GiB"
+
+
+def format_report(r: dict) -> str:
+    """Human-readable lines of a compile_check report (the JSON summary comes after them)."""
+    mem = r["memory_per_device"]
+    lines = [
+        f"{r['stage']} step of {r['model']} ({r['params'] / 1e9:.2f}B params) on {r['topology']} "
+        f"({r['libtpu_topology']}, {r['chips']} x {r['device_kind']})",
+        f"mesh {r['mesh']}  sharded params {100 * r['sharded_fraction']:.1f}%  attention "
+        f"{r['attention_impl']} (block {r['attention_block_size']}, {r['mosaic_kernels']} Mosaic "
+        f"calls)  remat {r['remat_policy']}  dtype {r['dtype']} / params {r['param_dtype']}",
+        f"batch: {r['microbatches']} microbatches x {r['data_shards']} shards x {r['rows']} rows x "
+        f"{r['row_len']} tokens = {r['tokens_per_step']} tokens / step",
+        f"compile: lower {r['lower_s']} s, compile {r['compile_s']} s",
+        "memory per device (compiled.memory_analysis()):",
+    ]
+    for k in ("argument", "output", "alias", "temp", "generated_code"):
+        lines.append(f"  {k:15s}{_gib(mem[k])}")
+    verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    lines.append(f"  {'total':15s}{_gib(mem['total'])}  of {_gib(r['hbm_per_device']).strip()} HBM "
+                 f"({100 * r['hbm_fraction']:.1f}%): {verdict}")
+    lines.append("largest arrays (global shape, partition spec, per device):")
+    for a in r["largest_arrays"]:
+        lines.append(f"  {a['name'][:60]:60s} {str(tuple(a['shape'])):22s} {a['dtype']:8s} "
+                     f"{a['spec']:40s} {_gib(a['bytes_per_device'])}")
+    lines.append(f"FLOPs: {r['flops_per_device_xla']:.3e} per device (XLA cost analysis, no Pallas "
+                 f"kernels); model {r['model_flops_per_step']:.3e} per step (6ND + attention) = "
+                 f"{r['step_time_at_100pct_mfu_s']:.2f} s at 100% MFU")
+    return "\n".join(lines)
+
+
+def summary_line(r: dict) -> str:
+    keep = {k: v for k, v in r.items() if k != "largest_arrays"}
+    return json.dumps(keep, default=str)
