@@ -149,3 +149,18 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
         tags.extend([tag] * len(ids))
     return Trajectory(np.asarray(toks), trainable=np.asarray(trainable), roles=np.asarray(roles),
                       tags=np.asarray(tags), id=id, **traj_fields)
+
+
+def continuation_segments(tool_messages: list[dict]) -> list[tuple[str, str, bool, int]]:
+    """What follows a generated assistant turn (which ends with <|im_end|>) in render_segments: the
+    newline, the tool results (if any) and the next assistant header. Appending these ids to the
+    generated ids yields exactly the ids of the rendered transcript (token-in-token-out)."""
+    segs: list[tuple[str, str, bool, int]] = [("\n", "assistant", False, 0)]
+    if tool_messages:
+        segs.append(("<|im_start|>user", "tool", False, 0))
+        for i, msg in enumerate(tool_messages):
+            segs.append((f"\n<tool_response>\n{_content(msg, i)}\n</tool_response>", "tool", False,
+                         TAGS["tool_result"]))
+        segs.append(("<|im_end|>\n", "tool", False, 0))
+    segs.append(("<|im_start|>assistant\n", "assistant", False, 0))
+    return segs

@@ -75,6 +75,31 @@ class Decoder(nnx.Module):
         x, _ = jax.lax.scan(body, x, layer_state)
         return self.norm(x)
 
+    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+        """An empty KV cache: k, v [L, B, S, K, H] in the compute dtype."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, DTYPE[cfg.dtype]), "v": jnp.zeros(shape, DTYPE[cfg.dtype])}
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: dict[str, jax.Array],
+               start: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Causal forward of new tokens int32[B, T] of chains continuing at cache row start[b]
+        (prefill: start 0, T = prompt length; decode: T = 1). Returns (hidden [B, T, D] after the
+        final norm, the updated cache). The same parameters and arithmetic as __call__, so a
+        token's log-prob from here equals its score in the packed-tree forward."""
+        dtype = DTYPE[self.cfg.dtype]
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(h, xs):
+            state, ck, cv = xs
+            layer = nnx.merge(graphdef, state)
+            h, ck, cv = layer.decode(h, positions, ck, cv, start)
+            return h, (ck, cv)
+
+        x, (ks, vs) = jax.lax.scan(body, x, (layer_state, cache["k"], cache["v"]))
+        return self.norm(x), {"k": ks, "v": vs}
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full logits float32[B, T, V]. For tests and small vocabularies; training and scoring use
         the vocabulary-chunked kat_jax.ops.logprobs instead."""

@@ -117,6 +117,28 @@ class Attention(nnx.Module):
         out = checkpoint_name(out, "attention_out")
         return self.o_proj(out)
 
+    def decode(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+               start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Causal attention of new tokens x [B, T, D] (at positions [B, T]) over a KV cache
+        cache_k / cache_v [B, S, K, H]: the new keys and values are written at rows start[b] ..
+        start[b] + T - 1 first, then query t of row b sees cache rows 0 .. start[b] + t. Rows past
+        what was written are never visible (they lie after the query). Returns (out, k, v)."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q, positions, self.rope_theta)
+        k = rope(k, positions, self.rope_theta)
+        write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
+        cache_k = write(cache_k, k.astype(cache_k.dtype), start)
+        cache_v = write(cache_v, v.astype(cache_v.dtype), start)
+        b, t = x.shape[:2]
+        s = cache_k.shape[1]
+        q_index = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        never_closed = jnp.full((b, s), s + t + 1, jnp.int32)  # rule reduces to k <= q
+        out = tree_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), never_closed,
+                             q_index=q_index, impl="xla_dense")
+        return self.o_proj(out), cache_k, cache_v
+
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -145,3 +167,10 @@ class DecoderLayer(nnx.Module):
                  schedule: dict | None = None) -> jax.Array:
         x = x + self.self_attn(self.input_layernorm(x), positions, subtree_end, schedule)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, positions, cache_k, cache_v, start):
+        """As __call__ for new tokens over a KV cache (Attention.decode); returns (x, k, v)."""
+        a, cache_k, cache_v = self.self_attn.decode(self.input_layernorm(x), positions, cache_k,
+                                                    cache_v, start)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache_k, cache_v

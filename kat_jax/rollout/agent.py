@@ -1,0 +1,161 @@
+"""The multi-turn tool-calling agent loop, token in, token out.
+
+    result = run_episode(engine, env, task, tokenizer, SamplingParams(...), max_turns=8)
+
+The prompt is the environment's messages and tool schemas rendered in the Qwen format
+(kat_jax.data.chat); the policy generates to the end of its turn (<|im_end|>); tool calls in the
+Qwen format (<tool_call>{"name": ..., "arguments": {...}}</tool_call>, several per turn) are parsed
+and run by the environment (concurrently); the results, the next assistant header and nothing else
+are appended as ids (chat.continuation_segments). The trajectory holds the exact generated ids and
+the exact ids of what was appended, never a re-tokenisation of generated text. A malformed call
+(bad JSON, no name, an unclosed tag) goes back to the model as an error tool message.
+
+The episode ends when the policy answers without a tool call, the environment is done (submit),
+or at max_turns, max_tokens (the trajectory's length) or the timeout. Output: a rollout record
+(one JSONL line of `kat-jax rollout`): tokens, per token logprobs / entropies (null where not
+generated) and tags, reward, status (ok, max_turns, max_tokens, timeout, env_error), turns,
+tool calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from typing import Any
+
+from kat_jax.data.chat import continuation_segments, render_segments
+from kat_jax.rollout.sampler import SamplingParams
+from kat_jax.trees.trajectory import TAGS
+
+TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+TAG_NAMES = {v: k for k, v in TAGS.items()}
+
+
+def parse_tool_calls(text: str, turn: int = 0) -> tuple[str, list[dict], list[dict]]:
+    """(content before the first call, OpenAI-style calls, error tool messages for malformed ones)
+    of one generated assistant turn (without <|im_end|>)."""
+    calls: list[dict] = []
+    errors: list[dict] = []
+    first = text.find("<tool_call>")
+    content = text if first < 0 else text[:first]
+    if content.endswith("\n") and first >= 0:
+        content = content[:-1]
+    for i, m in enumerate(TOOL_CALL_RE.finditer(text)):
+        call_id = f"call_{turn}_{i}"
+        try:
+            obj = json.loads(m.group(1).strip())
+            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+                raise ValueError("expected {\"name\": ..., \"arguments\": {...}}")
+            args = obj.get("arguments", {})
+            if isinstance(args, str):
+                json.loads(args)
+                args_text = args
+            elif isinstance(args, dict):
+                args_text = json.dumps(args, ensure_ascii=False)
+            else:
+                raise ValueError("'arguments' must be an object")
+        except (json.JSONDecodeError, ValueError) as e:
+            errors.append({"role": "tool", "tool_call_id": call_id, "name": "invalid",
+                           "content": f"Error: malformed tool call ({e}); write "
+                                      "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>"})
+            continue
+        calls.append({"id": call_id, "type": "function",
+                      "function": {"name": obj["name"], "arguments": args_text}})
+    if text.count("<tool_call>") > text.count("</tool_call>"):
+        errors.append({"role": "tool", "tool_call_id": f"call_{turn}_unclosed", "name": "invalid",
+                       "content": "Error: malformed tool call (missing </tool_call>)"})
+    return content, calls, errors
+
+
+@dataclasses.dataclass
+class Episode:
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float | None] = dataclasses.field(default_factory=list)
+    entropies: list[float | None] = dataclasses.field(default_factory=list)
+    tags: list[int] = dataclasses.field(default_factory=list)
+
+    def add(self, tokenizer, text: str, tag: int = 0) -> None:
+        ids = tokenizer.encode(text)
+        self.tokens += ids
+        self.logprobs += [None] * len(ids)
+        self.entropies += [None] * len(ids)
+        self.tags += [tag] * len(ids)
+
+
+def _generated_tags(ids: list[int], tokenizer) -> list[int]:
+    """tool_call on every generated token from <tool_call> through </tool_call>."""
+    try:
+        open_id, close_id = tokenizer.special("<tool_call>"), tokenizer.special("</tool_call>")
+    except KeyError:
+        return [0] * len(ids)
+    out, inside = [], False
+    for t in ids:
+        if t == open_id:
+            inside = True
+        out.append(TAGS["tool_call"] if inside else 0)
+        if t == close_id:
+            inside = False
+    return out
+
+
+def run_episode(engine, env, task, tokenizer, sp: SamplingParams, max_turns: int = 8,
+                max_tokens: int = 4096, timeout_s: float | None = None, seed: int = 0,
+                group: Any = None, sample: int = 0) -> dict[str, Any]:
+    start_time = time.monotonic()
+    messages, tools = env.reset(task)
+    ep = Episode()
+    for text, _role, _train, tag in render_segments(messages, tools, add_generation_prompt=True):
+        ep.add(tokenizer, text, tag)
+    im_end = tokenizer.special("<|im_end|>")
+    status, turns, n_calls = "ok", 0, 0
+    while True:
+        if turns >= max_turns:
+            status = "max_turns"
+            break
+        budget = max_tokens - len(ep.tokens)
+        if budget <= 0:
+            status = "max_tokens"
+            break
+        if timeout_s is not None and time.monotonic() - start_time > timeout_s:
+            status = "timeout"
+            break
+        params = dataclasses.replace(sp, max_new_tokens=min(sp.max_new_tokens, budget),
+                                     stop_tokens=tuple(sorted({*sp.stop_tokens, im_end})))
+        turn_seed = (seed * 1_000_003 + sample * 10_007 + turns) % (2**31)
+        gen = engine.generate([ep.tokens], params, n=1, seeds=[turn_seed])[0][0]
+        ep.tokens += gen.tokens
+        ep.logprobs += gen.logprobs
+        ep.entropies += gen.entropies
+        ep.tags += _generated_tags(gen.tokens, tokenizer)
+        turns += 1
+        ids = gen.tokens[:-1] if gen.tokens and gen.tokens[-1] == im_end else gen.tokens
+        content, calls, errors = parse_tool_calls(tokenizer.decode(ids), turns)
+        messages.append({"role": "assistant", "content": content or None,
+                         **({"tool_calls": calls} if calls else {})})
+        if gen.finish_reason != "stop":
+            status = "max_tokens"
+            break
+        if not calls and not errors:
+            break  # a final answer
+        results = env.step(calls) if calls else []
+        n_calls += len(calls)
+        results = results + errors
+        messages.extend(results)
+        for text, _role, _train, tag in continuation_segments(results):
+            ep.add(tokenizer, text, tag)
+        if getattr(env, "done", False):
+            break
+    result = env.evaluate(messages)
+    if getattr(result, "status", None) is not None and str(getattr(result.status, "value",
+                                                                   result.status)) == "env_error":
+        status = "env_error"
+    return {
+        "id": f"{task.id}#{sample}", "group": group if group is not None else task.id,
+        "task_id": task.id, "tokens": ep.tokens, "logprobs": ep.logprobs,
+        "entropies": ep.entropies,
+        "tags": [TAG_NAMES.get(t) if t else None for t in ep.tags],
+        "reward": float(result.reward), "status": status, "turns": turns, "tool_calls": n_calls,
+        "passed": bool(result.passed),
+    }

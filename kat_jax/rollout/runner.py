@@ -1,0 +1,98 @@
+"""`kat-jax rollout`: G samples per task of an environment, episodes run concurrently, one JSONL
+line per trajectory (what `kat-jax prune`, `kat-jax score` and offline RFT / RL training read).
+
+Line: {"id", "group" (the task), "task_id", "tokens", "logprobs" and "entropies" (per token, null
+where not generated), "tags" (per token: null, "tool_call" or "tool_result"), "reward", "status",
+"passed", "turns", "tool_calls"}. The output is written atomically at the end; the last stdout line
+is a JSON summary (success rate, mean reward, mean turns, tool calls per turn, statuses).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kat_jax.atomic_io import check_output_file, write_jsonl_atomic
+
+
+def env_tasks(env_name: str, tasks_file: str | None):
+    from kat_jax.envs import calculator, maths, swe
+
+    loaders = {"calculator": calculator.load_tasks, "maths": maths.load_tasks,
+               "swe": swe.load_tasks}
+    if env_name not in loaders:
+        raise ValueError(f"--env: unknown environment {env_name!r}; known: {sorted(loaders)}")
+    return loaders[env_name](tasks_file)
+
+
+def tokenizer_for_checkpoint(spec: str, tokenizer: str | None = None):
+    from kat_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+    from kat_jax.models.checkpoint import resolve_checkpoint_dir
+
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    path = resolve_checkpoint_dir(spec)
+    if not spec.startswith("preset:") and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return load_tokenizer(path)
+    return ByteTokenizer()
+
+
+def run_rollouts(engine, env_name: str, tasks, tokenizer, samples_per_task: int, sp,
+                 max_turns: int = 8, max_tokens: int = 4096, timeout_s: float | None = None,
+                 concurrency: int = 8, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    from kat_jax.envs import make_env
+    from kat_jax.rollout.agent import run_episode
+
+    jobs = [(t, s) for t in tasks for s in range(samples_per_task)]
+
+    def one(job):
+        task, sample = job
+        env = make_env(env_name)
+        try:
+            return run_episode(engine, env, task, tokenizer, sp, max_turns=max_turns,
+                               max_tokens=max_tokens, timeout_s=timeout_s, seed=seed,
+                               sample=sample)
+        finally:
+            env.close()
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as ex:
+        return list(tqdm(ex.map(one, jobs), total=len(jobs), desc=f"rollout {env_name}",
+                         disable=not progress))
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(records)
+    turns = sum(r["turns"] for r in records)
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    return {"trajectories": n, "success_rate": sum(r["passed"] for r in records) / max(n, 1),
+            "mean_reward": sum(r["reward"] for r in records) / max(n, 1),
+            "mean_turns": turns / max(n, 1),
+            "tool_calls_per_turn": sum(r["tool_calls"] for r in records) / max(turns, 1),
+            "statuses": statuses}
+
+
+def run_rollout_cmd(checkpoint: str, env_name: str, output: str, tasks_file: str | None = None,
+                    samples_per_task: int = 4, temperature: float = 1.0, seed: int = 0,
+                    max_turns: int = 8, max_tokens: int = 4096, max_new_tokens: int = 512,
+                    concurrency: int = 8, max_tasks: int | None = None,
+                    tokenizer: str | None = None) -> dict[str, Any]:
+    from kat_jax.rollout.engine import BatchingEngine
+    from kat_jax.rollout.sampler import SamplingParams, engine_from_checkpoint
+
+    check_output_file(output)
+    tasks = env_tasks(env_name, tasks_file)
+    if max_tasks is not None:
+        tasks = tasks[:max_tasks]
+    tok = tokenizer_for_checkpoint(checkpoint, tokenizer)
+    engine = BatchingEngine(engine_from_checkpoint(checkpoint))
+    sp = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    records = run_rollouts(engine, env_name, tasks, tok, samples_per_task, sp, max_turns,
+                           max_tokens, concurrency=concurrency, seed=seed)
+    write_jsonl_atomic(output, records)
+    return {**summarize(records), "output": output, "prefill_tokens": engine.stats.get(
+        "prefill_tokens"), "generated_tokens": engine.stats.get("generated_tokens")}
