@@ -41,6 +41,9 @@ setup(
         "seqio": ["seqio>=0.0.19"],
         "docker": ["docker>=7.0"],
         "tpu": ["jax[tpu]>=0.6.0"],
+        # libtpu (the libtpu release that the installed jax pins) on a CPU host: ahead-of-time
+        # compiles for Cloud TPU topologies (kat-jax compile-check, tests/test_aot_tpu.py).
+        "aot": ["jax[tpu]>=0.6.0"],
         "gpu": ["jax[cuda12]>=0.6.0"],
     },
     entry_points={"console_scripts": ["kat-jax=kat_jax.cli:main"]},

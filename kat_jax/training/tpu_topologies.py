@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 GIB = 2**30
@@ -130,11 +131,16 @@ def topology_devices(topo: TpuTopology | str) -> list:
     except ImportError as e:
         raise ImportError(f"libtpu is not installed ({e}); pip install -e '.[aot]' (or "
                           "'libtpu==<the version jax[tpu] pins>')") from None
+    # Compile-only: no TPU is opened, so several processes (tests, the benchmark) may load libtpu
+    # at once; without this libtpu refuses while another process holds /tmp/libtpu_lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     kwargs = {}
     if topo.chip.cores_in_name == 2:  # one device per chip (megacore), as on the real slices
         kwargs["chip_config_name"] = "megacore"
+    if topo.shape[0] < 2 or topo.shape[1] < 2:  # less than one host's 2x2x1 chips
+        kwargs["chips_per_host_bounds"] = (min(topo.shape[0], 2), min(topo.shape[1], 2), 1)
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.topology_string,
                                         **kwargs)
     devices = list(desc.devices)

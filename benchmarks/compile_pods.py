@@ -1,0 +1,86 @@
+"""Pod presets compiled ahead of time for Cloud TPU topologies from this CPU host (libtpu, no TPU).
+
+    python benchmarks/compile_pods.py [--only NAME ...] [--out benchmarks/results/compile_pods.json]
+
+Each case runs `kat-jax compile-check` in its own process (the compiles of 32B-parameter steps
+for 32-64 devices take minutes and several GiB of host memory) and keeps its JSON summary line.
+A case lists candidate override sets, tried in order until one fits; every attempt is recorded,
+the ones that do not fit too. Results are merged into the output file by case name, so cases can
+be run one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (config, topology, [override sets to try in order])
+CASES: dict[str, tuple[str, str, list[list[str]]]] = {
+    "qwen3_8b_sft_v5p-8": ("configs/sft.py:qwen3_8b", "v5p-8", [[]]),
+    "qwen3_8b_sft_v5e-16": ("configs/sft.py:qwen3_8b", "v5e-16", [[]]),
+    "kat_dev_32b_sft_v5p-64": ("configs/sft.py:kat_dev_32b", "v5p-64", [[]]),
+    "kat_dev_32b_rl_v5p-64": ("configs/rl.py:kat_dev_32b", "v5p-64", [[]]),
+    "kat_dev_32b_sft_v6e-64": ("configs/sft.py:kat_dev_32b", "v6e-64", [[]]),
+    "kat_dev_32b_rl_v6e-64": ("configs/rl.py:kat_dev_32b", "v6e-64", [[]]),
+}
+
+
+def run_case(config: str, topology: str, overrides: list[str], timeout: int) -> dict:
+    cmd = [sys.executable, "-m", "kat_jax.cli", "compile-check", "--config", config,
+           "--topology", topology, *overrides]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": config, "topology": topology, "overrides": overrides,
+                "error": f"timed out after {timeout} s"}
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = [ln for ln in p.stderr.splitlines() if ln.strip()][-5:]
+        return {"config": config, "topology": topology, "overrides": overrides,
+                "returncode": p.returncode, "error": "\n".join(tail), "wall_s": round(wall, 1)}
+    out = json.loads(lines[-1])
+    out.update(config=config, overrides=overrides, returncode=p.returncode, wall_s=round(wall, 1))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", default=None, help=f"cases (default all): {list(CASES)}")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/compile_pods.json"))
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
+    args = ap.parse_args()
+    results = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
+    for name in args.only or list(CASES):
+        config, topology, candidates = CASES[name]
+        attempts = []
+        for overrides in candidates:
+            r = run_case(config, topology, overrides, args.timeout)
+            attempts.append(r)
+            mem = r.get("memory_per_device", {}).get("total")
+            print(f"{name} {' '.join(overrides) or '(defaults)'}: "
+                  + (f"{mem / 2**30:.2f} GiB of {r['hbm_per_device'] / 2**30:.0f} GiB, "
+                     f"fits={r['fits']}, compile {r['compile_s']} s" if mem is not None
+                     else f"error: {r.get('error')}"), flush=True)
+            if r.get("fits"):
+                break
+        results[name] = {"chosen": attempts[-1], "attempts": attempts}
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if all(v["chosen"].get("fits") for v in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Ahead-of-time compilation for Cloud TPU topologies on this CPU host (libtpu's abstract devices):
+the Mosaic tree-attention kernel at real shapes, a whole train step, `kat-jax compile-check`.
+
+Tests that need libtpu skip, with the reason, only when it cannot be imported (install it with
+pip install -e ".[aot]"); the topology tables and the CLI's exit codes are tested without it.
+"""
+
+import json
+import os
+
+import pytest
+
+from kat_jax.training.tpu_topologies import known_names, resolve_topology
+
+SFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sft.py")
+
+
+def test_slice_names_map_to_libtpu_topologies():
+    expect = {"v5p-128": ("v5p:4x4x4", 64), "v5p-64": ("v5p:2x4x4", 32),
+              "v5p-8": ("v5p:2x2x1", 4), "v4-32": ("v4:2x2x4", 16), "v4-8": ("v4:2x2x1", 4),
+              "v5e-16": ("v5e:4x4", 16), "v5e-1": ("v5e:1x1", 1), "v6e-64": ("v6e:8x8", 64),
+              "v6e-8": ("v6e:2x4", 8), "v5p:2x2x1": ("v5p:2x2x1", 4)}
+    for name, (topo, chips) in expect.items():
+        t = resolve_topology(name)
+        assert (t.topology_string, t.chips) == (topo, chips), name
+    assert resolve_topology("v5p-8").hbm_bytes == 95 * 2**30
+    assert resolve_topology("v5e-4").hbm_bytes == 16 * 2**30
+    assert resolve_topology("v6e-4").hbm_bytes == resolve_topology("v4-8").hbm_bytes == 32 * 2**30
+
+
+@pytest.mark.parametrize("name", ["v7-8", "v5p-12", "v5p-7", "v5e-3", "v5e:2x2x2", "tpu"])
+def test_unknown_topology_error_lists_known_names(name):
+    with pytest.raises(ValueError, match="unknown TPU topology") as e:
+        resolve_topology(name)
+    assert "v5p-128" in str(e.value) and "v6e-64" in str(e.value)
+    assert set(known_names("v5e")) >= {"v5e-1", "v5e-4", "v5e-16", "v5e-256"}
+
+
+def test_cli_compile_check_exit_codes(monkeypatch, capsys):
+    from kat_jax import cli
+    from kat_jax.training import aot
+
+    assert cli.main(["compile-check", "--config", f"{SFT}:tiny", "--topology",
+                     "v9-8"]) == 1
+    assert "unknown TPU topology" in capsys.readouterr().err
+
+    def fake(cfg, topology, top=8):
+        assert cfg.train.microbatches == 3  # --config.* overrides reach the config
+        return {"fits": fits, "memory_per_device": {"total": 2}}
+
+    monkeypatch.setattr(aot, "compile_check", fake)
+    monkeypatch.setattr(aot, "format_report", lambda r: "report")
+    args = ["compile-check", "--config", f"{SFT}:tiny", "--topology", "v5e-4",
+            "--config.train.microbatches=3"]
+    for fits, code in ((True, 0), (False, 3)):
+        assert cli.main(args) == code
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["fits"] is fits
+
+
+# ---------------------------------------------------------------------------------------------
+# with libtpu
+
+
+def _libtpu():
+    return pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e "
+                               "'.[aot]'): no abstract TPU devices to compile for")
+
+
+def _one_chip_mesh(topology: str):
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from kat_jax.training.tpu_topologies import topology_devices
+
+    devices = topology_devices(topology)[:1]
+    return Mesh(np.asarray(devices).reshape(1), ("data",))
+
+
+def test_auto_attention_resolves_to_the_tpu_kernel_under_an_abstract_tpu_mesh():
+    _libtpu()
+    import jax
+
+    from kat_jax.ops.attention import resolve_attention_impl
+    from kat_jax.ops.pallas.tree_attention import default_backend
+
+    assert resolve_attention_impl("auto", head_dim=128) == "xla_block_sparse"  # CPU host
+    with jax.set_mesh(_one_chip_mesh("v5e-1")):
+        assert resolve_attention_impl("auto", head_dim=128) == "pallas"
+        assert default_backend() == ("tpu", False)
+
+
+@pytest.mark.parametrize("topology,row_len", [("v5e-1", 8192), ("v5p:1x1x1", 8192),
+                                              ("v6e-1", 32768)])
+def test_pallas_tree_attention_fwd_bwd_compiles_through_mosaic(topology, row_len):
+    """head_dim 128, GQA group 8 (8 query heads per kv head), bf16, block 512, forward and
+    backward (dQ, dK/dV kernels): XLA:TPU compiles the three Mosaic kernels."""
+    _libtpu()
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from kat_jax.ops.pallas.tree_attention import pallas_tree_attention
+
+    mesh = _one_chip_mesh(topology)
+    rep = NamedSharding(mesh, P())
+    b, t, n, k, h = 1, row_len, 8, 1, 128
+
+    def loss(q, kk, v, end):
+        out = pallas_tree_attention(q, kk, v, end, block_size=512, backend="tpu",
+                                    interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    args = [jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16, sharding=rep),
+            jax.ShapeDtypeStruct((b, t, k, h), jnp.bfloat16, sharding=rep),
+            jax.ShapeDtypeStruct((b, t, k, h), jnp.bfloat16, sharding=rep),
+            jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=rep)]
+    with jax.set_mesh(mesh):
+        compiled = step.lower(*args).compile()
+    assert compiled.as_text().count("tpu_custom_call") >= 3  # fwd, dQ, dK/dV
+    assert compiled.memory_analysis().output_size_in_bytes > 0
+
+
+def test_tiny_train_step_compiles_and_fits_on_a_v5e_topology():
+    """The whole SFT step (Pallas attention inside shard_map over a 2x2 mesh) for v5e-4, with
+    abstract inputs: the report that `kat-jax compile-check` prints."""
+    _libtpu()
+    from kat_jax.training import aot, config_lib
+
+    cfg = config_lib.load_config(f"{SFT}:tiny", [
+        "--config.model.attention_impl=pallas", "--config.model.attention_block_size=128",
+        "--config.data.row_len=512", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
+    r = aot.compile_check(cfg, "v5e-4")
+    assert r["fits"] and r["chips"] == 4 and r["device_kind"] == "TPU v5 lite"
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert r["attention_impl"] == "pallas" and r["mosaic_kernels"] >= 3
+    mem = r["memory_per_device"]
+    assert 0 < mem["total"] < r["hbm_per_device"] and mem["argument"] > 0
+    assert r["flops_per_device_xla"] > 0 and r["model_flops_per_step"] > 0
+    specs = {a["name"]: a["spec"] for a in r["largest_arrays"]}
+    assert any("fsdp" in s for s in specs.values())
+    assert "fits" in aot.format_report(r) and json.loads(aot.summary_line(r))["fits"]
