@@ -206,3 +206,35 @@ def test_rollout_command_writes_lines_that_training_reads(tmp_path):
                  "--output", str(out)]) == 0
     src = JsonlGroups([str(out)], "rollouts")
     assert len(src) == 2 and src.num_records == 4  # grouped by task
+
+
+def test_batching_engine_merges_concurrent_requests():
+    import threading
+    import time as _time
+
+    from kat_jax.rollout.engine import BatchingEngine
+
+    class Counting:
+        calls = []
+
+        def generate(self, prompts, params, n=1, seeds=None):
+            self.calls.append((len(prompts), tuple(seeds)))
+            _time.sleep(0.05)
+            return [[Generation([p[0] + s], [-1.0], [1.0], "length") for s in range(n)]
+                    for p in prompts]
+
+    inner = Counting()
+    eng = BatchingEngine(inner, wait_s=0.05)
+    results = {}
+
+    def worker(i):
+        results[i] = eng.generate([[i]], SamplingParams(seed=i), n=2, seeds=[100 + i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[i][0][1].tokens == [i + 1] for i in range(8))  # each got its own answer
+    assert len(inner.calls) < 8 and sum(n for n, _ in inner.calls) == 8
+    assert sorted(s for _, seeds in inner.calls for s in seeds) == [100 + i for i in range(8)]
