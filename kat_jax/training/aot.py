@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any
 
 import jax
@@ -208,21 +209,38 @@ def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8) -
     with jax.set_mesh(mesh):  # Pallas attention then runs inside shard_map over the mesh
         lowered = jit_step.lower(state, batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    hbm = topo.hbm_bytes
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses programs that exceed HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, oom = None, str(e).split("\n")[0]
     t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
-              "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes",
-              "generated_code": "generated_code_size_in_bytes"}
-    memory = {k: int(getattr(mem, attr, 0) or 0) for k, attr in fields.items()}
-    memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
-                       + memory["generated_code"])
-    hlo = compiled.as_text() or ""
-    cost = _cost(compiled)
+    if compiled is not None:
+        mem = compiled.memory_analysis()
+        fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
+                  "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes",
+                  "generated_code": "generated_code_size_in_bytes"}
+        memory = {k: int(getattr(mem, attr, 0) or 0) for k, attr in fields.items()}
+        memory["total"] = (memory["argument"] + memory["output"] - memory["alias"]
+                           + memory["temp"] + memory["generated_code"])
+        hlo, cost, oom = compiled.as_text() or "", _cost(compiled), None
+    else:  # what the compiler's message says: temporaries (or total) required vs available
+        memory = {"compiler_error": oom}
+        need = re.search(r"required for [^(]*\(([\d.]+)([GMK])\) exceeds available HBM "
+                         r"\(([\d.]+)([GMK])\)", oom)
+        unit = {"G": 2**30, "M": 2**20, "K": 2**10}
+        if need:
+            memory["temp"] = int(float(need.group(1)) * unit[need.group(2)])
+            memory["compiler_available_hbm"] = int(float(need.group(3)) * unit[need.group(4)])
+        args = sum(_per_device_bytes(x) for x in jax.tree.leaves((state, batch)))
+        memory["argument"] = args
+        memory["total"] = args + memory.get("temp", 0)  # a lower bound: the compiler stopped
+        hlo, cost = "", {}
     shards = batch["tokens"].shape[1]
     tokens = cfg.train.microbatches * shards * cfg.data.rows * cfg.data.row_len
     model_flops = step_flops(model_cfg, tokens, cfg.data.row_len)
-    hbm = topo.hbm_bytes
     return {
         "topology": topo.name, "libtpu_topology": topo.topology_string, "chips": topo.chips,
         "device_kind": devices[0].device_kind, "stage": cfg.stage,
@@ -235,7 +253,8 @@ def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8) -
         "microbatches": cfg.train.microbatches, "data_shards": shards, "rows": cfg.data.rows,
         "row_len": cfg.data.row_len, "tokens_per_step": tokens,
         "memory_per_device": memory, "hbm_per_device": hbm,
-        "hbm_fraction": memory["total"] / hbm, "fits": memory["total"] <= hbm,
+        "hbm_fraction": memory["total"] / hbm, "fits": oom is None and memory["total"] <= hbm,
+        "compiled": compiled is not None,
         "flops_per_device_xla": float(cost.get("flops", 0.0)),
         "model_flops_per_step": float(model_flops),
         "step_time_at_100pct_mfu_s": float(model_flops) / (topo.chips * topo.chip.peak_bf16_flops),
@@ -263,8 +282,12 @@ def format_report(r: dict) -> str:
         f"compile: lower {r['lower_s']} s, compile {r['compile_s']} s",
         "memory per device (compiled.memory_analysis()):",
     ]
+    if "compiler_error" in mem:
+        lines.append(f"  XLA:TPU refused the program: {mem['compiler_error']}")
+        lines.append("  (total below = inputs per device + the temporaries the compiler asked for)")
     for k in ("argument", "output", "alias", "temp", "generated_code"):
-        lines.append(f"  {k:15s}{_gib(mem[k])}")
+        if k in mem:
+            lines.append(f"  {k:15s}{_gib(mem[k])}")
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     lines.append(f"  {'total':15s}{_gib(mem['total'])}  of {_gib(r['hbm_per_device']).strip()} HBM "
                  f"({100 * r['hbm_fraction']:.1f}%): {verdict}")
