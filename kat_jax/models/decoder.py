@@ -101,9 +101,14 @@ class Decoder(nnx.Module):
         return self.norm(x), {"k": ks, "v": vs}
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Full logits float32[B, T, V]. For tests and small vocabularies; training and scoring use
-        the vocabulary-chunked kat_jax.ops.logprobs instead."""
-        return jnp.einsum("btd,dv->btv", hidden, self.head_kernel(),
+        """Full logits float32[..., V] of hidden [..., D] (decoding, tests; training and scoring use
+        the vocabulary-chunked kat_jax.ops.logprobs instead). A tied head contracts the embedding
+        table [V, D] in place (no transposed copy of it per call)."""
+        dtype = DTYPE[self.cfg.dtype]
+        if self.lm_head is None:
+            return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...].astype(dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(dtype),
                           preferred_element_type=jnp.float32)
 
 

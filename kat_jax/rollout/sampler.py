@@ -97,7 +97,7 @@ class JaxEngine:
         graphdef = self.graphdef
 
         def head_logits(m, h):
-            return jnp.einsum("bd,dv->bv", h, m.head_kernel(), preferred_element_type=jnp.float32)
+            return m.logits(h)
 
         def prefill(params, tokens, lengths, cache_len):
             m = nnx.merge(graphdef, params)
