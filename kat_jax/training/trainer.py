@@ -19,6 +19,7 @@ model/ exists and whose checkpoint reached train.steps is skipped.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -43,6 +44,27 @@ from kat_jax.training.step import LossSpec, init_state, make_eval_step
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT = 143
+
+
+class IteratorState:
+    """The data iterator's state the way grain's orbax handler stores it: one JSON file per
+    process (process_<i>-of-<n>.json), written by every process. (orbax's JsonSave writes on the
+    primary host only, which would lose the other hosts' iterator positions.) snapshot=True fixes
+    the state at construction, so an asynchronous save records the step it was asked for."""
+
+    def __init__(self, iterator, snapshot: bool = False):
+        self.iterator = iterator
+        self._state = json.dumps(iterator.get_state()).encode() if snapshot else None
+
+    def get_state(self) -> bytes:
+        return self._state if self._state is not None else json.dumps(
+            self.iterator.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.iterator.set_state(json.loads(state))
+
+    def start_prefetch(self) -> None:  # called by grain's handler after a restore
+        pass
 
 
 class TrainingError(RuntimeError):
@@ -158,6 +180,7 @@ def _validate(cfg) -> None:
 
 
 def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    import grain
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
@@ -206,10 +229,9 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_state, state_shard)
         restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target),
+            data=grain.checkpoint.CheckpointRestore(IteratorState(data_it))))
         state = restored["state"]
-        data_it.set_state(restored["data"]["iterator"][str(jax.process_index())]
-                          if "iterator" in restored["data"] else restored["data"])
         log.info("resumed %s from step %d", workdir, start)
     else:
         start = 0
@@ -241,9 +263,10 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # Let the in-flight step finish first: orbax's device-to-host copies must not interleave
         # with a running multi-device program (on XLA:CPU that interleaving deadlocks collectives).
         jax.block_until_ready(state)
-        data_state = {"iterator": {str(jax.process_index()): data_it.get_state()}}
+        data_state = IteratorState(data_it, snapshot=True)  # this step's position, now
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                data=ocp.args.JsonSave(data_state)), force=force)
+                                                data=grain.checkpoint.CheckpointSave(data_state)),
+                  force=force)
 
     writer = MetricsWriter(workdir, resume_step=start)
     peak = peak_flops()
