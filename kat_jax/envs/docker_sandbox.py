@@ -27,8 +27,8 @@ from kat_jax.envs.sandbox import (
     ExecResult,
     OutputCap,
     SandboxError,
-    git_baseline_script,
-    git_diff_script,
+    git_baseline,
+    git_diff,
 )
 
 LABEL = "kat_jax.sandbox"
@@ -86,10 +86,7 @@ class DockerSandbox:
                           user="root")
             if r.exit_code != 0:
                 raise SandboxError(f"could not hand {workdir} to {user}: {r.output[-1000:]}")
-            r = self.exec(git_baseline_script(base_commit), timeout=start_timeout)
-            if r.exit_code != 0:
-                raise SandboxError(f"could not set up the baseline commit: {r.output[-2000:]}")
-            self.base = r.output.strip().splitlines()[-1]
+            self.base = git_baseline(self, base_commit, start_timeout)
         except BaseException:
             self.close()
             raise
@@ -164,10 +161,7 @@ class DockerSandbox:
             raise SandboxError(f"writing {full} failed: {e}") from e
 
     def diff(self) -> str:
-        r = self.exec(git_diff_script(self.base), timeout=120, output_limit=64 << 20)
-        if r.exit_code != 0 or r.truncated:
-            raise SandboxError(f"git diff failed: {r.output[-2000:]}")
-        return r.output
+        return git_diff(self, self.base)
 
     def healthy(self) -> bool:
         if self._closed:

@@ -44,8 +44,8 @@ from kat_jax.envs.sandbox import (
     ExecResult,
     OutputCap,
     SandboxError,
-    git_baseline_script,
-    git_diff_script,
+    git_baseline,
+    git_diff,
 )
 
 _UID_BASE, _UID_SPAN = 200_000, 60_000
@@ -180,10 +180,7 @@ class LocalSandbox:
                     "TMPDIR": os.path.join(self.home, "tmp"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                     "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "TERM": "dumb",
                     "GIT_CONFIG_NOSYSTEM": "1", "PAGER": "cat"}
-        r = self.exec(git_baseline_script(base_commit), timeout=timeout)
-        if r.exit_code != 0:
-            raise SandboxError(f"could not set up the baseline commit: {r.output[-2000:]}")
-        self.base = r.output.strip().splitlines()[-1]
+        self.base = git_baseline(self, base_commit, timeout)
 
     # -- commands -----------------------------------------------------------------------------
     def _argv(self, cmd: str, cwd: str) -> list[str]:
@@ -284,10 +281,7 @@ class LocalSandbox:
 
     def diff(self) -> str:
         """The working copy's changes (new files included) against the start, as a git patch."""
-        r = self.exec(git_diff_script(self.base), timeout=120, output_limit=64 << 20)
-        if r.exit_code != 0 or r.truncated:
-            raise SandboxError(f"git diff failed: {r.output[-2000:]}")
-        return r.output
+        return git_diff(self, self.base)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def healthy(self) -> bool:

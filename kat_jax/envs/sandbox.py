@@ -119,6 +119,22 @@ def git_diff_script(base: str) -> str:
     return f"{GIT} add -A >/dev/null 2>&1; {GIT} diff --cached --binary {shlex.quote(base)}"
 
 
+def git_baseline(sb: Sandbox, base_commit: str | None, timeout: float) -> str:
+    """Runs git_baseline_script in ``sb``; returns the baseline commit every diff is taken against."""
+    r = sb.exec(git_baseline_script(base_commit), timeout=timeout)
+    if r.exit_code != 0:
+        raise SandboxError(f"could not set up the baseline commit: {r.output[-2000:]}")
+    return r.output.strip().splitlines()[-1]
+
+
+def git_diff(sb: Sandbox, base: str) -> str:
+    """The working copy's changes in ``sb`` (new files included) against ``base``, as a git patch."""
+    r = sb.exec(git_diff_script(base), timeout=120, output_limit=64 << 20)
+    if r.exit_code != 0 or r.truncated:
+        raise SandboxError(f"git diff failed: {r.output[-2000:]}")
+    return r.output
+
+
 class SandboxPool:
     """A pool of warm sandboxes made by ``factory``; ``acquire`` hands out a healthy one.
 
