@@ -36,7 +36,7 @@ def _bad(path: str, lineno: int, obj_id: Any, msg: str) -> ValueError:
     return ValueError(f"{path}:{lineno}: trajectory {obj_id!r}: {msg}")
 
 
-def _per_token_floats(values: Any, n: int, key: str, what: str, ok, rule: str, bad
+def per_token_floats(values: Any, n: int, key: str, what: str, ok, rule: str, bad
                       ) -> np.ndarray:
     """float32[n] from a JSON list of n numbers or nulls (null -> 0); `ok(x)` decides validity;
     `bad(msg)` builds the error naming the line and trajectory."""
@@ -86,7 +86,7 @@ def read_rollouts(path: str, allow_missing_entropies: bool = False,
                 raise bad(f"'entropies' must be a list of {len(toks)} values (one per token, null "
                           "where not sampled); without them, pass --checkpoint to compute them "
                           "with a forward pass")
-            ent = _per_token_floats(ents, len(toks), "entropies", "entropy", lambda x: x >= 0,
+            ent = per_token_floats(ents, len(toks), "entropies", "entropy", lambda x: x >= 0,
                                     ">= 0", bad)
             tags_in = obj.get("tags")
             tags = np.zeros(len(toks), np.int32)
@@ -104,7 +104,7 @@ def read_rollouts(path: str, allow_missing_entropies: bool = False,
             if need_logprobs and lps_in is None:
                 raise _bad(path, lineno, tid, "--reach prob needs 'logprobs' (one per token, null "
                            "where not sampled)")
-            lps = None if lps_in is None else _per_token_floats(
+            lps = None if lps_in is None else per_token_floats(
                 lps_in, len(toks), "logprobs", "log-prob", lambda x: x <= 0, "<= 0", bad)
             traj = Trajectory(np.asarray(toks), entropies=ent, tags=tags, id=tid,
                               behaviour_logprobs=lps)

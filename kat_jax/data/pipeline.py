@@ -33,6 +33,11 @@ from kat_jax.trees.trie import build_trie
 
 log = logging.getLogger(__name__)
 
+# The arrays of a shard batch (and, stacked [M, S, ...], of a train step's batch).
+SCHEDULE_PREFIX = "schedule_"
+ROW_KEYS = ("tokens", "positions", "parent", "subtree_end")
+TRAJ_KEYS = ("traj_index", "traj_valid", "traj_trainable", "traj_pruned",
+             "traj_behaviour_logprobs", "traj_advantage", "traj_has_behaviour")
 STAGE_KIND = {"mid": "mid", "sft": "chat", "rft": "rollouts", "rl": "rollouts"}
 
 
@@ -253,12 +258,9 @@ class TreeBatcher:
         return arrays, stats
 
     def _arrays(self, tb) -> dict[str, np.ndarray]:
-        out = {k: getattr(tb, k) for k in ("tokens", "positions", "parent", "subtree_end",
-                                           "traj_index", "traj_valid", "traj_trainable",
-                                           "traj_pruned", "traj_behaviour_logprobs",
-                                           "traj_advantage", "traj_has_behaviour")}
+        out = {k: getattr(tb, k) for k in (*ROW_KEYS, *TRAJ_KEYS)}
         sched = fixed_schedule(tb.subtree_end, self.shape)
-        out.update({f"schedule_{k}": v for k, v in sched.items()})
+        out.update({f"{SCHEDULE_PREFIX}{k}": v for k, v in sched.items()})
         return out
 
     def empty_batch(self) -> dict[str, np.ndarray]:
@@ -266,7 +268,7 @@ class TreeBatcher:
         s = self.shape
         rows = empty_rows(s.rows, s.row_len, self.pad_id)
         n, length = s.trajectories, s.row_len
-        out = {k: rows[k] for k in ("tokens", "positions", "parent", "subtree_end")}
+        out = {k: rows[k] for k in ROW_KEYS}
         out.update(traj_index=np.full((n, length), -1, np.int32),
                    traj_valid=np.zeros((n, length), bool),
                    traj_trainable=np.zeros((n, length), bool),
@@ -275,7 +277,7 @@ class TreeBatcher:
                    traj_advantage=np.zeros(n, np.float32),
                    traj_has_behaviour=np.zeros(n, bool))
         sched = fixed_schedule(out["subtree_end"], self.shape)
-        out.update({f"schedule_{k}": v for k, v in sched.items()})
+        out.update({f"{SCHEDULE_PREFIX}{k}": v for k, v in sched.items()})
         return out
 
 

@@ -25,17 +25,20 @@ import math
 import os
 from typing import Any
 
+from kat_jax.prune_cmd import per_token_floats  # rollout lines are what prune reads, too
+
 KINDS = ("mid", "chat", "rollouts")
 
 
-def open_source(spec: str, key: str):
-    """data.train_files / eval_files -> JSONL file list, or a seqio source for 'seqio:NAME[:SPLIT]'."""
+def open_source(spec: str, key: str, kind: str):
+    """data.train_files / eval_files -> the random-access source, opened (indexed, validated) once:
+    JsonlGroups of the JSONL files of `kind`, or a seqio source for 'seqio:NAME[:SPLIT]'."""
     from kat_jax.data.seqio_source import SeqioGroups, parse_seqio_spec
 
     parsed = parse_seqio_spec(spec)
     if parsed is not None:
         return SeqioGroups(*parsed)
-    return expand_files(spec, key)
+    return JsonlGroups(expand_files(spec, key), kind)
 
 
 def expand_files(spec: str | list[str], key: str) -> list[str]:
@@ -82,15 +85,8 @@ def _check(kind: str, obj: Any, where: str) -> None:
         if not isinstance(t, list) or len(t) < 2 or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t):
             raise ValueError(f"{where}: 'tokens' must be a list of at least 2 ids >= 0")
-        lp = obj.get("logprobs")
-        if not isinstance(lp, list) or len(lp) != len(t):
-            raise ValueError(f"{where}: 'logprobs' must be a list of {len(t)} values (null where "
-                             "the token was not generated)")
-        for j, x in enumerate(lp):
-            if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool)
-                                  or not math.isfinite(x) or x > 0):
-                raise ValueError(f"{where}: log-prob {x!r} at index {j} must be a finite number "
-                                 "<= 0 or null")
+        per_token_floats(obj.get("logprobs"), len(t), "logprobs", "log-prob", lambda x: x <= 0,
+                         "<= 0", lambda msg: ValueError(f"{where}: {msg}"))
         for key in ("reward", "advantage"):
             v = obj.get(key)
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)

@@ -35,14 +35,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kat_jax.data.pipeline import SCHEDULE_PREFIX, TRAJ_KEYS
 from kat_jax.ops.logprobs import tree_logprobs
 from kat_jax.training.losses import PolicyLossConfig, stage_loss
 from kat_jax.trees.packing import gather_per_trajectory
-
-SCHEDULE_PREFIX = "schedule_"
-ROW_KEYS = ("tokens", "positions", "parent", "subtree_end")
-TRAJ_KEYS = ("traj_index", "traj_valid", "traj_trainable", "traj_pruned",
-             "traj_behaviour_logprobs", "traj_advantage", "traj_has_behaviour")
 
 
 @dataclasses.dataclass(frozen=True)

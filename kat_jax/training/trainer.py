@@ -184,7 +184,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
-    from kat_jax.data.pipeline import BatchShape, make_step_iterator
+    from kat_jax.data.pipeline import STAGE_KIND, BatchShape, make_step_iterator
     from kat_jax.data.sources import open_source
     from kat_jax.models.checkpoint import save_checkpoint
 
@@ -202,7 +202,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         shards = aot.data_shards(cfg, mesh, jax.process_count())
     except ValueError as e:
         raise TrainingError(str(e)) from None
-    train_files = open_source(cfg.data.train_files, "data.train_files")
+    train_files = open_source(cfg.data.train_files, "data.train_files", STAGE_KIND[cfg.stage])
     if jax.process_index() == 0:
         config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
         model_cfg.save_json(os.path.join(workdir, "model_config.json"))
@@ -248,7 +248,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     jit_step = aot.jit_train_step(setup, batch_shard)
     eval_fn = None
     if cfg.data.eval_files and cfg.train.eval_every > 0:
-        eval_files = open_source(cfg.data.eval_files, "data.eval_files")
+        eval_files = open_source(cfg.data.eval_files, "data.eval_files", STAGE_KIND[cfg.stage])
         eval_fn = jax.jit(make_eval_step(graphdef, spec, constrain),
                           in_shardings=(p_shard, batch_shard), out_shardings=rep)
 
