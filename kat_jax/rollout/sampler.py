@@ -142,9 +142,10 @@ class JaxEngine:
 
     def _generate(self, prompts, sp: SamplingParams, n, seeds):
         # unique prompts are prefilled once
+        keys_of = [tuple(int(t) for t in p) for p in prompts]
         uniq: dict[tuple, int] = {}
-        for p in prompts:
-            uniq.setdefault(tuple(int(t) for t in p), len(uniq))
+        for key in keys_of:
+            uniq.setdefault(key, len(uniq))
         u_list = list(uniq)
         lengths = np.array([len(p) for p in u_list], np.int32)
         p_len = bucket_length(int(lengths.max()))
@@ -162,8 +163,7 @@ class JaxEngine:
         self.stats["prefill_tokens"] += int(lengths.sum())
         self.stats["prefill_calls"] += 1
         # rows: prompt i, sample j -> its unique prompt's cache row
-        rows = np.array([uniq[tuple(int(t) for t in p)] for p in prompts for _ in range(n)],
-                        np.int32)
+        rows = np.array([uniq[key] for key in keys_of for _ in range(n)], np.int32)
         b = len(rows)
         b_pad = _pow2(b)
         rows_pad = np.concatenate([rows, np.full(b_pad - b, rows[0], np.int32)])
