@@ -85,15 +85,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _swe_env_kwargs(args: argparse.Namespace) -> dict:
+    """``make_env`` kwargs from --backend / --sandbox-image (they apply to --env swe only)."""
+    if args.sandbox_image and args.backend != "docker":
+        raise ValueError("--sandbox-image needs --backend docker")
+    if args.env != "swe":
+        if args.backend != "local":
+            raise ValueError(f"--backend applies to --env swe, not {args.env}")
+        return {}
+    sandbox = {"image": args.sandbox_image} if args.sandbox_image else {}
+    return {"backend": args.backend, "sandbox_kwargs": sandbox}
+
+
 def _cmd_rollout(args: argparse.Namespace) -> int:
     from kat_jax.rollout.runner import run_rollout_cmd
 
+    env_kwargs = _swe_env_kwargs(args)
     summary = run_rollout_cmd(args.checkpoint, args.env, args.output, tasks_file=args.tasks,
                               samples_per_task=args.samples_per_task,
                               temperature=args.temperature, seed=args.seed,
                               max_turns=args.max_turns, max_tokens=args.max_tokens,
                               max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
-                              max_tasks=args.max_tasks, tokenizer=args.tokenizer)
+                              max_tasks=args.max_tasks, tokenizer=args.tokenizer,
+                              env_kwargs=env_kwargs)
     print(json.dumps(summary))
     return 0
 
@@ -245,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tasks", type=int, default=None, help="only the first N tasks")
     p.add_argument("--tokenizer", default=None,
                    help="'bytes' or a tokenizer.json dir (default: the checkpoint's, else bytes)")
+    p.add_argument("--backend", default="local", choices=["local", "docker"],
+                   help="sandbox backend of --env swe (default local)")
+    p.add_argument("--sandbox-image", default=None,
+                   help="with --backend docker: the image of tasks without their own `image` "
+                   "(default $KAT_JAX_SANDBOX_IMAGE, else kat-jax-sandbox:latest)")
     p.set_defaults(fn=_cmd_rollout)
 
     p = sub.add_parser("serve", help="OpenAI-compatible /v1/completions server (token ids in/out)",

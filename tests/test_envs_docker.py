@@ -1,6 +1,9 @@
-"""Docker backend against a fake docker client: container settings, exec, files, diff, reaper, SWE."""
+"""Docker backend against a fake docker client: container settings, exec, files, diff, reaper, SWE,
+the default sandbox image and the error for a missing one."""
 
 import io
+import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -10,20 +13,33 @@ import tempfile
 
 import pytest
 
-from kat_jax.envs import make_env
-from kat_jax.envs.docker_sandbox import LABEL, DockerSandbox, reap
+from kat_jax.cli import main
+from kat_jax.envs import SandboxError, make_env
+from kat_jax.envs import docker_sandbox as ds
+from kat_jax.envs.check import check
+from kat_jax.envs.docker_sandbox import DEFAULT_IMAGE, LABEL, DockerSandbox, reap
 from kat_jax.envs.swe import grade_patch, load_instances, task_from_instance
 
 INSTANCES = load_instances()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = "docker build -f docker/Dockerfile.sandbox -t kat-jax-sandbox:latest ."
+
+
+class ImageNotFound(Exception):
+    """Named like docker.errors.ImageNotFound (the sandbox matches it by class name)."""
+
+
+class APIError(Exception):
+    pass
 
 
 class FakeContainer:
     def __init__(self, client, kwargs):
         self.client, self.kwargs = client, kwargs
-        self.id = f"c{len(client.containers.made)}"
+        self.id = f"c{next(client.ids)}"
         self.labels, self.status = kwargs["labels"], "running"
         self.dir = tempfile.mkdtemp()
-        src = client.images.get(kwargs["image"])
+        src = client.images.mapping[kwargs["image"]]
         if src:
             shutil.copytree(src, self.dir, dirs_exist_ok=True)
 
@@ -37,6 +53,7 @@ class FakeContainer:
         return iter([buf.getvalue()]), {}
 
     def put_archive(self, path, data):
+        data = data if isinstance(data, bytes) else data.read()
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             tar.extractall(self.map(path), filter="data")
         return True
@@ -57,8 +74,9 @@ class FakeAPI:
     def exec_create(self, cid, cmd, user, workdir, **kw):
         c = self.client.containers.by_id[cid]
         assert c.status == "running"
-        self.execs[str(len(self.execs))] = (c, cmd, user, workdir)
-        return {"Id": str(len(self.execs) - 1)}
+        eid = str(next(self.client.ids))
+        self.execs[eid] = (c, cmd, user, workdir)
+        return {"Id": eid}
 
     def exec_start(self, eid, stream):
         c, cmd, user, workdir = self.execs[eid]
@@ -80,6 +98,8 @@ class FakeContainers:
         self.client, self.made, self.by_id = client, [], {}
 
     def run(self, **kwargs):
+        if kwargs["image"] not in self.client.images.mapping:   # docker-py: not local, pull failed
+            raise APIError(f"pull access denied for {kwargs['image']}, repository does not exist")
         c = FakeContainer(self.client, kwargs)
         self.made.append(c)
         self.by_id[c.id] = c
@@ -91,15 +111,20 @@ class FakeContainers:
 
 
 class FakeImages:
+    """Images on the fake engine: name -> directory holding the image's /testbed (None: empty)."""
+
     def __init__(self, mapping):
         self.mapping = mapping
 
     def get(self, name):
-        return self.mapping.get(name)
+        if name not in self.mapping:
+            raise ImageNotFound(f"No such image: {name}")
+        return name
 
 
 class FakeDocker:
     def __init__(self, images=None):
+        self.ids = itertools.count()     # thread-safe ids: env check grades with several workers
         self.containers, self.api = FakeContainers(self), FakeAPI(self)
         self.images = FakeImages(images or {})
         self.removed, self.exec_users = [], []
@@ -107,7 +132,13 @@ class FakeDocker:
 
 @pytest.fixture
 def client():
-    return FakeDocker({f"kat/{i['instance_id']}": i["repo_path"] for i in INSTANCES})
+    return FakeDocker({DEFAULT_IMAGE: None, **{f"kat/{i['instance_id']}": i["repo_path"]
+                                              for i in INSTANCES}})
+
+
+@pytest.fixture(autouse=True)
+def no_image_env(monkeypatch):
+    monkeypatch.delenv(ds.IMAGE_ENV, raising=False)
 
 
 def test_docker_is_imported_lazily():
@@ -189,3 +220,91 @@ def test_unreachable_engine_is_an_env_error_not_a_crash():
     assert msg["content"].startswith("Error")
     res = env.evaluate()
     assert res.masked and res.reward == 0.0
+
+
+def test_default_image_is_the_sandbox_image_and_the_env_var_overrides_it(client, monkeypatch):
+    assert DEFAULT_IMAGE == "kat-jax-sandbox:latest"
+    DockerSandbox(client=client).close()
+    monkeypatch.setenv(ds.IMAGE_ENV, "my/sandbox:1")
+    client.images.mapping.update({"my/sandbox:1": None, "kat/explicit": None})
+    DockerSandbox(client=client).close()
+    DockerSandbox("kat/explicit", client=client).close()
+    assert [c.kwargs["image"] for c in client.containers.made] == [DEFAULT_IMAGE, "my/sandbox:1",
+                                                                   "kat/explicit"]
+
+
+def test_instance_without_image_runs_in_the_sandbox_image_with_its_repository_copied_in(client):
+    inst = INSTANCES[2]
+    assert "image" not in inst
+    assert grade_patch(inst, inst["patch"], "docker", client=client).reward == 1.0
+    assert grade_patch(inst, "", "docker", client=client).reward == 0.0
+    env = make_env("swe", backend="docker", sandbox_kwargs={"client": client})
+    env.reset(task_from_instance(inst))
+    # a plain repo_path is committed as the baseline: the copy hashes to base_commit, as locally
+    assert env.sb.base == inst["base_commit"] and env.sb.diff() == ""
+    assert env.sb.exec("ls").output.split() == sorted(os.listdir(inst["repo_path"]))
+    env.close()
+    assert {c.kwargs["image"] for c in client.containers.made} == {DEFAULT_IMAGE}
+
+
+def test_env_check_on_the_docker_backend_with_a_sandbox_image(client, tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(i) + "\n" for i in INSTANCES[:2]))
+    client.images.mapping["custom/sandbox:2"] = None
+    rows = check("swe", str(tasks), "docker", sandbox_kwargs={"client": client,
+                                                              "image": "custom/sandbox:2"})
+    assert [r["ok"] for r in rows] == [True, True]
+    assert {c.kwargs["image"] for c in client.containers.made} == {"custom/sandbox:2"}
+
+
+def test_missing_sandbox_image_error_names_it_and_the_build_command(monkeypatch):
+    with pytest.raises(SandboxError) as e:
+        DockerSandbox(client=FakeDocker({}))
+    assert "'kat-jax-sandbox:latest' not found" in str(e.value) and BUILD in str(e.value)
+    monkeypatch.setenv(ds.IMAGE_ENV, "my/sandbox:1")
+    with pytest.raises(SandboxError) as e:
+        DockerSandbox(client=FakeDocker({}))
+    assert "docker build -f docker/Dockerfile.sandbox -t my/sandbox:1 ." in str(e.value)
+    with pytest.raises(SandboxError) as e:   # a task's own image: built FROM the sandbox image
+        DockerSandbox("kat/task-1", client=FakeDocker({}))
+    assert "'kat/task-1' not found" in str(e.value) and BUILD in str(e.value)
+
+
+def test_missing_image_in_an_episode_is_an_env_error_naming_it():
+    env = make_env("swe", backend="docker", sandbox_kwargs={"client": FakeDocker({})})
+    env.reset(task_from_instance(INSTANCES[0]))
+    res = env.evaluate()
+    assert res.masked and BUILD in env.env_error
+
+
+def test_cli_env_check_docker_reports_a_missing_image_and_takes_sandbox_image(monkeypatch, capsys,
+                                                                             tmp_path):
+    fake = FakeDocker({})
+    monkeypatch.setattr(ds, "_default_client", lambda: fake)
+    assert main(["env", "check", "--env", "swe", "--backend", "docker", "--workers", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == f"{len(INSTANCES)} tasks, {len(INSTANCES)} broken"
+    assert err.count(BUILD) == 1                       # each distinct error once, in full
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(INSTANCES[3]) + "\n")
+    fake.images.mapping["x:1"] = None
+    assert main(["env", "check", "--env", "swe", "--backend", "docker", "--sandbox-image", "x:1",
+                 "--tasks", str(tasks)]) == 0
+    assert {c.kwargs["image"] for c in fake.containers.made} == {"x:1"}
+    assert main(["env", "check", "--env", "swe", "--sandbox-image", "x:1"]) == 1
+    assert "--sandbox-image needs --backend docker" in capsys.readouterr().err
+
+
+def test_rollout_sandbox_options_apply_to_swe_only(capsys):
+    base = ["rollout", "--checkpoint", "preset:tiny", "--output", os.devnull]
+    assert main([*base, "--env", "calculator", "--backend", "docker"]) == 1
+    assert "--backend applies to --env swe" in capsys.readouterr().err
+    assert main([*base, "--env", "swe", "--sandbox-image", "x:1"]) == 1
+    assert "--sandbox-image needs --backend docker" in capsys.readouterr().err
+
+
+def test_dockerfile_and_docker_readme_build_the_default_image():
+    for path in ("docker/Dockerfile.sandbox", "docker/README.md"):
+        with open(os.path.join(REPO, path)) as f:
+            assert BUILD in f.read(), path
+    assert ds.BUILD_COMMAND.format(image=DEFAULT_IMAGE) == BUILD

@@ -1,8 +1,9 @@
 """``kat-jax env check``: every bundled (or given) task must score 1 with its gold answer and 0 without.
 
 Audits of SWE-bench found many "unsolvable" instances were broken environments; this catches them
-before training. Run ``python -m kat_jax.envs.check --env swe [--tasks FILE] [--backend local|docker]``.
-It prints a table and exits non-zero when any task is broken.
+before training. Run ``python -m kat_jax.envs.check --env swe [--tasks FILE] [--backend local|docker]
+[--sandbox-image IMAGE]``. It prints a table (and each distinct error in full on stderr) and exits
+non-zero when any task is broken.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from typing import Any
 from kat_jax.envs.base import EpisodeStatus, EvalResult, Task, make_env
 
 
-def _swe_rows(tasks_file: str | None, backend: str, workers: int) -> list[dict[str, Any]]:
+def _swe_rows(tasks_file: str | None, backend: str, workers: int,
+              sandbox_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     from kat_jax.envs.swe import grade_patch, load_instances
 
     def one(inst: dict[str, Any]) -> dict[str, Any]:
         t = time.monotonic()
-        gold = grade_patch(inst, inst.get("patch", ""), backend)
-        empty = grade_patch(inst, "", backend)
+        gold = grade_patch(inst, inst.get("patch", ""), backend, **sandbox_kwargs)
+        empty = grade_patch(inst, "", backend, **sandbox_kwargs)
         return _row(inst["instance_id"], gold, empty, time.monotonic() - t)
 
     with ThreadPoolExecutor(max_workers=workers) as ex:
@@ -53,10 +55,12 @@ def _row(task_id: str, gold: EvalResult, empty: EvalResult, seconds: float) -> d
 
 
 def check(env_name: str, tasks_file: str | None = None, backend: str = "local",
-          workers: int = 2) -> list[dict[str, Any]]:
-    """One row per task: gold and empty rewards, statuses, and ``ok`` (gold 1, empty 0, no env_error)."""
+          workers: int = 2, sandbox_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per task: gold and empty rewards, statuses, and ``ok`` (gold 1, empty 0, no env_error).
+
+    ``backend`` and ``sandbox_kwargs`` (e.g. ``image``: the docker sandbox image) apply to ``swe``."""
     if env_name == "swe":
-        return _swe_rows(tasks_file, backend, workers)
+        return _swe_rows(tasks_file, backend, workers, dict(sandbox_kwargs or {}))
     if env_name == "maths":
         from kat_jax.envs.maths import load_tasks
     elif env_name == "calculator":
@@ -82,13 +86,23 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--env", default="swe", choices=["swe", "maths", "calculator"])
     ap.add_argument("--tasks", default=None, help="tasks file (default: the bundled ones)")
-    ap.add_argument("--backend", default="local", choices=["local", "docker"])
+    ap.add_argument("--backend", default="local", choices=["local", "docker"],
+                    help="sandbox backend of --env swe (default local)")
+    ap.add_argument("--sandbox-image", default=None,
+                    help="with --backend docker: the image of tasks without their own `image` "
+                    "(default $KAT_JAX_SANDBOX_IMAGE, else kat-jax-sandbox:latest, built from "
+                    "docker/Dockerfile.sandbox)")
     ap.add_argument("--workers", type=int, default=2)
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = check(args.env, args.tasks, args.backend, args.workers)
+    if args.sandbox_image and args.backend != "docker":
+        raise ValueError("--sandbox-image needs --backend docker")
+    kwargs = {"image": args.sandbox_image} if args.sandbox_image else {}
+    rows = check(args.env, args.tasks, args.backend, args.workers, kwargs)
     print(format_table(rows))
+    for err in dict.fromkeys(r["error"] for r in rows if r["error"] and not r["ok"]):
+        print(f"error: {err}", file=sys.stderr)
     return 0 if rows and all(r["ok"] for r in rows) else 1
 
 

@@ -1,28 +1,36 @@
 """Docker sandbox: one container per sandbox, locked down (needs the ``docker`` extra; imported lazily).
 
-The container starts from the instance's image and idles (``sleep infinity``, with ``init``) while
-commands run in it through ``docker exec``. Settings (see :func:`container_kwargs`): no network
-(``network_mode="none"``), memory (swap included), CPU and pids limits, every capability dropped
-except ``CHOWN``/``DAC_OVERRIDE``/``FOWNER`` (used once, by a root exec that hands the working copy to
-the sandbox user), ``no-new-privileges``, auto-remove, and labels (``kat_jax.sandbox``, owner host and
-pid, creation time) so :func:`reap` can remove what a crashed run left. Agent commands run as a
+The container starts from an image and idles (``sleep infinity``, with ``init``) while commands run in
+it through ``docker exec``. The image is a task's own (holding its repository at ``workdir``) or, by
+default, the SWE sandbox image :data:`DEFAULT_IMAGE` (``$KAT_JAX_SANDBOX_IMAGE`` overrides it; built
+from ``docker/Dockerfile.sandbox`` by :data:`BUILD_COMMAND`) with a ``source`` directory copied in; a
+missing image is an error naming it and, for the sandbox image, the command that builds it.
+
+Settings (see :func:`container_kwargs`): no network (``network_mode="none"``), memory (swap
+included), CPU and pids limits, every capability dropped except ``CHOWN``/``DAC_OVERRIDE``/``FOWNER``
+(used once, by a root exec that hands the working copy to the sandbox user), ``no-new-privileges``,
+auto-remove, and labels (``kat_jax.sandbox``, owner host and pid, creation time) so :func:`reap` can
+remove what a crashed run left. Agent commands run as a
 non-root user (``user``, default ``1000:1000``) under ``timeout -s KILL`` (the whole process group),
 their output cut at ``kill_output_bytes`` inside the container and capped to ``output_limit`` here.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 import posixpath
 import shlex
 import socket
 import tarfile
+import tempfile
 import threading
 import time
 from typing import Any
 
 from kat_jax.envs.sandbox import (
+    COPY_IGNORE,
     DEFAULT_OUTPUT_LIMIT,
     ExecResult,
     OutputCap,
@@ -32,6 +40,63 @@ from kat_jax.envs.sandbox import (
 )
 
 LABEL = "kat_jax.sandbox"
+DEFAULT_IMAGE = "kat-jax-sandbox:latest"
+IMAGE_ENV = "KAT_JAX_SANDBOX_IMAGE"
+BUILD_COMMAND = "docker build -f docker/Dockerfile.sandbox -t {image} ."
+
+
+def default_image() -> str:
+    """The sandbox image used when none is given: ``$KAT_JAX_SANDBOX_IMAGE``, else DEFAULT_IMAGE."""
+    return os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+
+
+def _image_missing(client: Any, image: str) -> bool:
+    """Whether the engine lacks ``image`` (docker's ImageNotFound, matched by class name so that
+    docker need not be imported; any other failure of the lookup counts as "not known missing")."""
+    try:
+        client.images.get(image)
+    except Exception as e:  # noqa: BLE001
+        return any(c.__name__ in ("ImageNotFound", "NotFound") for c in type(e).__mro__)
+    return False
+
+
+def missing_image_message(image: str) -> str:
+    """What to do about a missing image: the build command of the sandbox image, or, for a task's own
+    image, where task images come from."""
+    if image in (DEFAULT_IMAGE, default_image()):
+        return (f"docker image {image!r} not found; build it from the repository root: "
+                f"{BUILD_COMMAND.format(image=image)} (docker/README.md)")
+    return (f"docker image {image!r} not found and not pullable; build or pull it (task images "
+            f"start FROM {DEFAULT_IMAGE}: {BUILD_COMMAND.format(image=DEFAULT_IMAGE)}; "
+            "docker/README.md)")
+
+
+def _owner(user: str) -> tuple[int, int] | None:
+    uid, _, gid = user.partition(":")
+    if not uid.isdigit():
+        return None
+    return int(uid), int(gid) if gid.isdigit() else int(uid)
+
+
+def _source_tar(source: str, user: str) -> Any:
+    """A temporary file holding ``source``'s contents as a tar (COPY_IGNORE left out), owned by
+    ``user``, for ``put_archive``."""
+    owner = _owner(user)
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if any(fnmatch.fnmatch(posixpath.basename(info.name), p) for p in COPY_IGNORE):
+            return None
+        if owner is not None:
+            info.uid, info.gid = owner
+            info.uname = info.gname = ""
+        return info
+
+    f = tempfile.TemporaryFile()
+    with tarfile.open(fileobj=f, mode="w") as tar:
+        for name in sorted(os.listdir(source)):
+            tar.add(os.path.join(source, name), arcname=name, filter=keep)
+    f.seek(0)
+    return f
 
 
 def _default_client() -> Any:
@@ -62,15 +127,22 @@ class DockerSandbox:
     """A sandbox in a docker container (see the module docstring).
 
     Args:
-      image: image holding the repository at ``workdir``.
+      image: image holding the repository at ``workdir`` (default :func:`default_image`: the SWE
+        sandbox image, whose ``workdir`` is empty until ``source`` is copied in).
+      workdir: the working copy inside the container.
       base_commit: commit checked out as the start (a plain directory is committed as a baseline).
+      source: a host directory (plain or a git repository) copied into ``workdir`` before the start.
       client: a docker client (default ``docker.from_env()``); tests pass a fake one.
     """
 
-    def __init__(self, image: str, workdir: str = "/testbed", base_commit: str | None = None, *,
-                 client: Any = None, user: str = "1000:1000", memory: str = "4g", cpus: float = 2.0,
+    def __init__(self, image: str | None = None, workdir: str = "/testbed",
+                 base_commit: str | None = None, *, source: str | None = None, client: Any = None,
+                 user: str = "1000:1000", memory: str = "4g", cpus: float = 2.0,
                  pids_limit: int = 256, kill_output_bytes: int = 32 << 20,
                  start_timeout: float = 300.0) -> None:
+        if source is not None and not os.path.isdir(source):
+            raise SandboxError(f"sandbox source {source!r} is not a directory")
+        self.image = image = image or default_image()
         self.client = client if client is not None else _default_client()
         self.workdir, self.user = workdir, user
         self.kill_output_bytes = kill_output_bytes
@@ -80,8 +152,16 @@ class DockerSandbox:
             self.container = self.client.containers.run(
                 **container_kwargs(image, workdir, user, memory, cpus, pids_limit))
         except Exception as e:  # noqa: BLE001
+            if _image_missing(self.client, image):
+                raise SandboxError(missing_image_message(image)) from e
             raise SandboxError(f"could not start a container from {image!r}: {e}") from e
         try:
+            if source is not None:
+                with _source_tar(source, user) as tar:
+                    try:
+                        self.container.put_archive(workdir, tar)
+                    except Exception as e:  # noqa: BLE001
+                        raise SandboxError(f"copying {source} into {workdir} failed: {e}") from e
             r = self.exec(f"chown -R {shlex.quote(user)} {shlex.quote(workdir)}", timeout=start_timeout,
                           user="root")
             if r.exit_code != 0:
@@ -150,10 +230,9 @@ class DockerSandbox:
         with tarfile.open(fileobj=buf, mode="w") as tar:
             info = tarfile.TarInfo(posixpath.basename(full))
             info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
-            uid, _, gid = self.user.partition(":")
-            if uid.isdigit():
-                info.uid = int(uid)
-                info.gid = int(gid) if gid.isdigit() else int(uid)
+            owner = _owner(self.user)
+            if owner is not None:
+                info.uid, info.gid = owner
             tar.addfile(info, io.BytesIO(data))
         try:
             self.container.put_archive(parent, buf.getvalue())

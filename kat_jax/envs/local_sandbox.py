@@ -40,6 +40,7 @@ import threading
 import time
 
 from kat_jax.envs.sandbox import (
+    COPY_IGNORE,
     DEFAULT_OUTPUT_LIMIT,
     ExecResult,
     OutputCap,
@@ -161,7 +162,7 @@ class LocalSandbox:
         self.workdir = os.path.join(self.root, "work")
         self.home = os.path.join(self.root, "home")
         shutil.copytree(source, self.workdir, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
+                        ignore=shutil.ignore_patterns(*COPY_IGNORE))
         os.makedirs(os.path.join(self.home, "tmp"))
         bindir = os.path.join(self.root, "bin")
         os.makedirs(bindir)

@@ -20,6 +20,8 @@ DEFAULT_OUTPUT_LIMIT = 16_384
 GIT = "git -c user.name=kat -c user.email=kat@localhost -c safe.directory=* -c core.pager=cat"
 # Fixed dates make the baseline commit of a plain directory reproducible (same tree -> same hash).
 BASELINE_ENV = {"GIT_AUTHOR_DATE": "2000-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z"}
+# Left out when a source directory is copied into a sandbox (both backends: same tree, same baseline).
+COPY_IGNORE = ("__pycache__", "*.pyc", ".pytest_cache")
 
 
 @dataclasses.dataclass

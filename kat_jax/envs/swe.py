@@ -2,11 +2,13 @@
 
 Instances use the SWE-bench JSONL fields: ``repo, instance_id, base_commit, problem_statement, patch,
 test_patch, FAIL_TO_PASS, PASS_TO_PASS`` (the two test lists as JSON lists or JSON strings of lists),
-plus optional ``image`` and ``workdir`` (docker backend), ``repo_path`` (local backend: a directory or
-git repository, relative to the JSONL file) and ``test_cmd`` (a per-test command template with
-``{test}``; passing = exit code 0) and ``test_env`` (environment variables of the test run). Without
-``test_cmd`` the tests are pytest node ids (``tests/test_x.py::TestC::test_y``) run by pytest when the
-sandbox's python has it, else by unittest.
+plus optional ``image`` and ``workdir`` (docker backend: an image holding the repository at
+``workdir``, default ``/testbed``), ``repo_path`` (a directory or git repository, relative to the JSONL
+file: the local backend copies it; the docker backend copies it into the sandbox image
+``kat-jax-sandbox:latest`` when the instance has no ``image``), ``test_cmd`` (a per-test command
+template with ``{test}``; passing = exit code 0) and ``test_env`` (environment variables of the test
+run). Without ``test_cmd`` the tests are pytest node ids (``tests/test_x.py::TestC::test_y``) run by
+pytest when the sandbox's python has it, else by unittest.
 
 Episode: the agent works in a sandbox on a copy at ``base_commit`` with ``bash``, ``str_replace_editor``
 and ``submit``. Grading (``evaluate``) happens in a *fresh* sandbox: the agent's diff is applied on
@@ -118,23 +120,32 @@ def load_tasks(path: str | None = None) -> list[Task]:
 
 
 def start_sandbox(inst: dict[str, Any], backend: str = "local", **kwargs: Any) -> Sandbox:
-    """A sandbox holding the instance's repository at ``base_commit``."""
-    if backend == "local":
-        src = inst.get("repo_path")
-        if not src:
-            raise SandboxError(f"{inst['instance_id']}: the local backend needs `repo_path`")
-        is_git = os.path.isdir(os.path.join(src, ".git"))
-        sb = make_sandbox("local", source=src, base_commit=inst.get("base_commit") if is_git else None,
-                          **kwargs)
-        if not is_git and inst.get("base_commit") and sb.base != inst["base_commit"]:
-            sb.close()
-            raise SandboxError(f"{inst['instance_id']}: the tree at {src} does not hash to base_commit "
-                               f"{inst['base_commit']} (got {sb.base})")
-        return sb
-    if not inst.get("image"):
-        raise SandboxError(f"{inst['instance_id']}: the docker backend needs `image`")
-    return make_sandbox(backend, image=inst["image"], workdir=inst.get("workdir", "/testbed"),
-                        base_commit=inst.get("base_commit"), **kwargs)
+    """A sandbox holding the instance's repository at ``base_commit``.
+
+    Local backend: a copy of ``repo_path``. Docker backend: the instance's ``image`` (holding the
+    repository at ``workdir``), or, without one, the sandbox image (``kwargs["image"]``, else
+    ``$KAT_JAX_SANDBOX_IMAGE``, else ``kat-jax-sandbox:latest``) with ``repo_path`` copied into
+    ``workdir``. A plain (non-git) ``repo_path`` must hash to ``base_commit`` as a baseline commit.
+    """
+    iid, src = inst["instance_id"], inst.get("repo_path")
+    if backend == "docker":
+        workdir = inst.get("workdir", "/testbed")
+        if inst.get("image"):
+            kwargs.pop("image", None)
+            return make_sandbox(backend, image=inst["image"], workdir=workdir,
+                                base_commit=inst.get("base_commit"), **kwargs)
+        kwargs = {**kwargs, "workdir": workdir}
+    if not src:
+        need = "`image` or `repo_path`" if backend == "docker" else "`repo_path`"
+        raise SandboxError(f"{iid}: the {backend} backend needs {need}")
+    is_git = os.path.isdir(os.path.join(src, ".git"))
+    sb = make_sandbox(backend, source=src, base_commit=inst.get("base_commit") if is_git else None,
+                      **kwargs)
+    if not is_git and inst.get("base_commit") and sb.base != inst["base_commit"]:
+        sb.close()
+        raise SandboxError(f"{iid}: the tree at {src} does not hash to base_commit "
+                           f"{inst['base_commit']} (got {sb.base})")
+    return sb
 
 
 def grade_patch(inst: dict[str, Any], diff: str, backend: str = "local", timeout: float = 600.0,
@@ -203,7 +214,8 @@ class SweEnv(Env):
 
     Args:
       backend: ``local`` or ``docker``.
-      sandbox_kwargs: passed to the sandbox (rlimits, docker limits, a docker client...).
+      sandbox_kwargs: passed to the sandbox (rlimits, docker limits, a docker client, ``image``: the
+        docker sandbox image of instances without their own...).
       bash_timeout, max_bash_timeout: default and largest per-command timeout of ``bash`` (seconds).
       grade_timeout: seconds for the hidden test run.
     """

@@ -40,7 +40,9 @@ def tokenizer_for_checkpoint(spec: str, tokenizer: str | None = None):
 
 def run_rollouts(engine, env_name: str, tasks, tokenizer, samples_per_task: int, sp,
                  max_turns: int = 8, max_tokens: int = 4096, timeout_s: float | None = None,
-                 concurrency: int = 8, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+                 concurrency: int = 8, seed: int = 0, progress: bool = True,
+                 env_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One record per (task, sample); ``env_kwargs`` go to ``make_env`` (e.g. a SWE ``backend``)."""
     from tqdm import tqdm
 
     from kat_jax.envs import make_env
@@ -50,7 +52,7 @@ def run_rollouts(engine, env_name: str, tasks, tokenizer, samples_per_task: int,
 
     def one(job):
         task, sample = job
-        env = make_env(env_name)
+        env = make_env(env_name, **(env_kwargs or {}))
         try:
             return run_episode(engine, env, task, tokenizer, sp, max_turns=max_turns,
                                max_tokens=max_tokens, timeout_s=timeout_s, seed=seed,
@@ -80,7 +82,8 @@ def run_rollout_cmd(checkpoint: str, env_name: str, output: str, tasks_file: str
                     samples_per_task: int = 4, temperature: float = 1.0, seed: int = 0,
                     max_turns: int = 8, max_tokens: int = 4096, max_new_tokens: int = 512,
                     concurrency: int = 8, max_tasks: int | None = None,
-                    tokenizer: str | None = None) -> dict[str, Any]:
+                    tokenizer: str | None = None,
+                    env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     from kat_jax.rollout.engine import BatchingEngine
     from kat_jax.rollout.sampler import SamplingParams, engine_from_checkpoint
 
@@ -92,7 +95,7 @@ def run_rollout_cmd(checkpoint: str, env_name: str, output: str, tasks_file: str
     engine = BatchingEngine(engine_from_checkpoint(checkpoint))
     sp = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     records = run_rollouts(engine, env_name, tasks, tok, samples_per_task, sp, max_turns,
-                           max_tokens, concurrency=concurrency, seed=seed)
+                           max_tokens, concurrency=concurrency, seed=seed, env_kwargs=env_kwargs)
     write_jsonl_atomic(output, records)
     return {**summarize(records), "output": output, "prefill_tokens": engine.stats.get(
         "prefill_tokens"), "generated_tokens": engine.stats.get("generated_tokens")}
