@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -151,3 +153,34 @@ def test_shellcheck():
     scripts = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
     r = subprocess.run([exe, "-x", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+def test_readme_scaling_out_commands_run_with_these_scripts():
+    """Every tpu_scripts command of README 'Scaling out', with its exported KAT_* settings, is
+    accepted by the script (dry run: flags, required parameters, overrides after --)."""
+    blocks = re.findall(r"```bash\n(.*?)```", _readme_section("Scaling out"), re.S)
+    lines = [ln.strip() for ln in "\n".join(blocks).replace("\\\n", " ").splitlines()]
+    env = {}
+    for ln in lines:
+        if ln.startswith("export KAT_"):
+            words = shlex.split(ln, comments=True)[1:]
+            env.update(w.split("=", 1) for w in words)
+    assert {"KAT_PROJECT", "KAT_ZONE", "KAT_NAME", "KAT_ACCELERATOR_TYPE", "KAT_RUNTIME_VERSION",
+            "KAT_INSTALL", "KAT_CONFIG", "KAT_WORKDIR"} <= set(env)
+    commands = [shlex.split(ln, comments=True) for ln in lines if ln.startswith("tpu_scripts/")]
+    ran = set()
+    for words in commands:
+        script = words[0].removeprefix("tpu_scripts/")
+        out = dry(script, *words[1:], env=env)
+        ran.add(script)
+        if script in ("launch.sh", "retry.sh"):
+            assert "--config.distributed.initialize=true" in out[-1], out
+            assert f"--workdir {env['KAT_WORKDIR']}" in out[-1], out
+    assert ran == {"create.sh", "setup.sh", "launch.sh", "watch.sh", "retry.sh", "teardown.sh"}
