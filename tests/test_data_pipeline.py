@@ -131,6 +131,28 @@ def test_pipeline_is_deterministic_and_resumes_exactly(tmp_path):
         assert got["tokens"].shape == (2, 2, 2, 32) and got["traj_index"].shape == (2, 2, 8, 32)
 
 
+def test_global_batch_does_not_depend_on_the_number_of_hosts(tmp_path):
+    rng = np.random.default_rng(2)
+    f = _write(tmp_path / "docs.jsonl",
+               [{"id": i, "text": "y" * int(rng.integers(5, 60))} for i in range(50)])
+    one = _mid_iter([f], m=2, s=4, epochs=1)  # one host feeding all 4 shards
+    hosts = [_mid_iter([f], m=2, s=2, epochs=1, shard_ids=ids, num_shards=4, pad_exhausted=True)
+             for ids in ([0, 1], [2, 3])]
+    steps = 0
+    for want, stats in one:
+        parts = [next(h) for h in hosts]
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([p[0][k] for p in parts], axis=1), want[k])
+        assert sum(p[1]["total_tokens"] for p in parts) == stats["total_tokens"]
+        steps += 1
+    assert steps >= 3
+    # after the last step every host pads, flagged, instead of stopping on its own
+    assert all(next(h)[1]["exhausted"] == 1 for h in hosts)
+    with pytest.raises(ValueError, match=r"saved for shards \[0, 1\] of 4, but this process "
+                                         r"feeds shards \[2, 3\] of 4"):
+        hosts[1].set_state(hosts[0].get_state())
+
+
 def test_pipeline_packs_every_trajectory_once_per_epoch_and_counts_drops(tmp_path):
     rng = np.random.default_rng(1)
     rows = []

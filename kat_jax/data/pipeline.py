@@ -1,9 +1,13 @@
 """The input pipeline: JSONL groups -> trajectories -> fixed-shape packed tree batches per step.
 
-    grain.MapDataset.source(JsonlGroups) -> shuffle(seed) -> repeat(epochs) -> [host::hosts]
-      -> map(records -> list[Trajectory]) -> iterator        (grain: deterministic, checkpointable)
-    -> TreeBatcher: groups packed into shard batches of R rows x T tokens, N trajectories
+    grain.MapDataset.source(JsonlGroups) -> shuffle(seed) -> repeat(epochs)
+      -> per global shard s of S: [s::S] -> map(records -> list[Trajectory]) -> iterator
+                                                             (grain: deterministic, checkpointable)
+    -> TreeBatcher (one per shard this host feeds): groups packed into shard batches of R rows x
+       T tokens, N trajectories
     -> StepIterator: M microbatches x S_local shards, stacked into numpy arrays [M, S_local, ...]
+
+A step's global batch depends only on the data, the seed and S, not on how many hosts share it.
 
 Shapes are fixed by the config (data.rows, data.row_len, data.trajectories per shard batch), so the
 train step compiles once. Groups are packed greedily in order; a group that does not fit the current
@@ -11,8 +15,8 @@ shard batch waits for the next one (never dropped). A trajectory longer than a r
 out and is dropped, counted in `dropped_overlong` and logged with its id (never silently); RL
 trajectories with status env_error are excluded and counted in `excluded_env_error`.
 
-State (saved in checkpoints): the grain iterator state from before the first group still waiting
-to be packed, so a restored iterator yields exactly the batches the original would have.
+State (saved in checkpoints): per shard, the grain iterator state from before the first group still
+waiting to be packed, so a restored iterator yields exactly the batches the original would have.
 """
 
 from __future__ import annotations
@@ -282,16 +286,45 @@ class TreeBatcher:
 
 
 class StepIterator:
-    """Yields (arrays [M, S_local, ...], stats) per train step; checkpointable."""
+    """Yields (arrays [M, S_local, ...], stats) per train step; checkpointable.
 
-    def __init__(self, batcher: TreeBatcher, microbatches: int, local_shards: int):
-        self.batcher, self.m, self.s = batcher, microbatches, local_shards
+    One TreeBatcher per local shard: global shard s of S reads its own stream (every S-th group,
+    starting at s), so a step's global batch is the same however the shards are spread over
+    hosts (1 process x S shards or P processes x S/P shards)."""
 
-    def get_state(self) -> Any:
-        return self.batcher.get_state()
+    def __init__(self, batchers: list[TreeBatcher], microbatches: int, shard_ids: list[int],
+                 num_shards: int, pad_exhausted: bool = False):
+        if len(batchers) != len(shard_ids):
+            raise ValueError(f"{len(batchers)} batchers for {len(shard_ids)} shards")
+        self.batchers, self.m = batchers, microbatches
+        self.shard_ids, self.num_shards = list(shard_ids), num_shards
+        # Multi-host: a host whose streams are done keeps yielding padding (stats["exhausted"]=1)
+        # so that every host runs the same steps; the trainer stops when all hosts are exhausted.
+        self.pad_exhausted = pad_exhausted
 
-    def set_state(self, state: Any) -> None:
-        self.batcher.set_state(state)
+    @property
+    def counters(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for b in self.batchers:
+            for k, v in b.counters.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def get_state(self) -> dict:
+        return {"num_shards": self.num_shards, "shard_ids": self.shard_ids,
+                "shards": [b.get_state() for b in self.batchers]}
+
+    def set_state(self, state: dict) -> None:
+        if "shards" not in state:
+            raise ValueError("data iterator state: not a per-shard state (saved by an older "
+                             "kat_jax?); start a new workdir")
+        if state.get("num_shards") != self.num_shards or state.get("shard_ids") != self.shard_ids:
+            raise ValueError(
+                f"data iterator state: saved for shards {state.get('shard_ids')} of "
+                f"{state.get('num_shards')}, but this process feeds shards {self.shard_ids} of "
+                f"{self.num_shards}; resume with the same data.shards, mesh and process count")
+        for b, st in zip(self.batchers, state["shards"], strict=True):
+            b.set_state(st)
 
     def __iter__(self):
         return self
@@ -299,31 +332,45 @@ class StepIterator:
     def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         shards, stats = [], {"total_tokens": 0, "computed_tokens": 0, "tree_tokens": 0,
                              "trajectories": 0}
-        for _ in range(self.m * self.s):
-            got = self.batcher.next_batch()
-            if got is None:
-                if not shards:
-                    raise StopIteration
-                shards.append(self.batcher.empty_batch())
-                continue
-            arrays, st = got
-            shards.append(arrays)
-            for k in stats:
-                stats[k] += st[k]
-        stacked = {k: np.stack([sh[k] for sh in shards]).reshape(self.m, self.s, *shards[0][k].shape)
+        got_any = False
+        for _ in range(self.m):
+            for b in self.batchers:
+                got = b.next_batch()
+                if got is None:  # this shard's stream is exhausted: padding only
+                    shards.append(b.empty_batch())
+                    continue
+                got_any = True
+                arrays, st = got
+                shards.append(arrays)
+                for k in stats:
+                    stats[k] += st[k]
+        if not got_any and not self.pad_exhausted:
+            raise StopIteration
+        stats["exhausted"] = int(not got_any)
+        s = len(self.batchers)
+        stacked = {k: np.stack([sh[k] for sh in shards]).reshape(self.m, s, *shards[0][k].shape)
                    for k in shards[0]}
-        stats.update(self.batcher.counters)
+        stats.update(self.counters)
         return stacked, stats
 
 
 def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: BatchShape,
                        vocab_size: int, microbatches: int, local_shards: int, seed: int = 0,
-                       shuffle: bool = True, epochs: int | None = None, process_index: int = 0,
-                       process_count: int = 1) -> StepIterator:
+                       shuffle: bool = True, epochs: int | None = None,
+                       shard_ids: list[int] | None = None, num_shards: int | None = None,
+                       pad_exhausted: bool = False) -> StepIterator:
     """The whole pipeline for one stage. epochs=None repeats forever (train.steps decides).
-    files: JSONL paths, or a source object (e.g. kat_jax.data.seqio_source.SeqioGroups)."""
+    files: JSONL paths, or a source object (e.g. kat_jax.data.seqio_source.SeqioGroups).
+    num_shards: the global shard batches per microbatch (default local_shards); shard_ids: which of
+    them this process feeds, in the order of its local data (default 0..local_shards-1). Shard s
+    reads groups s, s+S, s+2S, ... of the shuffled, repeated dataset. pad_exhausted: see
+    StepIterator (for multi-host runs)."""
     import grain
 
+    num_shards = local_shards if num_shards is None else int(num_shards)
+    shard_ids = list(range(local_shards)) if shard_ids is None else [int(i) for i in shard_ids]
+    if len(shard_ids) != local_shards or not all(0 <= i < num_shards for i in shard_ids):
+        raise ValueError(f"shard_ids {shard_ids}: need {local_shards} ids in [0, {num_shards})")
     if isinstance(files, (list, tuple)):
         source = JsonlGroups(list(files), STAGE_KIND[stage])
     else:
@@ -335,9 +382,10 @@ def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: Bat
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(epochs)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    ds = ds.map(RecordConverter(stage, tokenizer, shape.row_len, vocab_size))
-    it = iter(ds.to_iter_dataset())
-    batcher = TreeBatcher(it, shape, pad_id=tokenizer.pad_id)
-    return StepIterator(batcher, microbatches, local_shards)
+    convert = RecordConverter(stage, tokenizer, shape.row_len, vocab_size)
+    batchers = []
+    for sid in shard_ids:
+        part = ds[sid::num_shards] if num_shards > 1 else ds
+        it = iter(part.map(convert).to_iter_dataset())
+        batchers.append(TreeBatcher(it, shape, pad_id=tokenizer.pad_id))
+    return StepIterator(batchers, microbatches, shard_ids, num_shards, pad_exhausted)

@@ -70,16 +70,34 @@ def check_output_directory(out_dir: str) -> str:
 def atomic_directory(out_dir: str) -> Iterator[str]:
     """Yield a temporary sibling directory; rename it to out_dir on success, delete it on failure.
 
-    out_dir must not exist, or be an empty directory."""
+    out_dir must not exist, or be an empty directory. With several JAX processes (multi-host),
+    every process calls this together: they share one temporary directory (on a shared
+    filesystem), write into it (orbax writes each host's array shards; files other than arrays
+    should be written by the primary process only) and the primary process renames it."""
+    from kat_jax.training.sharding import sync_processes
+
     out_dir = check_output_directory(out_dir)
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    if jax.process_count() == 1:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    else:
+        tmp = os.path.join(parent, os.path.basename(out_dir) + ".tmp-multihost")
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while writing
+            os.makedirs(tmp)
+        sync_processes(f"kat_jax atomic_directory start {out_dir}")
     try:
         yield tmp
-        os.rename(tmp, out_dir)
+        sync_processes(f"kat_jax atomic_directory written {out_dir}")
+        if jax.process_index() == 0:
+            if os.path.isdir(out_dir):  # empty (checked above)
+                os.rmdir(out_dir)
+            os.rename(tmp, out_dir)
+        sync_processes(f"kat_jax atomic_directory renamed {out_dir}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -117,12 +135,13 @@ def save_checkpoint(out_dir: str, params: dict, cfg: ModelConfig, hf_dir: str | 
     """Write a kat_jax checkpoint (params: nested dict of arrays in kat_jax layout). hf_dir: the
     Hugging Face directory it came from; its config.json and tokenizer files are kept."""
     with atomic_directory(out_dir) as tmp:
-        cfg.save_json(os.path.join(tmp, CONFIG_FILE))
-        if hf_dir:
-            shutil.copy2(os.path.join(hf_dir, "config.json"), os.path.join(tmp, HF_CONFIG_FILE))
-        _save_params(params, os.path.join(tmp, PARAMS_DIR))
-        if hf_dir:
-            copy_tokenizer_files(hf_dir, tmp)
+        _save_params(params, os.path.join(tmp, PARAMS_DIR))  # every process: its array shards
+        if jax.process_index() == 0:
+            cfg.save_json(os.path.join(tmp, CONFIG_FILE))
+            if hf_dir:
+                shutil.copy2(os.path.join(hf_dir, "config.json"),
+                             os.path.join(tmp, HF_CONFIG_FILE))
+                copy_tokenizer_files(hf_dir, tmp)
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:

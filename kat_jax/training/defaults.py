@@ -24,7 +24,10 @@ Every stage config has the same keys; the stage changes the data kind and the lo
   loss.*                     aggregation, sampling temperature, PPO clip, dual clip (0 = off),
                              truncated IS cap (0 = off), KL and entropy coefficients
   mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
-  distributed.*              jax.distributed.initialize arguments (multi-host)
+  distributed.*              jax.distributed.initialize arguments (multi-host): initialize,
+                             coordinator_address HOST:PORT, num_processes, process_id (-1 / '' =
+                             detect: Cloud TPU, SLURM), initialization_timeout_s, heartbeat_timeout_s
+                             (a dead host stops the others after this long)
 
 A global step holds train.microbatches x data.shards shard batches, whatever the mesh (so a run can
 move between meshes and see the same batches).
@@ -67,7 +70,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         eps_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.0, entropy_coef=0.0))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, unsharded_tolerance=0.02))
     c.distributed = ml_collections.ConfigDict(dict(
-        initialize=False, coordinator_address="", num_processes=-1, process_id=-1))
+        initialize=False, coordinator_address="", num_processes=-1, process_id=-1,
+        initialization_timeout_s=300, heartbeat_timeout_s=100))
     return c
 
 

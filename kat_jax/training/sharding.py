@@ -42,25 +42,55 @@ LOGICAL_RULES: dict[str, str | None] = {
 }
 
 
+_DISTRIBUTED = {"initialized": False}
+
+
 def maybe_initialize_distributed(cfg: Any = None) -> bool:
     """jax.distributed.initialize when the config asks (distributed.initialize=True, optional
     coordinator_address / num_processes / process_id) or the environment does
     (JAX_COORDINATOR_ADDRESS, or a Cloud TPU pod / SLURM job that JAX detects itself when
-    KAT_JAX_DISTRIBUTED=1). Returns True when it initialised. Must run before any other JAX call."""
+    KAT_JAX_DISTRIBUTED=1). Returns True when it initialised (once per process: the stages of a
+    pipeline share it). Must run before any other JAX call.
+
+    A host that dies is noticed by the others within distributed.heartbeat_timeout_s (the
+    coordination service then terminates them with "another task died"), or sooner when a
+    collective loses its peer; a host that never arrives fails the rest after
+    distributed.initialization_timeout_s. CPU hosts (tests, CPU clusters) use gloo collectives."""
+    if _DISTRIBUTED["initialized"]:
+        return False
     dist = getattr(cfg, "distributed", None) if cfg is not None else None
     want = bool(dist and dist.get("initialize", False))
     env = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("KAT_JAX_DISTRIBUTED") == "1"
     if not (want or env):
         return False
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if dist:
         for key in ("coordinator_address", "num_processes", "process_id"):
             value = dist.get(key)
             if value not in (None, "", -1):
                 kwargs[key] = value
+        import inspect
+
+        accepted = inspect.signature(jax.distributed.initialize).parameters
+        for key, arg in (("initialization_timeout_s", "initialization_timeout"),
+                         ("heartbeat_timeout_s", "heartbeat_timeout_seconds")):
+            value = dist.get(key)
+            if value not in (None, -1) and arg in accepted:
+                kwargs[arg] = int(value)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
     jax.distributed.initialize(**kwargs)
+    _DISTRIBUTED["initialized"] = True
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across all processes (no-op with one): e.g. the primary host removed a directory
+    that all hosts are about to write."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
@@ -180,6 +210,18 @@ def batch_sharding(mesh: Mesh, ndim: int, axis: int = 1) -> NamedSharding:
 
 def num_batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def local_shard_ids(mesh: Mesh, shards: int) -> list[int]:
+    """The global shard indices (axis 1 of a step's [M, S, ...] batch) that this process's devices
+    hold, in order: the shards whose data this host reads (jax.make_array_from_process_local_data
+    places the host's local rows there)."""
+    index_map = batch_sharding(mesh, 2).addressable_devices_indices_map((1, shards))
+    ids = sorted({i for idx in index_map.values() for i in range(*idx[1].indices(shards))})
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise ValueError(f"this process's devices hold batch shards {ids}, not a contiguous "
+                         "range; order the mesh devices by process")
+    return ids
 
 
 def _path_keys(path) -> tuple:

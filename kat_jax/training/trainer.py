@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -36,8 +37,10 @@ from kat_jax.training import aot, config_lib
 from kat_jax.training.metrics import MetricsWriter, peak_flops, step_flops
 from kat_jax.training.sharding import (
     batch_sharding,
+    local_shard_ids,
     make_mesh,
     maybe_initialize_distributed,
+    sync_processes,
 )
 from kat_jax.training.step import LossSpec, init_state, make_eval_step
 
@@ -146,6 +149,17 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return out
 
 
+def all_exhausted(stats: dict) -> bool:
+    """Whether every host's data streams are done (an agreement across processes, so that all
+    hosts stop at the same step; with one process, this one's flag)."""
+    flag = int(stats.get("exhausted", 0))
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def _loss_spec(cfg) -> LossSpec:
     return aot.loss_spec(cfg)
 
@@ -217,12 +231,12 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         enable_async_checkpointing=cfg.train.async_checkpointing), item_names=("state", "data"))
     shape = BatchShape(cfg.data.rows, cfg.data.row_len, cfg.data.trajectories,
                        model_cfg.attention_block_size)
-    local_shards = shards // jax.process_count()
+    shard_ids = local_shard_ids(mesh, shards)
     data_it = make_step_iterator(
         train_files, cfg.stage, tokenizer, shape, model_cfg.vocab_size, cfg.train.microbatches,
-        local_shards, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
-        epochs=None if cfg.data.epochs < 0 else cfg.data.epochs,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        len(shard_ids), seed=cfg.data.seed, shuffle=cfg.data.shuffle,
+        epochs=None if cfg.data.epochs < 0 else cfg.data.epochs, shard_ids=shard_ids,
+        num_shards=shards, pad_exhausted=jax.process_count() > 1)
 
     start = mngr.latest_step()
     if start is not None:
@@ -284,6 +298,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 profiling = True
             try:
                 local, stats = next(data_it)
+                if cfg.data.epochs >= 0 and all_exhausted(stats):
+                    raise StopIteration
             except StopIteration:
                 log.warning("data exhausted at step %d (data.epochs=%d)", step, cfg.data.epochs)
                 break
@@ -317,7 +333,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     cfg.data.row_len) / (m["step_time_s"] * peak * jax.device_count())
                 if eval_fn is not None and step % cfg.train.eval_every == 0:
                     m.update(_evaluate(eval_fn, state["params"], eval_files, cfg, tokenizer, shape,
-                                       model_cfg, local_shards, mesh))
+                                       model_cfg, shard_ids, shards, mesh))
                 writer.write(step, m)
                 logged = m
                 bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
@@ -344,7 +360,19 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
             if jax.process_index() == 0:
                 shutil.rmtree(model_dir)
+        sync_processes(f"kat_jax model/ removed {workdir}")
         save_checkpoint(model_dir, state["params"], model_cfg, hf_dir=_hf_dir(cfg))
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = (f"process {jax.process_index()} of {jax.process_count()}, after step {step}: a "
+               f"cross-host operation failed ({first}); another host has probably died or been "
+               f"preempted (see its log). Checkpoints are in {ckpt_dir}: run the same command on "
+               "every host to resume")
+        log.error("%s", msg)
+        print(f"kat-jax: {msg}", file=sys.stderr, flush=True)  # before the coordinator aborts us
+        raise TrainingError(msg) from e
     finally:
         if profiling:
             jax.profiler.stop_trace()
@@ -377,16 +405,20 @@ def _peek_shapes(data_it):
     return example
 
 
-def _evaluate(eval_fn, params, files, cfg, tokenizer, shape, model_cfg, local_shards, mesh) -> dict:
+def _evaluate(eval_fn, params, files, cfg, tokenizer, shape, model_cfg, shard_ids, shards,
+              mesh) -> dict:
     from kat_jax.data.pipeline import make_step_iterator
 
     it = make_step_iterator(files, cfg.stage, tokenizer, shape, model_cfg.vocab_size,
-                            cfg.train.microbatches, local_shards, shuffle=False, epochs=1,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+                            cfg.train.microbatches, len(shard_ids), shuffle=False, epochs=1,
+                            shard_ids=shard_ids, num_shards=shards,
+                            pad_exhausted=jax.process_count() > 1)
     num = den = 0.0
     for _ in range(cfg.train.eval_batches):
         try:
-            local, _ = next(it)
+            local, stats = next(it)
+            if all_exhausted(stats):
+                break
         except StopIteration:
             break
         with jax.set_mesh(mesh):
