@@ -26,11 +26,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict:
+def _env(devices: int, cache=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS",
                                                             "KAT_JAX_DISTRIBUTED")}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if cache:  # the resumed run reuses the first run's compiled programs
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
@@ -46,7 +49,8 @@ def _launch(workdir, extra, port, log_dir, tag):
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
         log = open(os.path.join(log_dir, f"{tag}-{pid}.log"), "w")
-        procs.append((subprocess.Popen(_train_cmd(workdir, [*extra, *dist]), env=_env(1),
+        procs.append((subprocess.Popen(_train_cmd(workdir, [*extra, *dist]),
+                                       env=_env(1, os.path.join(log_dir, "jax_cache")),
                                        stdout=log, stderr=subprocess.STDOUT), log))
     return procs
 
