@@ -26,7 +26,8 @@ QR_DESCRIBE = ("+ gcloud compute tpus queued-resources describe kat-v5p " + LOC
 SSH_ALL = "+ gcloud compute tpus tpu-vm ssh kat-v5p " + LOC + " --worker=all "
 SCP_CONFIG = ("+ gcloud compute tpus tpu-vm scp configs/sft.py kat-v5p:kat_sft.py " + LOC
               + " --worker=all")
-TRAIN = (SSH_ALL + "'--command=set -o pipefail; kat-jax train --config kat_sft.py:kat_dev_32b "
+TRAIN = (SSH_ALL + "'--command=set -o pipefail; KAT_JAX_DISTRIBUTED=1 kat-jax train "
+         "--config kat_sft.py:kat_dev_32b "
          "--workdir gs://bucket/run1 --config.train.steps=20 2>&1 | tee -a kat_train.log'")
 # a gcloud that fails loudly, first on PATH: a dry run must never reach the real one
 STUB = Path(tempfile.mkdtemp(prefix="kat_fake_gcloud_"))
@@ -181,6 +182,6 @@ def test_readme_scaling_out_commands_run_with_these_scripts():
         out = dry(script, *words[1:], env=env)
         ran.add(script)
         if script in ("launch.sh", "retry.sh"):
-            assert "--config.distributed.initialize=true" in out[-1], out
+            assert "KAT_JAX_DISTRIBUTED=1 kat-jax train" in out[-1], out
             assert f"--workdir {env['KAT_WORKDIR']}" in out[-1], out
     assert ran == {"create.sh", "setup.sh", "launch.sh", "watch.sh", "retry.sh", "teardown.sh"}

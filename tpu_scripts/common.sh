@@ -239,5 +239,6 @@ kat_launch() {
   fi
   local train
   train="$(kat_quote kat-jax train --config "$remote_config" --workdir "$WORKDIR" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})"
-  kat_ssh all "set -o pipefail; $train 2>&1 | tee -a $(kat_quote "$LOG")"
+  # KAT_JAX_DISTRIBUTED=1: every worker joins jax.distributed (JAX finds the slice's hosts itself)
+  kat_ssh all "set -o pipefail; KAT_JAX_DISTRIBUTED=1 $train 2>&1 | tee -a $(kat_quote "$LOG")"
 }
