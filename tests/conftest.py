@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs reads this at import: without it every call probes the bucket type with real credentials.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import pytest  # noqa: E402
 
@@ -56,3 +58,95 @@ def hf_dirs(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+# ---------------------------------------------------------------------------------------------
+# gs:// without a network: a Cloud Storage emulator (gcp-storage-emulator) on 127.0.0.1, with
+# tensorstore (orbax arrays), gcsfs (etils.epath) and google-cloud-storage (tensorboardX) pointed
+# at it.
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _install_move_to(server_mod, objects) -> None:
+    """gcsfs renames with POST .../o/SRC/moveTo/o/DST, which the emulator lacks (a 501 costs ~30 s
+    of gcsfs retries before it falls back to copy + delete): emulate it as copy + delete."""
+
+    def move_to(request, response, storage, *a, **kw):
+        p = request.params
+        try:
+            obj = objects._copy(request.base_url, storage, p["bucket_name"], p["object_id"],
+                                p["bucket_name"], p["dest_object_id"])
+        except objects.NotFound:
+            response.status = 404
+            return
+        objects._delete(storage, p["bucket_name"], p["object_id"])
+        response.json(obj)
+
+    route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+             r"(?P<dest_object_id>.*[^/]+)$", {"POST": move_to})
+    server_mod.HANDLERS = (route,) + tuple(h for h in server_mod.HANDLERS if h[0] != route[0])
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    import logging
+
+    pytest.importorskip("gcsfs", reason="the gcs extra (gcsfs) is not installed")
+    server_mod = pytest.importorskip("gcp_storage_emulator.server")
+    from gcp_storage_emulator.handlers import objects
+
+    _install_move_to(server_mod, objects)
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    url = f"http://127.0.0.1:{_free_port()}"
+    host, port = url.rsplit(":", 1)
+    srv = server_mod.create_server("127.0.0.1", int(port), in_memory=True,
+                                   default_bucket="test-bucket")
+    srv.start()
+    srv._api._httpd.handle_error = lambda *a: None  # clients hanging up early (read-ahead)
+    env = {
+        "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore's gcs driver
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",  # tensorstore: a fixed token, no credentials
+        "STORAGE_EMULATOR_HOST": url,  # gcsfs and google-cloud-storage
+        "GOOGLE_CLOUD_PROJECT": "test",
+        "FSSPEC_GS_TOKEN": "anon",  # the same for child processes (fsspec reads them at import)
+        "FSSPEC_GS_USE_LISTINGS_CACHE": "false",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec.config
+    import gcsfs
+
+    old_conf = dict(fsspec.config.conf.get("gs", {}))
+    # anonymous; no listing cache: objects written behind gcsfs's back (by tensorstore) must show
+    fsspec.config.conf["gs"] = {**old_conf, "token": "anon", "use_listings_cache": False}
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    # tensorboardX's GCS writer re-uploads in __del__, which runs at interpreter exit, after the
+    # emulator is gone (120 s of retries); kat_jax stages TensorBoard files locally anyway.
+    from tensorboardX import record_writer
+
+    record_writer.GCSRecordWriter.__del__ = lambda self: None
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        fsspec.config.conf["gs"] = old_conf
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator):
+    """An empty gs://test-bucket for each test."""
+    gcs_emulator.wipe(keep_buckets=True)
+    return "gs://test-bucket"

@@ -19,12 +19,12 @@ fails before training starts with `file:line:` in the message.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 from typing import Any
 
+from kat_jax import storage
 from kat_jax.prune_cmd import per_token_floats  # rollout lines are what prune reads, too
 
 KINDS = ("mid", "chat", "rollouts")
@@ -50,9 +50,9 @@ def expand_files(spec: str | list[str], key: str) -> list[str]:
         if item.startswith("pkg:"):
             item = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
                                 item[len("pkg:"):])
-        matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        matches = storage.glob(item) if any(c in item for c in "*?[") else [item]
         for m in matches:
-            if not os.path.isfile(m):
+            if not storage.isfile(m):
                 raise FileNotFoundError(f"{key}: {m}: no such file")
             out.append(m)
     if not out:
@@ -106,11 +106,12 @@ class JsonlGroups:
         if kind not in KINDS:
             raise ValueError(f"unknown data kind {kind!r}; known: {KINDS}")
         self.kind = kind
-        self.files = list(files)
+        self.files = list(files)  # as given (messages name these)
+        self._local = [storage.local_copy(f) for f in self.files]  # gs:// -> downloaded once
         self._index: list[list[tuple[int, int, int]]] = []  # per group: (file idx, offset, lineno)
         by_group: dict[str, int] = {}
         for fi, path in enumerate(self.files):
-            with open(path, "rb") as f:
+            with open(self._local[fi], "rb") as f:
                 offset = 0
                 for lineno, raw in enumerate(f, 1):
                     here = offset
@@ -141,7 +142,7 @@ class JsonlGroups:
     def __getitem__(self, i: int) -> list[tuple[dict, str]]:
         out = []
         for fi, offset, lineno in self._index[i]:
-            with open(self.files[fi], "rb") as f:
+            with open(self._local[fi], "rb") as f:
                 f.seek(offset)
                 out.append((json.loads(f.readline()), f"{self.files[fi]}:{lineno}"))
         return out

@@ -80,16 +80,17 @@ class HFTokenizer:
     def __init__(self, path: str):
         from tokenizers import Tokenizer
 
+        from kat_jax import storage
+
         file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(file):
+        if not storage.isfile(file):
             raise FileNotFoundError(f"{file}: no tokenizer.json")
         self.path = file
-        self._tok = Tokenizer.from_file(file)
+        self._tok = Tokenizer.from_str(storage.read_text(file))
         cfg_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
         cfg = {}
-        if os.path.isfile(cfg_file):
-            with open(cfg_file) as f:
-                cfg = json.load(f)
+        if storage.isfile(cfg_file):
+            cfg = json.loads(storage.read_text(cfg_file))
         eos = cfg.get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
@@ -136,7 +137,9 @@ def load_tokenizer(spec: str):
     """'bytes' -> ByteTokenizer; a directory or tokenizer.json path -> HFTokenizer."""
     if spec in ("bytes", "byte", ""):
         return ByteTokenizer()
-    if os.path.isdir(spec) or spec.endswith(".json"):
+    from kat_jax import storage
+
+    if spec.endswith(".json") or storage.isdir(spec):
         return HFTokenizer(spec)
     raise ValueError(f"data.tokenizer: {spec!r} is neither 'bytes' nor a tokenizer directory / "
                      "tokenizer.json")

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from kat_jax import storage
 from kat_jax.models.config import ModelConfig, get_preset, load_hf_config
 from kat_jax.models.decoder import Decoder, abstract_model, init_model
 
@@ -43,24 +44,24 @@ def resolve_checkpoint_dir(spec: str) -> str:
     if spec.startswith("preset:"):
         return spec
     inner = os.path.join(spec, "model")
-    if not os.path.isdir(os.path.join(spec, PARAMS_DIR)) and os.path.isfile(
+    if not storage.isdir(os.path.join(spec, PARAMS_DIR)) and storage.isfile(
             os.path.join(inner, CONFIG_FILE)):
         return inner
     return spec
 
 
 def is_kat_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+    return storage.isfile(os.path.join(path, CONFIG_FILE))
 
 
 def is_hf_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))
+    return storage.isfile(os.path.join(path, "config.json"))
 
 
 def check_output_directory(out_dir: str) -> str:
     """Absolute path of out_dir; an error unless it is absent or an empty directory."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    out_dir = storage.absolute(out_dir)
+    if storage.exists(out_dir) and (not storage.isdir(out_dir) or storage.listdir(out_dir)):
         raise FileExistsError(f"{out_dir}: already exists and is not an empty directory; "
                               "refusing to overwrite")
     return out_dir
@@ -73,31 +74,38 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     out_dir must not exist, or be an empty directory. With several JAX processes (multi-host),
     every process calls this together: they share one temporary directory (on a shared
     filesystem), write into it (orbax writes each host's array shards; files other than arrays
-    should be written by the primary process only) and the primary process renames it."""
+    should be written by the primary process only) and the primary process renames it.
+
+    On cloud storage (gs://) there is no atomic rename: the directory is written in place, and a
+    reader must treat it as complete only once its marker file exists (save_checkpoint writes
+    model_config.json last); a failure removes it."""
     from kat_jax.training.sharding import sync_processes
 
     out_dir = check_output_directory(out_dir)
     parent = os.path.dirname(out_dir)
-    if jax.process_count() == 1:
+    primary = jax.process_index() == 0
+    if storage.is_remote(out_dir):
+        tmp = out_dir
+    elif jax.process_count() == 1:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
     else:
         tmp = os.path.join(parent, os.path.basename(out_dir) + ".tmp-multihost")
-        if jax.process_index() == 0:
+        if primary:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while writing
             os.makedirs(tmp)
         sync_processes(f"kat_jax atomic_directory start {out_dir}")
     try:
         yield tmp
         sync_processes(f"kat_jax atomic_directory written {out_dir}")
-        if jax.process_index() == 0:
+        if primary and tmp != out_dir:
             if os.path.isdir(out_dir):  # empty (checked above)
                 os.rmdir(out_dir)
             os.rename(tmp, out_dir)
         sync_processes(f"kat_jax atomic_directory renamed {out_dir}")
     except BaseException:
-        if jax.process_index() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            storage.rmtree(tmp)
         raise
 
 
@@ -139,8 +147,8 @@ def save_checkpoint(out_dir: str, params: dict, cfg: ModelConfig, hf_dir: str | 
         if jax.process_index() == 0:
             cfg.save_json(os.path.join(tmp, CONFIG_FILE))
             if hf_dir:
-                shutil.copy2(os.path.join(hf_dir, "config.json"),
-                             os.path.join(tmp, HF_CONFIG_FILE))
+                storage.copy_file(os.path.join(hf_dir, "config.json"),
+                                  os.path.join(tmp, HF_CONFIG_FILE))
                 copy_tokenizer_files(hf_dir, tmp)
 
 
@@ -149,7 +157,7 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     for name in TOKENIZER_FILES:
         path = os.path.join(src, name)
         if os.path.isfile(path):
-            shutil.copy2(path, os.path.join(dst, name))
+            storage.copy_file(path, os.path.join(dst, name))
             copied.append(name)
     return copied
 
@@ -167,8 +175,8 @@ def abstract_params(cfg: ModelConfig, shardings: Any = None) -> dict:
 def load_params(ckpt_dir: str, cfg: ModelConfig, shardings: Any = None) -> dict:
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR))
-    if not os.path.isdir(path):
+    path = storage.absolute(os.path.join(ckpt_dir, PARAMS_DIR))
+    if not storage.isdir(path):
         raise FileNotFoundError(f"{ckpt_dir}: no '{PARAMS_DIR}/' directory (not a kat_jax checkpoint)")
     target = abstract_params(cfg, shardings)
     with ocp.StandardCheckpointer() as ckptr:
@@ -194,8 +202,12 @@ def load_config(spec: str, **overrides: Any) -> ModelConfig:
         cfg = ModelConfig.load_json(os.path.join(spec, CONFIG_FILE))
         return cfg.replace(**overrides) if overrides else cfg
     if is_hf_checkpoint(spec):
+        if storage.is_remote(spec):
+            raise ValueError(f"{spec}: a Hugging Face checkpoint must be a local directory (its "
+                             "safetensors are read in place); copy it here, or convert it with "
+                             "kat-jax import-hf (whose output may be on gs://)")
         return load_hf_config(spec, **overrides)
-    if not os.path.exists(spec):
+    if not storage.exists(spec):
         raise FileNotFoundError(f"{spec}: checkpoint not found")
     raise ValueError(f"{spec}: neither a kat_jax checkpoint ({CONFIG_FILE}) nor a Hugging Face "
                      "directory (config.json), nor preset:NAME")

@@ -126,15 +126,16 @@ class ModelConfig:
         return cls(**data)
 
     def save_json(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        from kat_jax import storage
+
+        storage.write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load_json(cls, path: str) -> ModelConfig:
+        from kat_jax import storage
+
         try:
-            with open(path) as f:
-                data = json.load(f)
+            data = json.loads(storage.read_text(path))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         return cls.from_dict(data, source=path)

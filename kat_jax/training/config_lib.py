@@ -136,12 +136,10 @@ def load_config(spec: str, overrides: list[str] | None = None) -> ml_collections
 
 
 def save_config(cfg: ml_collections.ConfigDict, path: str) -> None:
-    """The resolved config as JSON, written atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-        f.write("\n")
-    os.replace(tmp, path)
+    """The resolved config as JSON, written atomically (local or gs://)."""
+    from kat_jax import storage
+
+    storage.write_text(path, cfg.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:

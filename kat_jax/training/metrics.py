@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -48,29 +49,51 @@ def step_flops(model_cfg, computed_tokens: int, row_len: int) -> float:
 
 
 class MetricsWriter:
-    """Process 0 writes; other processes hold a no-op writer."""
+    """Process 0 writes; other processes hold a no-op writer.
 
-    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+    On a remote workdir (gs://), metrics.jsonl and the TensorBoard event files are written to a
+    local staging directory and copied up by sync() (the trainer calls it with every checkpoint;
+    also at most every sync_every_s seconds, and on close): cloud objects cannot be appended to,
+    and re-uploading them at every logged step would cost the whole file each time."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True,
+                 sync_every_s: float = 60.0):
+        from kat_jax import storage
+
         self.active = jax.process_index() == 0
+        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.remote = storage.is_remote(workdir)
+        self.sync_every_s = sync_every_s
         self._tb = None
+        self._stage = None
         if not self.active:
             return
-        if os.path.exists(self.path):  # drop what the stopped run logged after its checkpoint
-            with open(self.path) as f:
+        local = self.path
+        if self.remote:
+            import tempfile
+
+            self._stage = tempfile.mkdtemp(prefix="kat_jax_metrics_")
+            local = os.path.join(self._stage, "metrics.jsonl")
+            if storage.isfile(self.path):
+                storage.copy_file(self.path, local)
+        if os.path.exists(local):  # drop what the stopped run logged after its checkpoint
+            with open(local) as f:
                 lines = [ln for ln in f if ln.strip()]
             keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
             if len(keep) != len(lines):
-                tmp = self.path + ".tmp"
+                tmp = local + ".tmp"
                 with open(tmp, "w") as f:
                     f.writelines(keep)
-                os.replace(tmp, self.path)
-        self._file = open(self.path, "a")
+                os.replace(tmp, local)
+        self._local = local
+        self._file = open(local, "a")
+        self._last_sync = time.monotonic()
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(os.path.join(self._stage or workdir, "tensorboard"))
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 self._tb = None
 
@@ -85,6 +108,26 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self.remote and time.monotonic() - self._last_sync > self.sync_every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        """Copy the staged files to a remote workdir (no-op for a local one)."""
+        if not (self.active and self.remote):
+            return
+        from kat_jax import storage
+
+        self._file.flush()
+        storage.copy_file(self._local, self.path)
+        tb = os.path.join(self._stage, "tensorboard")
+        if self._tb is not None:
+            self._tb.flush()
+        if os.path.isdir(tb):
+            storage.makedirs(os.path.join(self.workdir, "tensorboard"))
+            for name in sorted(n for n in os.listdir(tb) if os.path.isfile(os.path.join(tb, n))):
+                storage.copy_file(os.path.join(tb, name),
+                                  os.path.join(self.workdir, "tensorboard", name))
+        self._last_sync = time.monotonic()
 
     def close(self) -> None:
         if not self.active:
@@ -92,6 +135,15 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self.remote:
+            import shutil
+
+            self._file = open(self._local, "a")  # sync flushes it
+            try:
+                self.sync()
+            finally:
+                self._file.close()
+                shutil.rmtree(self._stage, ignore_errors=True)
 
 
 def _plain(v: Any) -> Any:

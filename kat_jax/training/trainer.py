@@ -33,6 +33,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from kat_jax import storage
+from kat_jax.models.checkpoint import CONFIG_FILE
 from kat_jax.training import aot, config_lib
 from kat_jax.training.metrics import MetricsWriter, peak_flops, step_flops
 from kat_jax.training.sharding import (
@@ -100,7 +102,7 @@ def tokenizer_for(cfg: ml_collections.ConfigDict):
     spec = cfg.tokenizer
     if not spec:
         spec = cfg.model.checkpoint
-        if spec.startswith("preset:") or not os.path.isfile(os.path.join(spec, "tokenizer.json")):
+        if spec.startswith("preset:") or not storage.isfile(os.path.join(spec, "tokenizer.json")):
             raise TrainingError(f"tokenizer: '' means the checkpoint's tokenizer.json, and "
                                 f"{cfg.model.checkpoint} has none; set tokenizer=bytes or a path")
     return load_tokenizer(spec)
@@ -204,8 +206,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     _validate(cfg)
     maybe_initialize_distributed(cfg)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.absolute(workdir)  # local, or gs://bucket/... (kat_jax.storage)
+    storage.makedirs(workdir)
     model_cfg = model_config_for(cfg)
     tokenizer = tokenizer_for(cfg)
     if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -252,7 +254,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         params = initial_params(cfg, model_cfg, p_shard)
         state = jax.jit(lambda p: init_state(p, tx, cfg.train.seed), out_shardings=state_shard,
                         donate_argnums=0)(params)  # optimizer state born sharded like params
-    if start >= cfg.train.steps and os.path.isdir(os.path.join(workdir, "model")):
+    if start >= cfg.train.steps and storage.isfile(os.path.join(workdir, "model", CONFIG_FILE)):
         mngr.close()
         return {"workdir": workdir, "step": int(start), "status": "already finished"}
 
@@ -281,6 +283,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                 data=grain.checkpoint.CheckpointSave(data_state)),
                   force=force)
+        writer.sync()  # a remote workdir's metrics catch up with its checkpoints
 
     writer = MetricsWriter(workdir, resume_step=start)
     peak = peak_flops()
@@ -289,12 +292,17 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     totals = {"total_tokens": 0, "computed_tokens": 0}
     last = {"time": time.perf_counter(), "total_tokens": 0, "computed_tokens": 0}
     profiling = False
+    profile_dir = os.path.join(workdir, "profile")
+    if storage.is_remote(workdir):  # the profiler writes local files; they are copied up after
+        import tempfile
+
+        profile_dir = tempfile.mkdtemp(prefix="kat_jax_profile_")
     step = start
     logged: dict[str, Any] = {}
     try:
         while step < cfg.train.steps:
             if cfg.train.profile_steps > 0 and step == cfg.train.profile_start:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                jax.profiler.start_trace(profile_dir)
                 profiling = True
             try:
                 local, stats = next(data_it)
@@ -313,6 +321,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 jax.block_until_ready(state["step"])
                 jax.profiler.stop_trace()
                 profiling = False
+                if profile_dir != os.path.join(workdir, "profile"):  # remote workdir: copy it up
+                    storage.upload_tree(profile_dir, os.path.join(workdir, "profile"))
             skips = int(metrics["consecutive_skips"])
             if step % cfg.train.log_every == 0 or step == cfg.train.steps or skips:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -355,11 +365,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             save(step, force=True)
         mngr.wait_until_finished()
         model_dir = os.path.join(workdir, "model")
-        if os.path.isdir(model_dir):
-            import shutil
-
-            if jax.process_index() == 0:
-                shutil.rmtree(model_dir)
+        if jax.process_index() == 0:
+            storage.rmtree(model_dir)  # a model/ from before a restart (or a partial one)
         sync_processes(f"kat_jax model/ removed {workdir}")
         save_checkpoint(model_dir, state["params"], model_cfg, hf_dir=_hf_dir(cfg))
     except jax.errors.JaxRuntimeError as e:
@@ -451,6 +458,6 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 raise config_lib.ConfigError(f"--config.{name}.model.checkpoint: {ref} does not "
                                              "name an earlier stage")
             with sub.unlocked():
-                sub.model.checkpoint = os.path.join(os.path.abspath(workdir), prev, "model")
+                sub.model.checkpoint = os.path.join(storage.absolute(workdir), prev, "model")
         results[name] = train_stage(sub, os.path.join(workdir, name))
     return {"stages": results}
