@@ -87,3 +87,21 @@ def test_remote_hugging_face_checkpoint_is_a_clear_error(gcs_bucket):
     storage.write_text(f"{gcs_bucket}/hf/config.json", "{}")
     with pytest.raises(ValueError, match="hf: a Hugging Face checkpoint must be a local directory"):
         load_config(f"{gcs_bucket}/hf")
+
+
+def test_import_hf_to_gs_then_export_hf_from_gs(gcs_bucket, hf_dirs, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kat_jax.cli import main
+
+    path, hf = hf_dirs("qwen3_mha_tied")
+    kat = f"{gcs_bucket}/models/q"
+    assert main(["import-hf", path, kat]) == 0
+    assert storage.isfile(f"{kat}/model_config.json") and storage.isdir(f"{kat}/params")
+    assert main(["export-hf", kat, str(tmp_path / "out")]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    sa, sb = hf.state_dict(), back.state_dict()
+    assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert main(["export-hf", kat, f"{gcs_bucket}/hf_out"]) == 1
+    assert "export-hf writes a local directory" in capsys.readouterr().err

@@ -26,14 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int, cache=None) -> dict:
+def _env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS",
                                                             "KAT_JAX_DISTRIBUTED")}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    if cache:  # the resumed run reuses the first run's compiled programs
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
@@ -49,8 +46,7 @@ def _launch(workdir, extra, port, log_dir, tag):
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
         log = open(os.path.join(log_dir, f"{tag}-{pid}.log"), "w")
-        procs.append((subprocess.Popen(_train_cmd(workdir, [*extra, *dist]),
-                                       env=_env(1, os.path.join(log_dir, "jax_cache")),
+        procs.append((subprocess.Popen(_train_cmd(workdir, [*extra, *dist]), env=_env(1),
                                        stdout=log, stderr=subprocess.STDOUT), log))
     return procs
 
@@ -76,9 +72,13 @@ def _logs(log_dir, tag):
     return "\n".join(out)
 
 
-def _losses(workdir):
+def _rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def _losses(workdir):
+    return {s: r["loss"] for s, r in _rows(workdir).items()}
 
 
 def test_two_processes_train_checkpoint_resume_equal_one_process(tmp_path):
@@ -107,6 +107,10 @@ def test_two_processes_train_checkpoint_resume_equal_one_process(tmp_path):
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)],
                                rtol=2e-5)
     assert len(set(want.values())) == 4  # the steps differ (the comparison is not vacuous)
+    for step, row in _rows(work).items():  # counters are summed over both hosts
+        ref_row = _rows(ref)[step]
+        assert [row[k] for k in ("total_tokens", "computed_tokens", "trajectories")] == [
+            ref_row[k] for k in ("total_tokens", "computed_tokens", "trajectories")], step
     # the exported model (written by both processes together) equals the single-process one
     check = ("import sys, numpy as np, jax; from kat_jax.models.checkpoint import load_model; "
              "from flax import nnx; a = nnx.state(load_model(sys.argv[1])[0], nnx.Param); "

@@ -156,7 +156,7 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         path = os.path.join(src, name)
-        if os.path.isfile(path):
+        if storage.isfile(path):
             storage.copy_file(path, os.path.join(dst, name))
             copied.append(name)
     return copied
@@ -269,6 +269,9 @@ def export_hf(ckpt: str, out_dir: str, dtype: str | None = None,
     from kat_jax.models.config import to_hf_config
     from kat_jax.models.hf_io import write_hf_safetensors
 
+    if storage.is_remote(out_dir):
+        raise ValueError(f"{out_dir}: export-hf writes a local directory (safetensors); copy it "
+                         "to cloud storage afterwards")
     check_output_directory(out_dir)  # fail before loading a large model, not after
     ckpt = resolve_checkpoint_dir(ckpt)
     if is_kat_checkpoint(ckpt):
@@ -279,13 +282,13 @@ def export_hf(ckpt: str, out_dir: str, dtype: str | None = None,
         params = params_to_pure_dict(model)
     out_cfg = cfg.replace(param_dtype=dtype) if dtype else cfg
     hf_config = to_hf_config(out_cfg)
-    original = os.path.join(ckpt, HF_CONFIG_FILE) if os.path.isdir(ckpt) else ""
-    if not os.path.isfile(original) and os.path.isdir(ckpt) and is_hf_checkpoint(ckpt):
+    is_dir = not ckpt.startswith("preset:") and storage.isdir(ckpt)
+    original = os.path.join(ckpt, HF_CONFIG_FILE) if is_dir else ""
+    if is_dir and not storage.isfile(original) and is_hf_checkpoint(ckpt):
         original = os.path.join(ckpt, "config.json")
-    if os.path.isfile(original):
+    if original and storage.isfile(original):
         # Keep what the original config.json said beyond the shapes (token ids, names, ...).
-        with open(original) as f:
-            merged = json.load(f)
+        merged = json.loads(storage.read_text(original))
         merged.pop("rope_parameters", None)
         merged.pop("layer_types", None)
         merged.update(hf_config)
@@ -294,6 +297,6 @@ def export_hf(ckpt: str, out_dir: str, dtype: str | None = None,
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         files = write_hf_safetensors(params, out_cfg, tmp, max_shard_bytes, dtype)
-        if os.path.isdir(ckpt):
+        if is_dir:
             copy_tokenizer_files(ckpt, tmp)
     return files

@@ -162,6 +162,22 @@ def all_exhausted(stats: dict) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+def sum_over_hosts(counts: dict[str, int]) -> dict[str, int]:
+    """Per-host integer counters summed over all processes (every process must call it at the
+    same point; with one process, the counters themselves)."""
+    if jax.process_count() == 1:
+        return {k: int(v) for k, v in counts.items()}
+    from jax.experimental import multihost_utils
+
+    keys = list(counts)
+    # int32 pieces of 20 bits (JAX without x64): exact for counters below 2**51 on < 2048 hosts
+    vals = [int(counts[k]) for k in keys]
+    local = np.asarray([[v >> 20, v & 0xFFFFF] for v in vals], np.int32)
+    parts = np.asarray(multihost_utils.process_allgather(local), np.int64)
+    total = parts.reshape(-1, len(keys), 2).sum(0)
+    return {k: int(hi) * 2**20 + int(lo) for k, (hi, lo) in zip(keys, total)}
+
+
 def _loss_spec(cfg) -> LossSpec:
     return aot.loss_spec(cfg)
 
@@ -330,17 +346,18 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 dt = max(now - last["time"], 1e-9)
                 steps_since = max(1, step - last.get("step", start))
                 m["step_time_s"] = dt / steps_since
-                m["tokens_per_s"] = (totals["total_tokens"] - last["total_tokens"]) / dt
-                m["computed_tokens_per_s"] = (totals["computed_tokens"]
-                                              - last["computed_tokens"]) / dt
-                m["total_tokens"] = stats["total_tokens"]
-                m["computed_tokens"] = stats["computed_tokens"]
-                m["trajectories"] = stats["trajectories"]
-                m["dropped_overlong"] = stats["dropped_overlong"]
-                m["excluded_env_error"] = stats["excluded_env_error"]
+                # token counts and data counters of all hosts (each host only sees its shards)
+                c = sum_over_hosts({
+                    "window_total": totals["total_tokens"] - last["total_tokens"],
+                    "window_computed": totals["computed_tokens"] - last["computed_tokens"],
+                    **{k: stats[k] for k in ("total_tokens", "computed_tokens", "trajectories",
+                                             "dropped_overlong", "excluded_env_error")}})
+                m["tokens_per_s"] = c.pop("window_total") / dt
+                m["computed_tokens_per_s"] = c.pop("window_computed") / dt
+                m.update(c)
                 m["mfu"] = None if peak is None else step_flops(
-                    model_cfg, stats["computed_tokens"] * jax.process_count(),
-                    cfg.data.row_len) / (m["step_time_s"] * peak * jax.device_count())
+                    model_cfg, c["computed_tokens"], cfg.data.row_len) / (
+                        m["step_time_s"] * peak * jax.device_count())
                 if eval_fn is not None and step % cfg.train.eval_every == 0:
                     m.update(_evaluate(eval_fn, state["params"], eval_files, cfg, tokenizer, shape,
                                        model_cfg, shard_ids, shards, mesh))
@@ -389,6 +406,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         mngr.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
+    totals = sum_over_hosts(totals)
     return {"workdir": workdir, "step": int(step), "stage": cfg.stage,
             "loss": logged.get("loss"), "sharded_fraction": frac, "mesh": dict(mesh.shape),
             "total_tokens": totals["total_tokens"], "computed_tokens": totals["computed_tokens"]}
