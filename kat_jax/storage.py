@@ -129,12 +129,17 @@ _CACHE: dict[str, str] = {}
 
 def local_copy(p: str) -> str:
     """A local path holding the file p: p itself when local; a remote file is downloaded once per
-    process into a temporary cache (data files are read many times, at random offsets)."""
+    process into a temporary directory, removed when the process exits (data files are read many
+    times, at random offsets)."""
     if not is_remote(p):
         return p
     if p not in _CACHE:
         root = os.path.join(tempfile.gettempdir(), f"kat_jax_cache_{os.getpid()}")
-        os.makedirs(root, exist_ok=True)
+        if not os.path.isdir(root):
+            import atexit
+
+            os.makedirs(root)
+            atexit.register(shutil.rmtree, root, ignore_errors=True)  # removed at exit
         name = hashlib.sha1(p.encode()).hexdigest()[:16] + "_" + os.path.basename(p)
         local = os.path.join(root, name)
         tmp = local + ".part"
@@ -150,7 +155,13 @@ def glob(pattern: str) -> list[str]:
         import glob as _glob
 
         return sorted(_glob.glob(pattern))
+    if "**" in pattern:
+        raise ValueError(f"{pattern}: '**' is not supported for remote paths; list the "
+                         "directories, or use one '*' per level")
     first = min(i for i, c in enumerate(pattern) if c in "*?[")
+    bucket_end = pattern.find("/", pattern.index("://") + 3)
+    if bucket_end < 0 or first < bucket_end:
+        raise ValueError(f"{pattern}: wildcards are allowed in object names, not in the bucket")
     base = pattern[:pattern.rfind("/", 0, first)]
     rest = pattern[len(base) + 1:]
     return sorted(str(m) for m in path(base).glob(rest))

@@ -141,3 +141,35 @@ def test_tiny_train_step_compiles_and_fits_on_a_v5e_topology():
     specs = {a["name"]: a["spec"] for a in r["largest_arrays"]}
     assert any("fsdp" in s for s in specs.values())
     assert "fits" in aot.format_report(r) and json.loads(aot.summary_line(r))["fits"]
+
+
+@pytest.mark.parametrize("mesh_args", [dict(data=1, fsdp=8, tensor=4), dict(data=1, fsdp=-1,
+                                                                         tensor=1)])
+def test_every_host_of_a_v5p_slice_reads_whole_shards_counted_once(mesh_args):
+    """On a real slice the mesh orders devices by the torus, not by host: a host's shards need not
+    be contiguous, and hosts share shards when a tensor group spans them. Every shard is read by
+    each host holding it and counted by exactly one."""
+    _libtpu()
+    from kat_jax.training.sharding import (
+        local_shard_ids,
+        make_mesh,
+        num_batch_shards,
+        owned_shard_ids,
+        shard_holders,
+    )
+    from kat_jax.training.tpu_topologies import topology_devices
+
+    devices = topology_devices("v5p-64")
+    mesh = make_mesh(devices=devices, **mesh_args)
+    shards = 2 * num_batch_shards(mesh)
+    hosts = sorted({d.process_index for d in devices})
+    assert len(hosts) == 8
+    holders = shard_holders(mesh, shards)
+    assert sorted(holders) == list(range(shards))
+    local = {h: local_shard_ids(mesh, shards, h) for h in hosts}
+    owned = {h: owned_shard_ids(mesh, shards, h) for h in hosts}
+    for h in hosts:
+        assert set(owned[h]) <= set(local[h])
+    assert sorted(i for h in hosts for i in owned[h]) == list(range(shards))
+    for i, procs in holders.items():
+        assert all(i in local[h] for h in procs)

@@ -37,6 +37,10 @@ def test_storage_helpers_on_gs(gcs_bucket, tmp_path):
     storage.rmtree(f"{base}/a")
     assert not storage.exists(f"{base}/a/x.json")
     storage.rmtree(f"{base}/absent")  # nothing to remove: no error
+    with pytest.raises(ValueError, match=r"'\*\*' is not supported for remote paths"):
+        storage.glob(f"{base}/**/*.jsonl")
+    with pytest.raises(ValueError, match="not in the bucket"):
+        storage.glob("gs://test-*/a.jsonl")
 
 
 def _losses_text(text):

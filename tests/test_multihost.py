@@ -5,6 +5,7 @@ the same global batch. A host that dies makes the other exit with an error, not 
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MID = os.path.join(ROOT, "configs", "mid_training.py")
@@ -81,11 +83,17 @@ def _losses(workdir):
     return {s: r["loss"] for s, r in _rows(workdir).items()}
 
 
-def test_two_processes_train_checkpoint_resume_equal_one_process(tmp_path):
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """One process with 2 devices (fsdp=2), 4 steps: the run the multi-process runs must equal."""
+    ref = tmp_path_factory.mktemp("ref")
     proc = subprocess.run(_train_cmd(ref, ["--config.train.steps=4"]), env=_env(2),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return ref
+
+
+def test_two_processes_train_checkpoint_resume_equal_one_process(ref, tmp_path):
 
     work = tmp_path / "multi"
     logs = tmp_path / "logs"
@@ -127,15 +135,8 @@ def test_a_dead_host_stops_the_other_with_an_error(tmp_path):
     work = tmp_path / "w"
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = _launch(work, ["--config.train.steps=100000", "--config.train.checkpoint_every=1000",
-                           "--config.distributed.heartbeat_timeout_s=5"],
-                    _free_port(), logs, "run")
+    procs = _start_long_run(work, logs, "run")
     try:
-        deadline = time.monotonic() + 400
-        while not (work / "metrics.jsonl").exists() or not _losses(work):
-            assert time.monotonic() < deadline, _logs(logs, "run")
-            assert all(p.poll() is None for p, _ in procs), _logs(logs, "run")
-            time.sleep(0.5)
         procs[1][0].send_signal(signal.SIGKILL)  # host 1 dies mid-training
         t0 = time.monotonic()
         code = procs[0][0].wait(timeout=120)  # host 0 must not hang
@@ -149,3 +150,51 @@ def test_a_dead_host_stops_the_other_with_an_error(tmp_path):
     # ours (a collective lost its peer) or the coordination service's (missed heartbeats)
     assert ("a cross-host operation failed" in text and "run the same command on every host "
             "to resume" in text) or "another task died" in text, text
+
+
+def test_hosts_sharing_shards_when_tensor_parallel_spans_them(ref, tmp_path):
+    """tensor=2 across the two processes: both hosts hold both data shards (each reads them; one
+    counts them). The losses and the logged token counts equal the one-process fsdp=2 run's."""
+    work, logs = tmp_path / "multi", tmp_path / "logs"
+    logs.mkdir()
+    extra = ["--config.train.steps=4", "--config.train.stop_at_step=2", "--config.mesh.fsdp=1",
+             "--config.mesh.tensor=2"]
+    assert _wait(_launch(work, extra, _free_port(), logs, "tp"), 600) == [143, 143], \
+        _logs(logs, "tp")
+    got, want = _rows(work), _rows(ref)
+    assert sorted(got) == [1, 2]
+    for step in (1, 2):
+        np.testing.assert_allclose(got[step]["loss"], want[step]["loss"], rtol=2e-5)
+        for k in ("total_tokens", "computed_tokens", "trajectories"):
+            assert got[step][k] == want[step][k], (step, k)
+
+
+def _start_long_run(work, logs, tag, extra=()):
+    """Both processes on a long run; returns once process 0 has logged a step."""
+    procs = _launch(work, ["--config.train.steps=100000", "--config.train.checkpoint_every=1000",
+                           "--config.distributed.heartbeat_timeout_s=5", *extra],
+                    _free_port(), logs, tag)
+    deadline = time.monotonic() + 400
+    while not (work / "metrics.jsonl").exists() or not _losses(work):
+        if time.monotonic() > deadline or any(p.poll() is not None for p, _ in procs):
+            _wait(procs, 1)
+            raise AssertionError(_logs(logs, tag))
+        time.sleep(0.5)
+    return procs
+
+
+def test_sigterm_on_one_host_makes_every_host_save_and_exit_143(tmp_path):
+    """A preemption notice reaches one host; JAX's preemption service makes all hosts agree on the
+    step, save one checkpoint together and exit 143 (a host stopping alone would hang the rest)."""
+    work, logs = tmp_path / "w", tmp_path / "logs"
+    logs.mkdir()
+    procs = _start_long_run(work, logs, "term")
+    procs[1][0].send_signal(signal.SIGTERM)
+    codes = _wait(procs, 120)
+    text = _logs(logs, "term")
+    assert codes == [143, 143], text
+    steps = [int(m.group(1)) for m in re.finditer(r"preempted: SIGTERM at step (\d+)", text)]
+    assert len(steps) == 2 and steps[0] == steps[1], text  # the same step on both hosts
+    saved = work / "checkpoints" / str(steps[0])
+    assert sorted(n for n in os.listdir(saved / "data") if n.startswith("process_")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]

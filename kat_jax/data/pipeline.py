@@ -293,19 +293,26 @@ class StepIterator:
     hosts (1 process x S shards or P processes x S/P shards)."""
 
     def __init__(self, batchers: list[TreeBatcher], microbatches: int, shard_ids: list[int],
-                 num_shards: int, pad_exhausted: bool = False):
+                 num_shards: int, pad_exhausted: bool = False,
+                 count_shard_ids: list[int] | None = None):
         if len(batchers) != len(shard_ids):
             raise ValueError(f"{len(batchers)} batchers for {len(shard_ids)} shards")
         self.batchers, self.m = batchers, microbatches
         self.shard_ids, self.num_shards = list(shard_ids), num_shards
+        # Statistics (tokens, trajectories, counters) come from these shards only: when hosts
+        # share shards, each shard is counted by one host, so sums over hosts count it once.
+        counted = set(self.shard_ids if count_shard_ids is None else count_shard_ids)
+        self._counted = [sid in counted for sid in self.shard_ids]
         # Multi-host: a host whose streams are done keeps yielding padding (stats["exhausted"]=1)
         # so that every host runs the same steps; the trainer stops when all hosts are exhausted.
         self.pad_exhausted = pad_exhausted
 
     @property
     def counters(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for b in self.batchers:
+        out: dict[str, int] = {k: 0 for k in self.batchers[0].counters}
+        for b, counted in zip(self.batchers, self._counted):
+            if not counted:
+                continue
             for k, v in b.counters.items():
                 out[k] = out.get(k, 0) + v
         return out
@@ -334,7 +341,7 @@ class StepIterator:
                              "trajectories": 0}
         got_any = False
         for _ in range(self.m):
-            for b in self.batchers:
+            for b, counted in zip(self.batchers, self._counted):
                 got = b.next_batch()
                 if got is None:  # this shard's stream is exhausted: padding only
                     shards.append(b.empty_batch())
@@ -342,8 +349,9 @@ class StepIterator:
                 got_any = True
                 arrays, st = got
                 shards.append(arrays)
-                for k in stats:
-                    stats[k] += st[k]
+                if counted:
+                    for k in stats:
+                        stats[k] += st[k]
         if not got_any and not self.pad_exhausted:
             raise StopIteration
         stats["exhausted"] = int(not got_any)
@@ -358,13 +366,14 @@ def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: Bat
                        vocab_size: int, microbatches: int, local_shards: int, seed: int = 0,
                        shuffle: bool = True, epochs: int | None = None,
                        shard_ids: list[int] | None = None, num_shards: int | None = None,
-                       pad_exhausted: bool = False) -> StepIterator:
+                       pad_exhausted: bool = False,
+                       count_shard_ids: list[int] | None = None) -> StepIterator:
     """The whole pipeline for one stage. epochs=None repeats forever (train.steps decides).
     files: JSONL paths, or a source object (e.g. kat_jax.data.seqio_source.SeqioGroups).
     num_shards: the global shard batches per microbatch (default local_shards); shard_ids: which of
     them this process feeds, in the order of its local data (default 0..local_shards-1). Shard s
-    reads groups s, s+S, s+2S, ... of the shuffled, repeated dataset. pad_exhausted: see
-    StepIterator (for multi-host runs)."""
+    reads groups s, s+S, s+2S, ... of the shuffled, repeated dataset. pad_exhausted,
+    count_shard_ids: see StepIterator (for multi-host runs)."""
     import grain
 
     num_shards = local_shards if num_shards is None else int(num_shards)
@@ -388,4 +397,5 @@ def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: Bat
         part = ds[sid::num_shards] if num_shards > 1 else ds
         it = iter(part.map(convert).to_iter_dataset())
         batchers.append(TreeBatcher(it, shape, pad_id=tokenizer.pad_id))
-    return StepIterator(batchers, microbatches, shard_ids, num_shards, pad_exhausted)
+    return StepIterator(batchers, microbatches, shard_ids, num_shards, pad_exhausted,
+                        count_shard_ids)

@@ -145,11 +145,11 @@ def save_checkpoint(out_dir: str, params: dict, cfg: ModelConfig, hf_dir: str | 
     with atomic_directory(out_dir) as tmp:
         _save_params(params, os.path.join(tmp, PARAMS_DIR))  # every process: its array shards
         if jax.process_index() == 0:
-            cfg.save_json(os.path.join(tmp, CONFIG_FILE))
             if hf_dir:
                 storage.copy_file(os.path.join(hf_dir, "config.json"),
                                   os.path.join(tmp, HF_CONFIG_FILE))
                 copy_tokenizer_files(hf_dir, tmp)
+            cfg.save_json(os.path.join(tmp, CONFIG_FILE))  # last: the marker of a complete one
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:

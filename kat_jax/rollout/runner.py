@@ -27,13 +27,14 @@ def env_tasks(env_name: str, tasks_file: str | None):
 
 
 def tokenizer_for_checkpoint(spec: str, tokenizer: str | None = None):
+    from kat_jax import storage
     from kat_jax.data.tokenizer import ByteTokenizer, load_tokenizer
     from kat_jax.models.checkpoint import resolve_checkpoint_dir
 
     if tokenizer:
         return load_tokenizer(tokenizer)
     path = resolve_checkpoint_dir(spec)
-    if not spec.startswith("preset:") and os.path.isfile(os.path.join(path, "tokenizer.json")):
+    if not spec.startswith("preset:") and storage.isfile(os.path.join(path, "tokenizer.json")):
         return load_tokenizer(path)
     return ByteTokenizer()
 

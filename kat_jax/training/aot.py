@@ -80,13 +80,14 @@ def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
                     count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy)
 
 
-def data_shards(cfg: ml_collections.ConfigDict, mesh, processes: int = 1) -> int:
-    """Shard batches per microbatch (data.shards; <= 0: one per batch-parallel device group)."""
+def data_shards(cfg: ml_collections.ConfigDict, mesh) -> int:
+    """Shard batches per microbatch (data.shards; <= 0: one per batch-parallel device group).
+    Every device then holds whole shards, so every process does too (however many processes)."""
     groups = num_batch_shards(mesh)
     shards = groups if cfg.data.shards <= 0 else cfg.data.shards
-    if shards % groups or shards % processes:
+    if shards % groups:
         raise ValueError(f"data.shards={shards} must be a multiple of mesh.data x mesh.fsdp = "
-                         f"{groups} and of the {processes} processes")
+                         f"{groups}")
     return shards
 
 

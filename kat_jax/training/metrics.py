@@ -17,11 +17,14 @@ Peak FLOP/s (dense bf16) come from PEAK_FLOPS by device kind; unknown kinds (and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
 
 import jax
+
+log = logging.getLogger(__name__)
 
 PEAK_FLOPS = {  # dense bf16 FLOP/s per device (per chip; v4/v5p count a chip as one device)
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -111,23 +114,31 @@ class MetricsWriter:
         if self.remote and time.monotonic() - self._last_sync > self.sync_every_s:
             self.sync()
 
-    def sync(self) -> None:
-        """Copy the staged files to a remote workdir (no-op for a local one)."""
+    def sync(self) -> bool:
+        """Copy the staged files to a remote workdir (no-op for a local one). Best effort: a
+        failed upload is logged and retried at the next sync (only process 0 uploads, so an
+        error here must not stop it while the other hosts carry on). True when up to date."""
         if not (self.active and self.remote):
-            return
+            return True
         from kat_jax import storage
 
-        self._file.flush()
-        storage.copy_file(self._local, self.path)
-        tb = os.path.join(self._stage, "tensorboard")
-        if self._tb is not None:
-            self._tb.flush()
-        if os.path.isdir(tb):
-            storage.makedirs(os.path.join(self.workdir, "tensorboard"))
-            for name in sorted(n for n in os.listdir(tb) if os.path.isfile(os.path.join(tb, n))):
-                storage.copy_file(os.path.join(tb, name),
-                                  os.path.join(self.workdir, "tensorboard", name))
         self._last_sync = time.monotonic()
+        try:
+            self._file.flush()
+            storage.copy_file(self._local, self.path)
+            tb = os.path.join(self._stage, "tensorboard")
+            if self._tb is not None:
+                self._tb.flush()
+            if os.path.isdir(tb):
+                storage.makedirs(os.path.join(self.workdir, "tensorboard"))
+                for name in sorted(n for n in os.listdir(tb)
+                                   if os.path.isfile(os.path.join(tb, n))):
+                    storage.copy_file(os.path.join(tb, name),
+                                      os.path.join(self.workdir, "tensorboard", name))
+        except Exception as e:  # noqa: BLE001 - any storage error: keep training, retry later
+            log.warning("could not copy metrics to %s (will retry): %s", self.workdir, e)
+            return False
+        return True
 
     def close(self) -> None:
         if not self.active:
@@ -140,10 +151,14 @@ class MetricsWriter:
 
             self._file = open(self._local, "a")  # sync flushes it
             try:
-                self.sync()
+                synced = self.sync()
             finally:
                 self._file.close()
+            if synced:
                 shutil.rmtree(self._stage, ignore_errors=True)
+            else:  # keep them: nothing logged is lost
+                log.error("metrics of %s are only in %s: copy them there by hand", self.workdir,
+                          self._stage)
 
 
 def _plain(v: Any) -> Any:

@@ -212,16 +212,30 @@ def num_batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def local_shard_ids(mesh: Mesh, shards: int) -> list[int]:
-    """The global shard indices (axis 1 of a step's [M, S, ...] batch) that this process's devices
-    hold, in order: the shards whose data this host reads (jax.make_array_from_process_local_data
-    places the host's local rows there)."""
-    index_map = batch_sharding(mesh, 2).addressable_devices_indices_map((1, shards))
-    ids = sorted({i for idx in index_map.values() for i in range(*idx[1].indices(shards))})
-    if ids != list(range(ids[0], ids[0] + len(ids))):
-        raise ValueError(f"this process's devices hold batch shards {ids}, not a contiguous "
-                         "range; order the mesh devices by process")
-    return ids
+def shard_holders(mesh: Mesh, shards: int) -> dict[int, list[int]]:
+    """Global shard index (axis 1 of a step's [M, S, ...] batch) -> the processes whose devices
+    hold it. On a real slice the mesh orders devices by their place on the interconnect, so a
+    process's shards need not be contiguous, and processes share shards when a tensor-parallel
+    group spans hosts."""
+    index_map = batch_sharding(mesh, 2).devices_indices_map((1, shards))
+    holders: dict[int, set[int]] = {}
+    for device, idx in index_map.items():
+        for i in range(*idx[1].indices(shards)):
+            holders.setdefault(i, set()).add(device.process_index)
+    return {i: sorted(p) for i, p in sorted(holders.items())}
+
+
+def local_shard_ids(mesh: Mesh, shards: int, process: int | None = None) -> list[int]:
+    """The shards whose data this process (or `process`) reads: those its devices hold, sorted."""
+    process = jax.process_index() if process is None else process
+    return [i for i, procs in shard_holders(mesh, shards).items() if process in procs]
+
+
+def owned_shard_ids(mesh: Mesh, shards: int, process: int | None = None) -> list[int]:
+    """The local shards this process counts in logged statistics: each shard is counted by the
+    lowest-numbered process that holds it (so sums over hosts count every shard once)."""
+    process = jax.process_index() if process is None else process
+    return [i for i, procs in shard_holders(mesh, shards).items() if procs[0] == process]
 
 
 def _path_keys(path) -> tuple:

@@ -42,6 +42,7 @@ from kat_jax.training.sharding import (
     local_shard_ids,
     make_mesh,
     maybe_initialize_distributed,
+    owned_shard_ids,
     sync_processes,
 )
 from kat_jax.training.step import LossSpec, init_state, make_eval_step
@@ -141,13 +142,24 @@ def initial_params(cfg: ml_collections.ConfigDict, model_cfg, shardings) -> dict
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, dtype), s), params, shardings)
 
 
-def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Host-local [M, S_local, ...] arrays -> global [M, S, ...] arrays split over the batch axes."""
+def global_batch(local: dict[str, np.ndarray], mesh, shard_ids: list[int] | None = None,
+                 shards: int | None = None) -> dict[str, jax.Array]:
+    """Host-local [M, S_local, ...] arrays holding global shards `shard_ids` (sorted; default:
+    this process's) -> global [M, S, ...] arrays split over the batch axes. Each device takes its
+    shards' rows from the local arrays, whichever shards the mesh gives this process."""
+    first = next(iter(local.values()))
+    if shard_ids is None:
+        shards = first.shape[1] * jax.process_count() if shards is None else shards
+        shard_ids = local_shard_ids(mesh, shards)
+    pos = {sid: i for i, sid in enumerate(shard_ids)}
     out = {}
-    n_proc = jax.process_count()
     for k, v in local.items():
-        shape = (v.shape[0], v.shape[1] * n_proc, *v.shape[2:])
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, shape)
+        shape = (v.shape[0], shards, *v.shape[2:])
+
+        def rows(index, v=v):
+            return v[:, [pos[i] for i in range(*index[1].indices(shards))]]
+
+        out[k] = jax.make_array_from_callback(shape, batch_sharding(mesh, v.ndim), rows)
     return out
 
 
@@ -160,6 +172,24 @@ def all_exhausted(stats: dict) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def _preemption_sync():
+    """multihost_utils.reached_preemption_sync_point when several processes run with JAX's
+    preemption service; None otherwise (one process handles SIGTERM itself)."""
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    try:
+        from jax._src import distributed  # no public way to ask whether the service runs
+        manager = distributed.global_state.preemption_sync_manager
+    except (ImportError, AttributeError):
+        manager = True  # assume it does; reached_preemption_sync_point raises if not
+    if manager is None:
+        log.warning("multi-host run without JAX's preemption service: SIGTERM is not handled")
+        return None
+    return multihost_utils.reached_preemption_sync_point
 
 
 def sum_over_hosts(counts: dict[str, int]) -> dict[str, int]:
@@ -231,7 +261,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             f"vocabulary of {model_cfg.vocab_size}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     try:
-        shards = aot.data_shards(cfg, mesh, jax.process_count())
+        shards = aot.data_shards(cfg, mesh)
     except ValueError as e:
         raise TrainingError(str(e)) from None
     train_files = open_source(cfg.data.train_files, "data.train_files", STAGE_KIND[cfg.stage])
@@ -254,7 +284,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         train_files, cfg.stage, tokenizer, shape, model_cfg.vocab_size, cfg.train.microbatches,
         len(shard_ids), seed=cfg.data.seed, shuffle=cfg.data.shuffle,
         epochs=None if cfg.data.epochs < 0 else cfg.data.epochs, shard_ids=shard_ids,
-        num_shards=shards, pad_exhausted=jax.process_count() > 1)
+        num_shards=shards, pad_exhausted=jax.process_count() > 1,
+        count_shard_ids=owned_shard_ids(mesh, shards))
 
     start = mngr.latest_step()
     if start is not None:
@@ -286,10 +317,15 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     stop = {"signal": None}
     old_handler = None
-    try:
-        old_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
-    except ValueError:  # not the main thread (e.g. tests): no preemption handling
-        pass
+    preemption_sync = _preemption_sync()
+    if preemption_sync is None:
+        try:
+            old_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+        except ValueError:  # not the main thread (e.g. tests): no preemption handling
+            pass
+    # Multi-host: JAX's preemption service catches SIGTERM on any host and makes all hosts agree
+    # on the step at which to save (a host that stopped alone would leave the others waiting in
+    # the next collective); installing our own handler would take SIGTERM away from it.
 
     def save(step: int, force: bool = False) -> None:
         # Let the in-flight step finish first: orbax's device-to-host copies must not interleave
@@ -328,7 +364,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 log.warning("data exhausted at step %d (data.epochs=%d)", step, cfg.data.epochs)
                 break
             with jax.set_mesh(mesh):  # Pallas attention then runs inside shard_map over the mesh
-                state, metrics = jit_step(state, global_batch(local, mesh))
+                state, metrics = jit_step(state, global_batch(local, mesh, shard_ids, shards))
             step += 1
             for k in totals:
                 totals[k] += stats[k]
@@ -370,6 +406,8 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     f"{skips} consecutive non-finite updates (loss or gradient) at step {step}: "
                     f"stopping (train.max_consecutive_skips={cfg.train.max_consecutive_skips}); "
                     f"the last checkpoint in {ckpt_dir} holds the state before them")
+            if preemption_sync is not None and preemption_sync(step):
+                stop["signal"] = signal.SIGTERM
             if stop["signal"] is not None or step == cfg.train.stop_at_step:
                 save(step, force=True)
                 mngr.wait_until_finished()
@@ -400,10 +438,14 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
         if profiling:
             jax.profiler.stop_trace()
+            if profile_dir != os.path.join(workdir, "profile"):
+                storage.upload_tree(profile_dir, os.path.join(workdir, "profile"))
         bar.close()
-        writer.close()
-        mngr.wait_until_finished()
-        mngr.close()
+        try:
+            mngr.wait_until_finished()
+            mngr.close()
+        finally:
+            writer.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     totals = sum_over_hosts(totals)
@@ -447,7 +489,7 @@ def _evaluate(eval_fn, params, files, cfg, tokenizer, shape, model_cfg, shard_id
         except StopIteration:
             break
         with jax.set_mesh(mesh):
-            out = jax.device_get(eval_fn(params, global_batch(local, mesh)))
+            out = jax.device_get(eval_fn(params, global_batch(local, mesh, shard_ids, shards)))
         num += float(out["loss"][0])
         den += float(out["loss"][1])
     return {"eval_loss": num / den if den > 0 else None}
