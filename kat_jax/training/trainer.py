@@ -142,15 +142,11 @@ def initial_params(cfg: ml_collections.ConfigDict, model_cfg, shardings) -> dict
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, dtype), s), params, shardings)
 
 
-def global_batch(local: dict[str, np.ndarray], mesh, shard_ids: list[int] | None = None,
-                 shards: int | None = None) -> dict[str, jax.Array]:
-    """Host-local [M, S_local, ...] arrays holding global shards `shard_ids` (sorted; default:
-    this process's) -> global [M, S, ...] arrays split over the batch axes. Each device takes its
-    shards' rows from the local arrays, whichever shards the mesh gives this process."""
-    first = next(iter(local.values()))
-    if shard_ids is None:
-        shards = first.shape[1] * jax.process_count() if shards is None else shards
-        shard_ids = local_shard_ids(mesh, shards)
+def global_batch(local: dict[str, np.ndarray], mesh, shard_ids: list[int],
+                 shards: int) -> dict[str, jax.Array]:
+    """Host-local [M, S_local, ...] arrays holding the global shards `shard_ids` (sorted; see
+    sharding.local_shard_ids) -> global [M, shards, ...] arrays split over the batch axes. Each
+    device takes its shards' rows from the local arrays, whichever shards the mesh gives it."""
     pos = {sid: i for i, sid in enumerate(shard_ids)}
     out = {}
     for k, v in local.items():
