@@ -20,6 +20,9 @@ Every stage config has the same keys; the stage changes the data kind and the lo
   train.keep_checkpoints / max_consecutive_skips / seed / async_checkpointing
   train.profile_start / profile_steps  a jax.profiler trace window (profile_steps 0 = off)
   train.stop_at_step         stop after this step as on preemption (checkpoint, exit 143; -1 = off)
+  train.step_timeout_s       exit (75, with every thread's stack) when no step completes for this
+                             long, so a stuck host fails a multi-host job instead of hanging it
+                             (armed after the first step; <= 0 = off)
   optimizer.*                AdamW and its schedule (kat_jax.training.optim)
   loss.*                     aggregation, sampling temperature, PPO clip, dual clip (0 = off),
                              truncated IS cap (0 = off), KL and entropy coefficients
@@ -61,7 +64,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=40, microbatches=1, checkpoint_every=20, log_every=5, eval_every=0, eval_batches=2,
         keep_checkpoints=3, max_consecutive_skips=10, seed=0, async_checkpointing=True,
-        profile_start=-1, profile_steps=0, stop_at_step=-1))
+        profile_start=-1, profile_steps=0, stop_at_step=-1,
+        step_timeout_s=3600.0))
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=4, schedule="cosine", final_lr_ratio=0.1, b1=0.9,
         b2=0.95, eps=1e-8, weight_decay=0.01, grad_clip=1.0))

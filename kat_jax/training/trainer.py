@@ -46,6 +46,7 @@ from kat_jax.training.sharding import (
     sync_processes,
 )
 from kat_jax.training.step import LossSpec, init_state, make_eval_step
+from kat_jax.training.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +347,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
         profile_dir = tempfile.mkdtemp(prefix="kat_jax_profile_")
     step = start
+    watchdog = StepWatchdog(cfg.train.step_timeout_s)
     logged: dict[str, Any] = {}
     try:
         while step < cfg.train.steps:
@@ -362,6 +364,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             with jax.set_mesh(mesh):  # Pallas attention then runs inside shard_map over the mesh
                 state, metrics = jit_step(state, global_batch(local, mesh, shard_ids, shards))
             step += 1
+            watchdog.beat(step)
             for k in totals:
                 totals[k] += stats[k]
             bar.update(1)
@@ -394,6 +397,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     m.update(_evaluate(eval_fn, state["params"], eval_files, cfg, tokenizer, shape,
                                        model_cfg, shard_ids, shards, mesh))
                 writer.write(step, m)
+                watchdog.beat(step)  # an evaluation is progress too
                 logged = m
                 bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
                 last.update(time=time.perf_counter(), step=step, **totals)
@@ -412,6 +416,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 "the same command again (without stop_at_step) to resume")
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                 save(step)
+        watchdog.close()  # the final save and export are bounded by orbax and the barriers
         if mngr.latest_step() != step:
             save(step, force=True)
         mngr.wait_until_finished()
@@ -430,8 +435,15 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                "every host to resume")
         log.error("%s", msg)
         print(f"kat-jax: {msg}", file=sys.stderr, flush=True)  # before the coordinator aborts us
-        raise TrainingError(msg) from e
+        # Nothing more can be done together: closing the checkpoint manager or shutting down
+        # jax.distributed would wait in barriers for the missing host (minutes). Keep what this
+        # host logged and leave now; the checkpoints already committed are intact.
+        try:
+            writer.close()
+        finally:
+            os._exit(1)
     finally:
+        watchdog.close()
         if profiling:
             jax.profiler.stop_trace()
             if profile_dir != os.path.join(workdir, "profile"):
