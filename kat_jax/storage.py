@@ -93,17 +93,11 @@ def write_text(p: str, text: str) -> None:
     if is_remote(p):
         path(p).write_text(text)
         return
-    parent = os.path.dirname(os.path.abspath(p))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(p) + ".tmp-", dir=parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from kat_jax.atomic_io import atomic_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    with atomic_file(p) as f:
+        f.write(text)
 
 
 def copy_file(src: str, dst: str) -> None:

@@ -85,10 +85,10 @@ class MetricsWriter:
                 lines = [ln for ln in f if ln.strip()]
             keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
             if len(keep) != len(lines):
-                tmp = local + ".tmp"
-                with open(tmp, "w") as f:
+                from kat_jax.atomic_io import atomic_file
+
+                with atomic_file(local) as f:
                     f.writelines(keep)
-                os.replace(tmp, local)
         self._local = local
         self._file = open(local, "a")
         self._last_sync = time.monotonic()
