@@ -73,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config_lib.load_config(args.config, args.overrides)
+    cfg = config_lib.load_train_config(args.config, args.overrides)
     try:
         summary = run_train(cfg, args.workdir)
     except Preempted as e:
@@ -145,7 +145,7 @@ def _cmd_compile_check(args: argparse.Namespace) -> int:
     from kat_jax.training.aot import compile_check, format_report, summary_line
     from kat_jax.training.trainer import TrainingError
 
-    cfg = config_lib.load_config(args.config, args.overrides)
+    cfg = config_lib.load_train_config(args.config, args.overrides)
     if "stages" in cfg:
         raise ValueError(f"{args.config} is a pipeline; compile-check takes one stage's config")
     try:

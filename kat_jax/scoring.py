@@ -165,14 +165,14 @@ def write_score_output(path: str, records: list[ScoreRecord],
 
 def run_score(checkpoint: str, input_path: str, output_path: str, batch_tokens: int = 4096,
               dtype: str | None = None, attention_impl: str | None = None) -> dict[str, Any]:
-    from kat_jax.models.checkpoint import load_config, load_model
+    from kat_jax.models.checkpoint import load_model, load_model_config
 
     overrides = {}
     if dtype:
         overrides["dtype"] = dtype
     if attention_impl:
         overrides["attention_impl"] = attention_impl
-    cfg = load_config(checkpoint, **overrides)  # cheap: validate input before loading weights
+    cfg = load_model_config(checkpoint, **overrides)  # cheap: validate input before loading weights
     if batch_tokens <= 0:
         raise ValueError(f"--batch-tokens must be positive, got {batch_tokens}")
     records = read_score_input(input_path, cfg.vocab_size, cfg.max_position_embeddings)

@@ -128,7 +128,7 @@ def test_tiny_train_step_compiles_and_fits_on_a_v5e_topology():
     _libtpu()
     from kat_jax.training import aot, config_lib
 
-    cfg = config_lib.load_config(f"{SFT}:tiny", [
+    cfg = config_lib.load_train_config(f"{SFT}:tiny", [
         "--config.model.attention_impl=pallas", "--config.model.attention_block_size=128",
         "--config.data.row_len=512", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
     r = aot.compile_check(cfg, "v5e-4")

@@ -60,14 +60,14 @@ def test_training_on_gs_stops_resumes_and_equals_a_local_run(gcs_bucket, tmp_pat
     gs_work = f"{gcs_bucket}/runs/mid"
     gs_cfg = FAST + [f"--config.data.train_files={gcs_bucket}/data/*.jsonl"]
     with pytest.raises(Preempted, match="train.stop_at_step at step 2"):
-        run_train(config_lib.load_config(f"{MID}:tiny", gs_cfg + ["--config.train.stop_at_step=2"]),
+        run_train(config_lib.load_train_config(f"{MID}:tiny", gs_cfg + ["--config.train.stop_at_step=2"]),
                   gs_work)
     assert sorted(_losses_text(storage.read_text(f"{gs_work}/metrics.jsonl"))) == [1, 2]
-    out = run_train(config_lib.load_config(f"{MID}:tiny", gs_cfg), gs_work)
+    out = run_train(config_lib.load_train_config(f"{MID}:tiny", gs_cfg), gs_work)
     assert out["step"] == 4 and out["workdir"] == gs_work
 
     local = tmp_path / "local"
-    run_train(config_lib.load_config(f"{MID}:tiny", FAST + [f"--config.data.train_files={DATA}"]),
+    run_train(config_lib.load_train_config(f"{MID}:tiny", FAST + [f"--config.data.train_files={DATA}"]),
               str(local))
     got = _losses_text(storage.read_text(f"{gs_work}/metrics.jsonl"))
     want = _losses_text((local / "metrics.jsonl").read_text())
@@ -84,17 +84,17 @@ def test_training_on_gs_stops_resumes_and_equals_a_local_run(gcs_bucket, tmp_pat
     for a, b in zip(jax.tree.leaves(nnx.state(model_gs, nnx.Param)),
                     jax.tree.leaves(nnx.state(model_local, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert run_train(config_lib.load_config(f"{MID}:tiny", gs_cfg), gs_work)["status"] == \
+    assert run_train(config_lib.load_train_config(f"{MID}:tiny", gs_cfg), gs_work)["status"] == \
         "already finished"
     assert sorted(os.listdir(tmp_path)) == ["local"]  # nothing written to a local "gs:" path
 
 
 def test_remote_hugging_face_checkpoint_is_a_clear_error(gcs_bucket):
-    from kat_jax.models.checkpoint import load_config
+    from kat_jax.models.checkpoint import load_model_config
 
     storage.write_text(f"{gcs_bucket}/hf/config.json", "{}")
     with pytest.raises(ValueError, match="hf: a Hugging Face checkpoint must be a local directory"):
-        load_config(f"{gcs_bucket}/hf")
+        load_model_config(f"{gcs_bucket}/hf")
 
 
 def test_import_hf_to_gs_then_export_hf_from_gs(gcs_bucket, hf_dirs, tmp_path, capsys):

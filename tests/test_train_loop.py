@@ -31,32 +31,32 @@ def losses(workdir):
 
 
 def test_config_overrides_parse_by_type_and_unknown_keys_fail():
-    cfg = config_lib.load_config(f"{MID}:tiny", [
+    cfg = config_lib.load_train_config(f"{MID}:tiny", [
         "--config.train.steps=7", "--config.optimizer.learning_rate", "1e-4",
         "--config.data.shuffle=false", "--config.model.checkpoint=preset:tiny@3"])
     assert cfg.train.steps == 7 and cfg.optimizer.learning_rate == 1e-4
     assert cfg.data.shuffle is False and cfg.model.checkpoint == "preset:tiny@3"
     with pytest.raises(config_lib.ConfigError, match=r"--config.train.stepz: unknown key"):
-        config_lib.load_config(f"{MID}:tiny", ["--config.train.stepz=3"])
+        config_lib.load_train_config(f"{MID}:tiny", ["--config.train.stepz=3"])
     with pytest.raises(config_lib.ConfigError, match=r"--config.nope.steps: unknown key 'nope'"):
-        config_lib.load_config(f"{MID}:tiny", ["--config.nope.steps=3"])
+        config_lib.load_train_config(f"{MID}:tiny", ["--config.nope.steps=3"])
     with pytest.raises(config_lib.ConfigError, match=r"--config.train.steps: 'ten' is not a valid int"):
-        config_lib.load_config(f"{MID}:tiny", ["--config.train.steps=ten"])
+        config_lib.load_train_config(f"{MID}:tiny", ["--config.train.steps=ten"])
     with pytest.raises(config_lib.ConfigError, match=r"--config.data.shuffle: 'maybe' is not a bool"):
-        config_lib.load_config(f"{MID}:tiny", ["--config.data.shuffle=maybe"])
+        config_lib.load_train_config(f"{MID}:tiny", ["--config.data.shuffle=maybe"])
     with pytest.raises(config_lib.ConfigError, match="unknown variant 'huge'"):
-        config_lib.load_config(f"{MID}:huge")
+        config_lib.load_train_config(f"{MID}:huge")
     with pytest.raises(config_lib.ConfigError, match="unrecognised argument '--steps'"):
-        config_lib.load_config(f"{MID}:tiny", ["--steps", "3"])
+        config_lib.load_train_config(f"{MID}:tiny", ["--steps", "3"])
 
 
 def test_every_stage_config_has_the_common_keys_and_presets():
     for name in ("mid_training", "sft", "rft", "rl"):
         for variant in ("tiny", "qwen3_8b", "kat_dev_32b"):
-            cfg = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py:{variant}"))
+            cfg = config_lib.load_train_config(os.path.join(ROOT, "configs", f"{name}.py:{variant}"))
             for key in ("steps", "checkpoint_every", "log_every", "microbatches"):
                 assert key in cfg.train
-    q = config_lib.load_config(os.path.join(ROOT, "configs", "quickstart.py"),
+    q = config_lib.load_train_config(os.path.join(ROOT, "configs", "quickstart.py"),
                                ["--config.sft.train.steps=3"])
     assert q.stages == "mid,sft,rft,rl" and q.sft.train.steps == 3
 
@@ -104,7 +104,7 @@ def test_sharding_rules_and_the_unsharded_parameter_check():
 def _run(workdir, extra=()):
     from kat_jax.training.trainer import run_train
 
-    return run_train(config_lib.load_config(f"{MID}:tiny", FAST + list(extra)), str(workdir))
+    return run_train(config_lib.load_train_config(f"{MID}:tiny", FAST + list(extra)), str(workdir))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ SHARDED = textwrap.dedent("""
 
     assert jax.device_count() == 8
     # 1) one train step (2 microbatches x 8 shard batches) on fsdp 4 x tensor 2 == on one device
-    cfg = config_lib.load_config({mid!r} + ":tiny", {fast!r} + ["--config.train.microbatches=2"])
+    cfg = config_lib.load_train_config({mid!r} + ":tiny", {fast!r} + ["--config.train.microbatches=2"])
     mcfg = get_preset("tiny", attention_block_size=16)
     model = init_model(mcfg, seed=1)
     graphdef = nnx.graphdef(model)
@@ -215,7 +215,7 @@ SHARDED = textwrap.dedent("""
     for a, b in zip(jax.tree.leaves(jax.device_get(new["params"])), jax.tree.leaves(p1)):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
     # 2) a run on fsdp 4 x tensor 2 stopped at step 2; the test resumes it on one device
-    cfg = config_lib.load_config({mid!r} + ":tiny", {fast!r} + [
+    cfg = config_lib.load_train_config({mid!r} + ":tiny", {fast!r} + [
         "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.train.stop_at_step=2"])
     try:
         run_train(cfg, sys.argv[1])

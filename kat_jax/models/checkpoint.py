@@ -194,7 +194,7 @@ def model_from_params(cfg: ModelConfig, params: dict) -> Decoder:
     return model
 
 
-def load_config(spec: str, **overrides: Any) -> ModelConfig:
+def load_model_config(spec: str, **overrides: Any) -> ModelConfig:
     spec = resolve_checkpoint_dir(spec)
     if spec.startswith("preset:"):
         return get_preset(spec[len("preset:"):].split("@")[0], **overrides)
@@ -219,7 +219,7 @@ def load_model(spec: str, **overrides: Any) -> tuple[Decoder, ModelConfig]:
     overrides replace ModelConfig keys (e.g. dtype='bfloat16', attention_impl='xla_dense'); a
     param_dtype override converts the stored parameters."""
     spec = resolve_checkpoint_dir(spec)
-    cfg = load_config(spec, **overrides)
+    cfg = load_model_config(spec, **overrides)
     if spec.startswith("preset:"):
         seed = int(spec.split("@")[1]) if "@" in spec else 0
         return init_model(cfg, seed), cfg

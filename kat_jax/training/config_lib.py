@@ -1,7 +1,7 @@
 """ml_collections configs: `path.py[:variant]` files with get_config(variant), and `--config.a.b=v`
 overrides.
 
-    cfg = load_config("configs/sft.py:tiny", ["--config.train.steps=20", "--config.mesh.fsdp", "4"])
+    cfg = load_train_config("configs/sft.py:tiny", ["--config.train.steps=20", "--config.mesh.fsdp", "4"])
 
 The loaded ConfigDict is locked: an override of an unknown key, or of a value that cannot be
 converted to the key's type, is an error naming the key. Values are parsed by the type of the
@@ -128,7 +128,7 @@ def split_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def load_config(spec: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
+def load_train_config(spec: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
     cfg = config_from_file(spec)
     for key, text in split_overrides(overrides or []):
         set_value(cfg, key, parse_value(cfg, key, text))

@@ -1,6 +1,6 @@
 """The training loop: one linear function per stage, and a pipeline of stages.
 
-    summary = run_train(cfg, workdir)       # cfg from kat_jax.training.config_lib.load_config
+    summary = run_train(cfg, workdir)       # cfg from kat_jax.training.config_lib.load_train_config
 
 Per stage, in WORKDIR:
     config.json          the resolved config
@@ -87,13 +87,13 @@ class Preempted(RuntimeError):
 
 
 def model_config_for(cfg: ml_collections.ConfigDict):
-    from kat_jax.models.checkpoint import load_config
+    from kat_jax.models.checkpoint import load_model_config
 
     overrides = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat_policy",
                                            "attention_impl", "attention_block_size")
                  if cfg.model[k] not in ("", 0, None)}
     try:
-        return load_config(cfg.model.checkpoint, **overrides)
+        return load_model_config(cfg.model.checkpoint, **overrides)
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(f"model.checkpoint: {e}") from None
 
