@@ -27,7 +27,7 @@ CHECKPOINT_HELP = ("kat_jax checkpoint dir, Hugging Face model dir (config.json 
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from kat_jax.scoring import run_score
+    from kat_jax.training.scoring import run_score
 
     summary = run_score(args.checkpoint, args.input, args.output, batch_tokens=args.batch_tokens,
                         dtype=args.dtype, attention_impl=args.attention_impl)

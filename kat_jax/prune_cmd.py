@@ -117,9 +117,9 @@ def read_rollouts(path: str, allow_missing_entropies: bool = False,
 def fill_entropies(rows: list[tuple[Any, Trajectory]], missing: list[int], checkpoint: str,
                    batch_tokens: int = 4096) -> None:
     """Entropies of the distributions each token was drawn from, by a forward pass of the model
-    (kat_jax.scoring), for the trajectories listed in `missing` (token 0 gets 0: not predicted)."""
+    (kat_jax.training.scoring), for the trajectories listed in `missing` (token 0 gets 0: not predicted)."""
     from kat_jax.models.checkpoint import load_model
-    from kat_jax.scoring import ScoreRecord, score_records
+    from kat_jax.training.scoring import ScoreRecord, score_records
 
     model, cfg = load_model(checkpoint)
     for i in missing:

@@ -71,7 +71,7 @@ def test_sampled_logprobs_and_entropies_agree_with_scoring_at_temperature(engine
 def test_score_command_path_agrees_at_temperature_one(engine):
     from flax import nnx
 
-    from kat_jax.scoring import ScoreRecord, score_records
+    from kat_jax.training.scoring import ScoreRecord, score_records
 
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, seed=5), n=2)
     seqs = [p + g.tokens for p, (g, _) in zip(PROMPTS, out)]

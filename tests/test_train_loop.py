@@ -254,7 +254,7 @@ def _adv_weighted_logp(model_dir, rollouts):
     from kat_jax.data.sources import JsonlGroups
     from kat_jax.data.tokenizer import ByteTokenizer
     from kat_jax.models.checkpoint import load_model
-    from kat_jax.scoring import ScoreRecord, score_records
+    from kat_jax.training.scoring import ScoreRecord, score_records
 
     model, cfg = load_model(model_dir)
     conv = RecordConverter("rl", ByteTokenizer(), 64, cfg.vocab_size)

@@ -18,7 +18,7 @@ schedule dict built by kat_jax.ops.block_sparse.build_block_schedule):
                             loop of kv block j runs over q blocks j .. kv_q_last[j].
   kv_min_end  [B, nb]       min subtree_end over kv block j (full-block test).
 An all-zero row is a valid schedule that computes nothing (output 0, zero gradients): the filler
-rows that kat_jax.scoring appends get exactly that.
+rows that kat_jax.training.scoring appends get exactly that.
 """
 
 from __future__ import annotations
