@@ -9,7 +9,8 @@ reads kv head n // G), subtree_end: int32[B, S] (of the keys), q_index: int32[B,
 query in key space; arange(T) when queries and keys are the same tokens). Output: [B, T, N, H] in the
 dtype of q. Scores, softmax and the weighted sum accumulate in float32.
 
-Implementations are chosen by name (config `model.attention_impl`), never by import-time accident:
+Implementations are chosen by name (config `model.attention_impl`), never by import-time accident;
+the names are registered in one place, kat_jax.ops.attention_impls.ATTENTION_IMPLS:
   xla_dense        every (q, k) pair scored and masked: the reference, O(T * S).
   xla_block_sparse each query block visits only the key blocks it can see (kat_jax.ops.block_sparse);
                    full blocks need no element mask. Cost follows the visible pairs. CPU default.
@@ -22,6 +23,10 @@ Implementations are chosen by name (config `model.attention_impl`), never by imp
 Under a mesh, the Pallas kernel runs inside shard_map over batch rows and heads
 (`sharded_tree_attention`); `tree_attention` does that by itself when a mesh is set with
 jax.set_mesh and names axes of BATCH_MESH_AXES / HEAD_MESH_AXES.
+
+Layering inside kat_jax.ops: this dispatcher imports the implementations (attention_impls, and
+through it dense, block_sparse, pallas); they and it import the shared basics from
+kat_jax.ops.tree_mask; no implementation imports this module.
 """
 
 from __future__ import annotations
@@ -31,90 +36,26 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from kat_jax.ops.attention_impls import ATTENTION_IMPLS, attention_impl_names
+from kat_jax.ops.dense import xla_dense_attention
+from kat_jax.ops.tree_mask import (
+    BATCH_MESH_AXES,
+    HEAD_MESH_AXES,
+    MASK_VALUE,
+    current_platform,
+    effective_block_size,
+    mesh_platform,
+    tree_visible,
+)
 
-
-def tree_visible(subtree_end: jax.Array, q_index: jax.Array | None = None) -> jax.Array:
-    """bool[B, T, S]: visible[b, q, k] = k <= q_index[b, q] < subtree_end[b, k]."""
-    s = subtree_end.shape[-1]
-    if q_index is None:
-        q_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), subtree_end.shape)
-    k_index = jnp.arange(s, dtype=jnp.int32)
-    qi = q_index[..., :, None]
-    return (k_index[None, None, :] <= qi) & (qi < subtree_end[..., None, :])
-
-
-def xla_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Array,
-                        q_index: jax.Array | None = None, scale: float | None = None) -> jax.Array:
-    """Dense reference. A query that sees no key (never produced by valid trees) returns a finite
-    average rather than NaN."""
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    if n % kv_heads:
-        raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kv_heads})")
-    g = n // kv_heads
-    scale = h ** -0.5 if scale is None else scale
-    qg = q.reshape(b, t, kv_heads, g, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    visible = tree_visible(subtree_end, q_index)[:, None, None]  # [B, 1, 1, T, S]
-    scores = jnp.where(visible, scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(q.dtype)
-
-
-def _xla_block_sparse(q, k, v, subtree_end, q_index=None, scale=None, *, schedule=None,
-                      block_size=128):
-    from kat_jax.ops.block_sparse import xla_block_sparse_attention
-
-    if q_index is not None:  # decode against a cache: dense over the cache
-        return xla_dense_attention(q, k, v, subtree_end, q_index=q_index, scale=scale)
-    return xla_block_sparse_attention(q, k, v, subtree_end, scale=scale, schedule=schedule,
-                                      block_size=effective_block_size(block_size, q.shape[1]))
-
-
-def _xla_dense(q, k, v, subtree_end, q_index=None, scale=None, *, schedule=None, block_size=128):
-    return xla_dense_attention(q, k, v, subtree_end, q_index=q_index, scale=scale)
-
-
-def _pallas(q, k, v, subtree_end, q_index=None, scale=None, *, schedule=None, block_size=128):
-    from kat_jax.ops.pallas import pallas_tree_attention
-
-    if q_index is not None:  # decode against a cache: dense over the cache
-        return xla_dense_attention(q, k, v, subtree_end, q_index=q_index, scale=scale)
-    return pallas_tree_attention(q, k, v, subtree_end, scale=scale, schedule=schedule,
-                                 block_size=block_size)
-
-
-ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {
-    "xla_dense": _xla_dense,
-    "xla_block_sparse": _xla_block_sparse,
-    "pallas": _pallas,
-}
+# Re-exported: the dispatcher is where callers look for the attention API.
+__all__ = ["ATTENTION_IMPLS", "BATCH_MESH_AXES", "HEAD_MESH_AXES", "MASK_VALUE", "PALLAS_HEAD_DIMS",
+           "attention_impl_names", "effective_block_size", "mesh_platform",
+           "resolve_attention_impl", "sharded_tree_attention", "tree_attention", "tree_visible",
+           "xla_dense_attention"]
 
 # Head dims the device kernels are built for (the Triton lowering needs a power of two).
 PALLAS_HEAD_DIMS = (64, 128, 256)
-# Mesh axis names that split attention rows (batch) and heads when tree_attention shards the
-# Pallas kernel by itself under a mesh set with jax.set_mesh; others are left to GSPMD.
-BATCH_MESH_AXES = ("data", "fsdp")
-HEAD_MESH_AXES = ("tensor",)
-
-
-def effective_block_size(block_size: int, row_len: int) -> int:
-    """The block size used for rows of row_len tokens: the largest power of two <= block_size that
-    divides row_len (row buckets are 2^k and 1.5 * 2^k). Host-side schedules use the same value."""
-    row_len = int(row_len)
-    return max(1, min(int(block_size), row_len & -row_len))
-
-
-def mesh_platform() -> str | None:
-    """Platform of the devices of the mesh set with jax.set_mesh, or None when none is set. On a
-    CPU host compiling ahead of time for abstract TPU devices this is 'tpu' while
-    jax.default_backend() is 'cpu'; everywhere else the two agree."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return None if device is None else device.platform
 
 
 def resolve_attention_impl(name: str, platform: str | None = None,
@@ -125,13 +66,12 @@ def resolve_attention_impl(name: str, platform: str | None = None,
     auto: pallas on GPU and TPU when head_dim is one of PALLAS_HEAD_DIMS (or not given),
     otherwise xla_block_sparse (CPU: the Pallas kernels would only run interpreted)."""
     if name == "auto":
-        platform = (platform or mesh_platform() or jax.default_backend()).lower()
-        if platform in ("gpu", "cuda", "tpu") and (head_dim is None
-                                                   or head_dim in PALLAS_HEAD_DIMS):
+        if current_platform(platform) in ("gpu", "cuda", "tpu") and (
+                head_dim is None or head_dim in PALLAS_HEAD_DIMS):
             return "pallas"
         return "xla_block_sparse"
     if name not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {name!r}; known: {['auto', *ATTENTION_IMPLS]}")
+        raise ValueError(f"unknown attention_impl {name!r}; known: {list(attention_impl_names())}")
     return name
 
 

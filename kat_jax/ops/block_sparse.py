@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kat_jax.ops.attention import MASK_VALUE
+from kat_jax.ops.tree_mask import MASK_VALUE
 
 KIND_SKIP, KIND_PARTIAL, KIND_FULL = 0, 1, 2
 

@@ -1,6 +1,6 @@
 """Pallas tree-attention kernels (GPU: Triton, TPU: Mosaic) and their block schedules.
 
-`pallas_tree_attention` is the entry point (kat_jax.ops.attention registers it as
+`pallas_tree_attention` is the entry point (kat_jax.ops.attention_impls registers it as
 attention_impl='pallas'); `kernel_schedule` / `kernel_schedule_host` build the per-block loops.
 """
 

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kat_jax.ops.attention import MASK_VALUE
+from kat_jax.ops.tree_mask import MASK_VALUE
 
 NEG_INF = float("-inf")
 _NT = (((1,), (1,)), ((), ()))   # contract the last dims: a @ b.T

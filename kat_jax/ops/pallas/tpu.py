@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kat_jax.ops.attention import MASK_VALUE
+from kat_jax.ops.tree_mask import MASK_VALUE
 
 NEG_INF = float("-inf")
 LANES = 128

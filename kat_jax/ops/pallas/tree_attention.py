@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from kat_jax.ops.pallas.schedule import KERNEL_KEYS, kernel_schedule
+from kat_jax.ops.tree_mask import current_platform, effective_block_size
 
 BACKENDS = ("gpu", "tpu")
 
@@ -74,9 +75,7 @@ def default_backend(platform: str | None = None) -> tuple[str, bool]:
     """(kernel lowering, interpret) for a platform ('cpu', 'gpu'/'cuda', 'tpu'; default: the
     platform of the mesh set with jax.set_mesh, else JAX's default backend). CPU runs the GPU
     lowering interpreted (the faster interpreter)."""
-    from kat_jax.ops.attention import mesh_platform
-
-    platform = (platform or mesh_platform() or jax.default_backend()).lower()
+    platform = current_platform(platform)
     if platform == "tpu":
         return "tpu", False
     if platform in ("gpu", "cuda", "rocm"):
@@ -85,8 +84,6 @@ def default_backend(platform: str | None = None) -> tuple[str, bool]:
 
 
 def _block_size(backend: str, block_size: int, t: int) -> int:
-    from kat_jax.ops.attention import effective_block_size
-
     bs = effective_block_size(block_size, t)
     if backend == "tpu":
         return bs if bs % 128 == 0 else max(128, block_size // 128 * 128)
