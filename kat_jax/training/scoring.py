@@ -20,7 +20,6 @@ echoed back unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from kat_jax.atomic_io import check_output_file, write_jsonl_atomic
+from kat_jax.jsonl import read_jsonl
 from kat_jax.models.decoder import Decoder
 from kat_jax.ops.logprobs import tree_logprobs
 from kat_jax.trees.packing import (
@@ -54,36 +54,28 @@ class ScoreRecord:
 
 
 def read_score_input(path: str, vocab_size: int, max_len: int) -> list[ScoreRecord]:
+    """The validated sequences of `path`; bad JSON (kat_jax.jsonl) or a bad line is an error naming
+    the file and line."""
     records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object with 'id' and 'tokens'")
-            if "id" not in obj:
-                raise InputError(f"{where}: missing key 'id'")
-            toks = obj.get("tokens")
-            if toks is None:
-                raise InputError(f"{where}: missing key 'tokens'")
-            if not isinstance(toks, list) or not toks:
-                raise InputError(f"{where}: 'tokens' must be a non-empty list of token ids")
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
-                raise InputError(f"{where}: 'tokens' must hold integers only")
-            for j, t in enumerate(toks):  # Python ints: no overflow for huge ids
-                if not 0 <= t < vocab_size:
-                    raise InputError(f"{where}: token id {t} at index {j} is outside the "
-                                     f"vocabulary [0, {vocab_size})")
-            arr = np.asarray(toks, np.int32)
-            if len(arr) > max_len:
-                raise InputError(f"{where}: {len(arr)} tokens exceed the model's maximum of "
-                                 f"{max_len} (max_position_embeddings)")
-            records.append(ScoreRecord(obj["id"], arr))
+    for obj, where in read_jsonl(path):
+        if "id" not in obj:
+            raise InputError(f"{where}: missing key 'id'")
+        toks = obj.get("tokens")
+        if toks is None:
+            raise InputError(f"{where}: missing key 'tokens'")
+        if not isinstance(toks, list) or not toks:
+            raise InputError(f"{where}: 'tokens' must be a non-empty list of token ids")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
+            raise InputError(f"{where}: 'tokens' must hold integers only")
+        for j, t in enumerate(toks):  # Python ints: no overflow for huge ids
+            if not 0 <= t < vocab_size:
+                raise InputError(f"{where}: token id {t} at index {j} is outside the "
+                                 f"vocabulary [0, {vocab_size})")
+        arr = np.asarray(toks, np.int32)
+        if len(arr) > max_len:
+            raise InputError(f"{where}: {len(arr)} tokens exceed the model's maximum of "
+                             f"{max_len} (max_position_embeddings)")
+        records.append(ScoreRecord(obj["id"], arr))
     return records
 
 
