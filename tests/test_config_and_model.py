@@ -45,6 +45,21 @@ def test_config_rejects_unknown_and_invalid_keys():
         get_preset("llama")
 
 
+def test_config_accepts_exactly_the_registered_attention_impls_and_remat_policies():
+    from kat_jax.models.remat import REMAT_POLICIES
+    from kat_jax.ops.attention_impls import ATTENTION_IMPLS, attention_impl_names
+
+    assert attention_impl_names() == ("auto", *ATTENTION_IMPLS)
+    for name in attention_impl_names():
+        assert ModelConfig(attention_impl=name).attention_impl == name
+    for name in REMAT_POLICIES:
+        assert ModelConfig(remat_policy=name).remat_policy == name
+    with pytest.raises(ValueError, match="attention_impl.*xla_block_sparse"):
+        ModelConfig(attention_impl="flash")
+    assert REMAT_POLICIES["none"]() is None   # 'none': no jax.checkpoint at all
+    assert all(REMAT_POLICIES[name]() is not None for name in REMAT_POLICIES if name != "none")
+
+
 @pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
 def test_remat_policies_leave_values_and_gradients_unchanged(policy):
     cfg = get_preset("tiny")

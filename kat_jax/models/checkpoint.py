@@ -30,6 +30,7 @@ from flax import nnx
 from kat_jax import storage
 from kat_jax.models.config import ModelConfig, get_preset, load_hf_config
 from kat_jax.models.decoder import Decoder, abstract_model, init_model
+from kat_jax.multihost import sync_processes
 
 CONFIG_FILE = "model_config.json"
 HF_CONFIG_FILE = "hf_config.json"  # the original Hugging Face config.json, kept by import-hf
@@ -79,8 +80,6 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     On cloud storage (gs://) there is no atomic rename: the directory is written in place, and a
     reader must treat it as complete only once its marker file exists (save_checkpoint writes
     model_config.json last); a failure removes it."""
-    from kat_jax.training.sharding import sync_processes
-
     out_dir = check_output_directory(out_dir)
     parent = os.path.dirname(out_dir)
     primary = jax.process_index() == 0

@@ -15,9 +15,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from kat_jax.models.remat import remat_policy_names
+from kat_jax.ops.attention_impls import attention_impl_names
+
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("auto", "xla_dense", "xla_block_sparse", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +77,11 @@ class ModelConfig:
             bad("param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        if self.remat_policy not in REMAT_POLICIES:
-            bad("remat_policy", f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            bad("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.remat_policy not in remat_policy_names():
+            bad("remat_policy", f"must be one of {remat_policy_names()}, got {self.remat_policy!r}")
+        if self.attention_impl not in attention_impl_names():
+            bad("attention_impl",
+                f"must be one of {attention_impl_names()}, got {self.attention_impl!r}")
         if self.family == "qwen2" and (not self.qkv_bias or self.qk_norm):
             bad("family", "qwen2 has bias on q/k/v and no q/k norm (qkv_bias=True, qk_norm=False)")
         if self.family == "qwen3" and (self.qkv_bias or not self.qk_norm):

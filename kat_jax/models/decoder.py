@@ -8,7 +8,7 @@ it); subtree_end[i] is one past the last token of the subtree rooted at i (the a
 k <= q < subtree_end[k]). A plain causal sequence is positions = arange(T), subtree_end = T.
 
 The layers are stacked on a leading axis and run with jax.lax.scan, so compile time does not grow with
-depth; the scanned body is rematerialised according to cfg.remat_policy.
+depth; the scanned body is rematerialised according to cfg.remat_policy (kat_jax.models.remat).
 """
 
 from __future__ import annotations
@@ -19,13 +19,7 @@ from flax import nnx
 
 from kat_jax.models.config import ModelConfig
 from kat_jax.models.layers import DTYPE, DecoderLayer, RMSNorm, param
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
-}
+from kat_jax.models.remat import REMAT_POLICIES
 
 
 class Decoder(nnx.Module):
@@ -69,9 +63,9 @@ class Decoder(nnx.Module):
             layer = nnx.merge(graphdef, state)
             return layer(h, positions, subtree_end, attn_schedule), None
 
-        if cfg.remat_policy != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy],
-                                  prevent_cse=False)
+        policy = REMAT_POLICIES[cfg.remat_policy]()
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         x, _ = jax.lax.scan(body, x, layer_state)
         return self.norm(x)
 

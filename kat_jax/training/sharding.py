@@ -24,10 +24,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kat_jax.multihost import sync_processes  # noqa: F401  (re-exported: the trainer imports it from here)
+from kat_jax.ops.tree_mask import BATCH_MESH_AXES, HEAD_MESH_AXES
+
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+# The mesh axis names are defined once, in kat_jax.ops.tree_mask (attention shards its kernels
+# over the same axes); BATCH_AXES is that tuple under the name the training code uses.
+BATCH_AXES = BATCH_MESH_AXES
+MESH_AXES = (*BATCH_MESH_AXES, *HEAD_MESH_AXES)   # ('data', 'fsdp', 'tensor')
 
 # logical axis name -> mesh axis (or None). Stacked layers keep their leading axis unsharded
 # (the scan walks it); the model dim is FSDP-sharded; heads, MLP hidden and vocab are tensor-split.
@@ -82,15 +87,6 @@ def maybe_initialize_distributed(cfg: Any = None) -> bool:
     _DISTRIBUTED["initialized"] = True
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
-
-
-def sync_processes(name: str) -> None:
-    """A barrier across all processes (no-op with one): e.g. the primary host removed a directory
-    that all hosts are about to write."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
@@ -209,7 +205,7 @@ def batch_sharding(mesh: Mesh, ndim: int, axis: int = 1) -> NamedSharding:
 
 
 def num_batch_shards(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def shard_holders(mesh: Mesh, shards: int) -> dict[int, list[int]]:
