@@ -1,13 +1,14 @@
 """Environment interface: tool-call parsing, registry, concurrent steps, maths answers, calculator."""
 
 import json
+import re
 import threading
 import time
 from fractions import Fraction
 
 import pytest
 
-from kat_jax.envs import EpisodeStatus, Task, list_envs, make_env, parse_tool_call
+from kat_jax.envs import EpisodeStatus, EvalResult, Task, list_envs, make_env, parse_tool_call
 from kat_jax.envs.answers import answers_match, extract_answer, normalize
 from kat_jax.envs.base import Env, function_schema
 from kat_jax.envs.calculator import generate_tasks, safe_eval
@@ -123,3 +124,89 @@ def test_bundled_maths_problems_gold_scores_1_and_wrong_0():
         gold = env.evaluate([{"role": "assistant", "content": f"\\boxed{{{t.metadata['answer']}}}"}])
         none = env.evaluate([{"role": "assistant", "content": "no idea"}])
         assert gold.reward == 1.0 and none.reward == 0.0, t
+
+
+class _EchoEnv(Env):
+    """A user's environment: reward 1 iff the last message repeats the task's answer."""
+
+    name = "echo_test"
+
+    def __init__(self, greeting: str = "hi") -> None:
+        super().__init__()
+        self.greeting = greeting
+
+    def reset(self, task):
+        super().__init__()
+        self.task = task
+        return list(task.messages), []
+
+    def evaluate(self, messages=()):
+        ok = bool(messages) and messages[-1].get("content") == self.task.metadata["answer"]
+        return EvalResult(float(ok), ok)
+
+    @classmethod
+    def check_task(cls, task, **options):
+        env = cls()
+        env.reset(task)
+        gold = env.evaluate([{"role": "assistant", "content": task.metadata["answer"]}])
+        return gold, env.evaluate([{"role": "assistant", "content": ""}])
+
+
+def _echo_tasks(path):
+    return [Task(id=f"echo-{i}", messages=[{"role": "user", "content": "say it"}],
+                 metadata={"answer": a}) for i, a in enumerate(["hi", "bye"])]
+
+
+def test_user_env_registered_explicitly_reaches_make_env_rollout_tasks_and_env_check():
+    from kat_jax.envs import ENVS, register_env
+    from kat_jax.envs.check import check, checkable_envs
+    from kat_jax.rollout.runner import env_tasks
+
+    assert "echo_test" not in list_envs()        # nothing is registered by importing a module
+    try:
+        register_env("echo_test", _EchoEnv, load_tasks=_echo_tasks, check_task=_EchoEnv.check_task)
+        assert "echo_test" in list_envs() and "echo_test" in checkable_envs()
+        env = make_env("echo_test", greeting="hello")
+        assert isinstance(env, _EchoEnv) and env.greeting == "hello"
+        assert [t.id for t in env_tasks("echo_test", None)] == ["echo-0", "echo-1"]
+        rows = check("echo_test")
+        assert [(r["id"], r["gold"], r["empty"], r["ok"]) for r in rows] == [
+            ("echo-0", 1.0, 0.0, True), ("echo-1", 1.0, 0.0, True)]
+        with pytest.raises(ValueError, match="already registered"):
+            register_env("echo_test", Env)
+    finally:
+        ENVS.pop("echo_test", None)
+    with pytest.raises(ValueError, match="unknown environment 'echo_test'"):
+        env_tasks("echo_test", None)
+
+
+@pytest.mark.parametrize("line,why", [
+    ('{"id": "a", "question": "Q?"}', "missing key"),
+    ('{"id": "a", "question": 3, "answer": "1"}', "'question' must be a string"),
+    ('{"id": "a", "question": "Q?", "answer": "1", "metadata": [1]}', "'metadata' must be"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"id": "a", "question": "Q?",', "not valid JSON"),
+])
+@pytest.mark.parametrize("env", ["calculator", "maths"])
+def test_a_bad_task_line_is_an_error_naming_file_and_line(env, line, why, tmp_path):
+    from kat_jax.envs import load_env_tasks
+
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"id": "ok", "question": "1 + 1?", "answer": "2"}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:3: .*{why}"):
+        load_env_tasks(env, str(path))
+
+
+def test_a_bad_swe_instance_line_is_an_error_naming_file_and_line(tmp_path):
+    from kat_jax.envs.swe import load_instances
+
+    good = {"instance_id": "x", "problem_statement": "fix it", "FAIL_TO_PASS": "[\"t\"]"}
+    path = tmp_path / "instances.jsonl"
+    for bad, why in [({"problem_statement": "p"}, "'instance_id' must be a string"),
+                     ({**good, "PASS_TO_PASS": "not json"}, "'PASS_TO_PASS' must be a list"),
+                     ({**good, "FAIL_TO_PASS": 7}, "'FAIL_TO_PASS' must be a list")]:
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:2: {why}"):
+            load_instances(str(path))
+    path.write_text(json.dumps(good) + "\n")
+    assert load_instances(str(path))[0]["FAIL_TO_PASS"] == ["t"]

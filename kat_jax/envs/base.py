@@ -1,4 +1,5 @@
-"""The one environment interface: tasks, episodes, tool calls and a registry of environments by name.
+"""The one environment interface: tasks, episodes, tool calls (the registry of environments by
+name is kat_jax.envs.registry).
 
 An episode is driven by an agent loop (kat_jax.rollout, issue 6)::
 
@@ -176,31 +177,3 @@ class Env:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_REGISTRY: dict[str, Callable[..., Env]] = {}
-
-
-def register_env(name: str) -> Callable[[Callable[..., Env]], Callable[..., Env]]:
-    """Class decorator: ``@register_env("maths")`` makes the env buildable by ``make_env("maths")``."""
-    def deco(factory: Callable[..., Env]) -> Callable[..., Env]:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"environment {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-    return deco
-
-
-def make_env(name: str, **kwargs: Any) -> Env:
-    """Builds a registered environment by name (``calculator``, ``maths``, ``swe``)."""
-    from kat_jax import envs  # noqa: F401  (registers the built-in environments)
-
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown environment {name!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
-
-
-def list_envs() -> list[str]:
-    from kat_jax import envs  # noqa: F401
-
-    return sorted(_REGISTRY)

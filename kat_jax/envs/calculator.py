@@ -8,14 +8,13 @@ integers, ``+ - *``, and exact divisions at higher levels). The tool evaluates e
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import random
 from fractions import Fraction
 from typing import Any
 
-from kat_jax.envs.base import Task, ToolSchema, function_schema, register_env
-from kat_jax.envs.maths import AnswerEnv
+from kat_jax.envs.base import Task, ToolSchema, function_schema
+from kat_jax.envs.maths import AnswerEnv, read_answer_tasks
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
@@ -106,16 +105,13 @@ def generate_tasks(n: int = 200, seed: int = 0, level: int = 1) -> list[Task]:
 
 
 def load_tasks(path: str | None = None) -> list[Task]:
-    """Tasks from JSONL ``{"id", "question", "answer"}``, or 100 generated ones (levels 1-3)."""
+    """Tasks from JSONL ``{"id", "question", "answer"}`` (maths.read_answer_tasks), or 100
+    generated ones (levels 1-3)."""
     if path is None:
         return [t for level in (1, 2, 3) for t in generate_tasks(34 if level < 3 else 32, 0, level)]
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [Task(id=str(r["id"]), messages=[{"role": "user", "content": r["question"]}],
-                 metadata={"answer": str(r["answer"])}) for r in rows]
+    return read_answer_tasks(path)
 
 
-@register_env("calculator")
 class CalculatorEnv(AnswerEnv):
     """Arithmetic with a ``calculator`` tool; reward 1 iff the boxed final answer is right."""
 

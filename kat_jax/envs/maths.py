@@ -7,12 +7,13 @@ episode is a single assistant reply, graded by :func:`kat_jax.envs.answers.answe
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from kat_jax.envs.answers import answers_match, extract_answer
-from kat_jax.envs.base import Env, EvalResult, Message, Task, ToolSchema, register_env
+from kat_jax.envs.base import Env, EvalResult, Message, Task, ToolSchema
+from kat_jax.jsonl import JsonlError, read_jsonl
 
 BUNDLED_MATHS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "maths",
                              "problems.jsonl")
@@ -28,16 +29,30 @@ def last_assistant_text(messages: Sequence[Message]) -> str | None:
     return None
 
 
+def read_answer_tasks(path: str) -> list[Task]:
+    """Tasks from JSONL lines ``{"id", "question", "answer", "metadata"?}`` (local or gs://): the
+    question becomes the user message, the answer (as a string) and the optional metadata object
+    go to ``Task.metadata``. A bad line is a ValueError naming ``file:line``."""
+    tasks = []
+    for p, where in read_jsonl(path):
+        missing = [key for key in ("id", "question", "answer") if key not in p]
+        if missing:
+            raise JsonlError(f"{where}: missing key(s) {missing} (a task line has "
+                             '"id", "question", "answer")')
+        if not isinstance(p["question"], str):
+            raise JsonlError(f"{where}: 'question' must be a string, got "
+                             f"{type(p['question']).__name__}")
+        extra = p.get("metadata", {})
+        if not isinstance(extra, dict):
+            raise JsonlError(f"{where}: 'metadata' must be an object, got {type(extra).__name__}")
+        tasks.append(Task(id=str(p["id"]), messages=[{"role": "user", "content": p["question"]}],
+                          metadata={"answer": str(p["answer"]), **extra}))
+    return tasks
+
+
 def load_tasks(path: str | None = None) -> list[Task]:
     """Tasks from JSONL ``{"id", "question", "answer"}`` (default: the bundled problem set)."""
-    tasks = []
-    with open(path or BUNDLED_MATHS) as f:
-        for line in f:
-            if line.strip():
-                p = json.loads(line)
-                tasks.append(Task(id=str(p["id"]), messages=[{"role": "user", "content": p["question"]}],
-                                  metadata={"answer": str(p["answer"]), **p.get("metadata", {})}))
-    return tasks
+    return read_answer_tasks(path or BUNDLED_MATHS)
 
 
 class AnswerEnv(Env):
@@ -63,8 +78,19 @@ class AnswerEnv(Env):
         ok = answers_match(pred, gold)
         return EvalResult(float(ok), ok, self.status, {"predicted": pred, "gold": gold})
 
+    @classmethod
+    def check_task(cls, task: Task, **options: Any) -> tuple[EvalResult, EvalResult]:
+        """`env check`: the task graded with its gold answer boxed, then with no answer (each in a
+        fresh environment). ``options`` (sandbox settings) do not apply."""
+        results = []
+        for content in (f"The answer is \\boxed{{{task.metadata['answer']}}}.", "I don't know."):
+            env = cls()
+            env.reset(task)
+            results.append(env.evaluate([*task.messages, {"role": "assistant", "content": content}]))
+            env.close()
+        return results[0], results[1]
 
-@register_env("maths")
+
 class MathEnv(AnswerEnv):
     """Maths problems with verifiable answers (see the module docstring)."""
 

@@ -1,5 +1,8 @@
 """The sandbox protocol shared by the local and docker backends, output capping, and a warm pool.
 
+The backends (local_sandbox, docker_sandbox) import this module; the registry of backends by name
+and ``make_sandbox`` live in kat_jax.envs.sandbox_backends, which imports them.
+
 A sandbox holds one working copy of a repository (``workdir``) that the agent's commands run in. It
 starts from a directory (local backend) or an image (docker backend), runs shell commands with a
 timeout, reads and writes files, and reports the diff of the working copy against its start (a git
@@ -200,19 +203,3 @@ class SandboxPool:
                 self._ready.get_nowait().close()
             except queue.Empty:
                 break
-
-
-SandboxFactory = Callable[..., Sandbox]
-
-
-def make_sandbox(backend: str, **kwargs) -> Sandbox:
-    """Starts a sandbox: ``backend="local"`` (kwargs of LocalSandbox) or ``"docker"`` (DockerSandbox)."""
-    if backend == "local":
-        from kat_jax.envs.local_sandbox import LocalSandbox
-
-        return LocalSandbox(**kwargs)
-    if backend == "docker":
-        from kat_jax.envs.docker_sandbox import DockerSandbox
-
-        return DockerSandbox(**kwargs)
-    raise ValueError(f"unknown sandbox backend {backend!r} (local, docker)")

@@ -34,10 +34,11 @@ from kat_jax.envs.base import (
     Task,
     ToolSchema,
     function_schema,
-    register_env,
 )
-from kat_jax.envs.sandbox import Sandbox, SandboxError, make_sandbox
+from kat_jax.envs.sandbox import Sandbox, SandboxError
+from kat_jax.envs.sandbox_backends import make_sandbox
 from kat_jax.envs.tools import BashTool, EditorTool, bash_schema
+from kat_jax.jsonl import JsonlError, read_jsonl
 
 BUNDLED_SWE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "swe",
                            "instances.jsonl")
@@ -85,26 +86,36 @@ print("\n__KAT_TEST_RESULTS__" + json.dumps(results))
 
 
 def _as_list(x: Any) -> list[str]:
+    """A test list given as a list, a JSON string of one, or nothing (an empty list)."""
     if isinstance(x, str):
         x = json.loads(x) if x.strip() else []
-    return [str(t) for t in (x or [])]
+    if x is None:
+        return []
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"expected a list of test ids, got {type(x).__name__}")
+    return [str(t) for t in x]
 
 
 def load_instances(path: str | None = None) -> list[dict[str, Any]]:
-    """Reads SWE-bench JSONL (default: the bundled instances); ``repo_path`` becomes absolute."""
+    """Reads SWE-bench JSONL (default: the bundled instances); ``repo_path`` becomes absolute. A bad
+    line (not a JSON object, no ``instance_id`` or ``problem_statement``, test lists that are not
+    lists) is a ValueError naming ``file:line``."""
     path = path or BUNDLED_SWE
     out = []
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            inst = json.loads(line)
-            inst["FAIL_TO_PASS"] = _as_list(inst.get("FAIL_TO_PASS"))
-            inst["PASS_TO_PASS"] = _as_list(inst.get("PASS_TO_PASS"))
-            if inst.get("repo_path") and not os.path.isabs(inst["repo_path"]):
-                inst["repo_path"] = os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                 inst["repo_path"])
-            out.append(inst)
+    for inst, where in read_jsonl(path):
+        for key in ("instance_id", "problem_statement"):
+            if not isinstance(inst.get(key), str):
+                raise JsonlError(f"{where}: {key!r} must be a string (a SWE-bench instance line)")
+        for key in ("FAIL_TO_PASS", "PASS_TO_PASS"):
+            try:
+                inst[key] = _as_list(inst.get(key))
+            except (ValueError, TypeError):
+                raise JsonlError(f"{where}: {key!r} must be a list of test ids or a JSON string "
+                                 f"of one, got {inst.get(key)!r:.80}") from None
+        if inst.get("repo_path") and not os.path.isabs(inst["repo_path"]):
+            inst["repo_path"] = os.path.join(os.path.dirname(os.path.abspath(path)),
+                                             inst["repo_path"])
+        out.append(inst)
     return out
 
 
@@ -208,7 +219,15 @@ def _run_tests(sb: Sandbox, inst: dict[str, Any], tests: list[str],
     return json.loads(line)
 
 
-@register_env("swe")
+def check_task(task: Task, backend: str = "local", sandbox_kwargs: dict[str, Any] | None = None,
+               **_options: Any) -> tuple[EvalResult, EvalResult]:
+    """`env check`: the instance graded with its gold ``patch``, then with an empty patch."""
+    inst = task.metadata["instance"]
+    kwargs = dict(sandbox_kwargs or {})
+    return (grade_patch(inst, inst.get("patch", ""), backend, **kwargs),
+            grade_patch(inst, "", backend, **kwargs))
+
+
 class SweEnv(Env):
     """Software-engineering episodes on SWE-bench-style instances (see the module docstring).
 
