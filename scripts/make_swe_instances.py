@@ -465,9 +465,10 @@ def main() -> int:
     print(f"wrote {len(rows)} instances to {args.out}")
     if args.check:
         sys.path.insert(0, ROOT)
-        from kat_jax.envs.check import main as check_main
+        from kat_jax.cli import main as cli_main
 
-        return check_main(["--env", "swe", "--tasks", os.path.join(args.out, "instances.jsonl")])
+        return cli_main(["env", "check", "--env", "swe", "--tasks",
+                         os.path.join(args.out, "instances.jsonl")])
     return 0
 
 

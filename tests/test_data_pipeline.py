@@ -100,7 +100,8 @@ def test_sources_reject_bad_lines_with_file_and_line(tmp_path):
         JsonlGroups([str(tmp_path / "e.jsonl")], "chat")
     f = _write(tmp_path / "r.jsonl", [{"id": 1, "tokens": [1, 2], "logprobs": [None, 0.5],
                                        "reward": 1}])
-    with pytest.raises(ValueError, match=r"r.jsonl:1: log-prob 0.5 at index 1"):
+    with pytest.raises(ValueError,
+                       match=r"r.jsonl:1: trajectory 1: 'logprobs': log-prob 0.5 at index 1"):
         JsonlGroups([f], "rollouts")
     with pytest.raises(FileNotFoundError, match="data.train_files: .*nope.jsonl"):
         expand_files(str(tmp_path / "nope.jsonl"), "data.train_files")

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from kat_jax.cli import main as cli_main
 from kat_jax.envs import EpisodeStatus, make_env
-from kat_jax.envs.check import main as check_main
 from kat_jax.envs.local_sandbox import probe_isolation
 from kat_jax.envs.swe import grade_patch, load_instances, task_from_instance
 
@@ -163,5 +163,5 @@ def test_broken_repository_is_env_error_and_masked(tmp_path):
 
 
 def test_env_check_passes_on_bundled_tasks(capsys):
-    assert check_main(["--env", "calculator"]) == 0
+    assert cli_main(["env", "check", "--env", "calculator"]) == 0
     assert "0 broken" in capsys.readouterr().out

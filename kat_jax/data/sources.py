@@ -5,11 +5,9 @@ Formats (one JSON object per line; blank lines are skipped):
             the tokenizer's eos, and cut into chains of at most row_len tokens (all trainable).
   chat      {"messages": [...], "tools": [...] (optional), "id", "group" (optional)}: agent
             trajectories in OpenAI chat form, rendered by kat_jax.data.chat (Qwen format).
-  rollouts  {"id", "group", "tokens": [ids], "logprobs": [float or null per token] (null where the
-            token was not generated: those are not trainable), "tags": [null or tag name per
-            token] (optional), "reward" and/or "advantage", "status" (optional; "env_error"
-            trajectories are excluded, counted), "teacher": bool (optional; RFT ground truth)}.
-            The output of `kat-jax rollout`.
+  rollouts  rollout records (kat_jax.data.records: "id", "group", "tokens", "logprobs", "tags",
+            "reward" and/or "advantage", "status", "teacher", ...), the output of
+            `kat-jax rollout`; validated by records.validate_rollout.
 
 Records that share "group" are one element, so trajectories that share prompts land in the same
 tree; without "group", every line is its own element (its prefix can still be shared with others
@@ -20,12 +18,12 @@ fails before training starts with `file:line:` in the message.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
 from kat_jax import storage
-from kat_jax.prune_cmd import per_token_floats  # rollout lines are what prune reads, too
+from kat_jax.data.records import validate_rollout
+from kat_jax.jsonl import parse_line
 
 KINDS = ("mid", "chat", "rollouts")
 
@@ -60,9 +58,7 @@ def expand_files(spec: str | list[str], key: str) -> list[str]:
     return out
 
 
-def _check(kind: str, obj: Any, where: str) -> None:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+def _check(kind: str, obj: dict[str, Any], where: str) -> None:
     if kind == "mid":
         if "text" in obj:
             if not isinstance(obj["text"], str) or not obj["text"]:
@@ -81,20 +77,7 @@ def _check(kind: str, obj: Any, where: str) -> None:
         if not any(isinstance(x, dict) and x.get("role") == "assistant" for x in m):
             raise ValueError(f"{where}: no assistant message (nothing to train on)")
     elif kind == "rollouts":
-        t = obj.get("tokens")
-        if not isinstance(t, list) or len(t) < 2 or not all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t):
-            raise ValueError(f"{where}: 'tokens' must be a list of at least 2 ids >= 0")
-        per_token_floats(obj.get("logprobs"), len(t), "logprobs", "log-prob", lambda x: x <= 0,
-                         "<= 0", lambda msg: ValueError(f"{where}: {msg}"))
-        for key in ("reward", "advantage"):
-            v = obj.get(key)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
-                                  or not math.isfinite(v)):
-                raise ValueError(f"{where}: '{key}' must be a finite number")
-        if obj.get("reward") is None and obj.get("advantage") is None \
-                and obj.get("status") != "env_error":
-            raise ValueError(f"{where}: a rollout needs 'reward' or 'advantage'")
+        validate_rollout(obj, where)  # the schema of kat_jax.data.records
     else:
         raise ValueError(f"unknown data kind {kind!r}; known: {KINDS}")
 
@@ -119,10 +102,7 @@ class JsonlGroups:
                     if not raw.strip():
                         continue
                     where = f"{path}:{lineno}"
-                    try:
-                        obj = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                        raise ValueError(f"{where}: not valid JSON ({e})") from None
+                    obj = parse_line(raw, where)
                     _check(kind, obj, where)
                     g = obj.get(group_key) if group_key else None
                     if g is None:
@@ -144,7 +124,8 @@ class JsonlGroups:
         for fi, offset, lineno in self._index[i]:
             with open(self._local[fi], "rb") as f:
                 f.seek(offset)
-                out.append((json.loads(f.readline()), f"{self.files[fi]}:{lineno}"))
+                where = f"{self.files[fi]}:{lineno}"
+                out.append((parse_line(f.readline(), where), where))
         return out
 
     @property

@@ -1,15 +1,17 @@
-"""``kat-jax env check``: every bundled (or given) task must score 1 with its gold answer and 0 without.
+"""The environment audit: every bundled (or given) task must score 1 with its gold answer and 0
+without.
+
+    rows = check("swe", tasks_file=None, backend="local")    # one row per task; row["ok"]
+    print(format_table(rows))
 
 Audits of SWE-bench found many "unsolvable" instances were broken environments; this catches them
-before training. Run ``python -m kat_jax.envs.check --env swe [--tasks FILE] [--backend local|docker]
-[--sandbox-image IMAGE]``. It prints a table (and each distinct error in full on stderr) and exits
-non-zero when any task is broken.
+before training. The command is ``kat-jax env check --env swe [--tasks FILE] [--backend
+local|docker] [--sandbox-image IMAGE]`` (kat_jax.commands.env): it prints the table (and each
+distinct error in full on stderr) and exits non-zero when any task is broken.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,36 +83,3 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     broken = sum(not r["ok"] for r in rows)
     lines.append(f"{len(rows)} tasks, {broken} broken")
     return "\n".join(lines)
-
-
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--env", default="swe", choices=["swe", "maths", "calculator"])
-    ap.add_argument("--tasks", default=None, help="tasks file (default: the bundled ones)")
-    ap.add_argument("--backend", default="local", choices=["local", "docker"],
-                    help="sandbox backend of --env swe (default local)")
-    ap.add_argument("--sandbox-image", default=None,
-                    help="with --backend docker: the image of tasks without their own `image` "
-                    "(default $KAT_JAX_SANDBOX_IMAGE, else kat-jax-sandbox:latest, built from "
-                    "docker/Dockerfile.sandbox)")
-    ap.add_argument("--workers", type=int, default=2)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.sandbox_image and args.backend != "docker":
-        raise ValueError("--sandbox-image needs --backend docker")
-    kwargs = {"image": args.sandbox_image} if args.sandbox_image else {}
-    rows = check(args.env, args.tasks, args.backend, args.workers, kwargs)
-    print(format_table(rows))
-    for err in dict.fromkeys(r["error"] for r in rows if r["error"] and not r["ok"]):
-        print(f"error: {err}", file=sys.stderr)
-    return 0 if rows and all(r["ok"] for r in rows) else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kat-jax env check", description=__doc__.split("\n")[0])
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,9 +12,9 @@ the exact ids of what was appended, never a re-tokenisation of generated text. A
 
 The episode ends when the policy answers without a tool call, the environment is done (submit),
 or at max_turns, max_tokens (the trajectory's length) or the timeout. Output: a rollout record
-(one JSONL line of `kat-jax rollout`): tokens, per token logprobs / entropies (null where not
-generated) and tags, reward, status (ok, max_turns, max_tokens, timeout, env_error), turns,
-tool calls.
+(one JSONL line of `kat-jax rollout`, kat_jax.data.records.rollout_record): tokens, per token
+logprobs / entropies (null where not generated) and tags, reward, status (ok, max_turns,
+max_tokens, timeout, env_error), turns, tool calls.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from kat_jax.data.chat import continuation_segments, render_segments
+from kat_jax.data.records import rollout_record
 from kat_jax.rollout.sampler import SamplingParams
 from kat_jax.trees.trajectory import TAGS
 
@@ -151,11 +152,7 @@ def run_episode(engine, env, task, tokenizer, sp: SamplingParams, max_turns: int
     if getattr(result, "status", None) is not None and str(getattr(result.status, "value",
                                                                    result.status)) == "env_error":
         status = "env_error"
-    return {
-        "id": f"{task.id}#{sample}", "group": group if group is not None else task.id,
-        "task_id": task.id, "tokens": ep.tokens, "logprobs": ep.logprobs,
-        "entropies": ep.entropies,
-        "tags": [TAG_NAMES.get(t) if t else None for t in ep.tags],
-        "reward": float(result.reward), "status": status, "turns": turns, "tool_calls": n_calls,
-        "passed": bool(result.passed),
-    }
+    return rollout_record(
+        f"{task.id}#{sample}", group if group is not None else task.id, ep.tokens, ep.logprobs,
+        ep.entropies, [TAG_NAMES.get(t) if t else None for t in ep.tags], float(result.reward),
+        status, task_id=task.id, turns=turns, tool_calls=n_calls, passed=bool(result.passed))

@@ -1,10 +1,11 @@
 """`kat-jax rollout`: G samples per task of an environment, episodes run concurrently, one JSONL
 line per trajectory (what `kat-jax prune`, `kat-jax score` and offline RFT / RL training read).
 
-Line: {"id", "group" (the task), "task_id", "tokens", "logprobs" and "entropies" (per token, null
-where not generated), "tags" (per token: null, "tool_call" or "tool_result"), "reward", "status",
-"passed", "turns", "tool_calls"}. The output is written atomically at the end; the last stdout line
-is a JSON summary (success rate, mean reward, mean turns, tool calls per turn, statuses).
+Line: a rollout record (kat_jax.data.records): {"id", "group" (the task), "task_id", "tokens",
+"logprobs" and "entropies" (per token, null where not generated), "tags" (per token: null,
+"tool_call" or "tool_result"), "reward", "status", "passed", "turns", "tool_calls"}. The output
+is written atomically at the end; the last stdout line is a JSON summary (success rate, mean
+reward, mean turns, tool calls per turn, statuses).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kat_jax.atomic_io import check_output_file, write_jsonl_atomic
+from kat_jax.atomic_io import check_output_file
+from kat_jax.data.records import write_rollouts
 
 
 def env_tasks(env_name: str, tasks_file: str | None):
@@ -97,6 +99,6 @@ def run_rollout_cmd(checkpoint: str, env_name: str, output: str, tasks_file: str
     sp = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     records = run_rollouts(engine, env_name, tasks, tok, samples_per_task, sp, max_turns,
                            max_tokens, concurrency=concurrency, seed=seed, env_kwargs=env_kwargs)
-    write_jsonl_atomic(output, records)
+    write_rollouts(output, records)
     return {**summarize(records), "output": output, "prefill_tokens": engine.stats.get(
         "prefill_tokens"), "generated_tokens": engine.stats.get("generated_tokens")}

@@ -1,0 +1,39 @@
+"""`kat-jax score`: per-token log-probs and entropies of JSONL token sequences
+(kat_jax.training.scoring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kat_jax.commands import CHECKPOINT_HELP
+
+NAME = "score"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        NAME, help="per-token log-probs and entropies of token sequences",
+        description="Score JSONL lines {\"id\", \"tokens\"}; write {\"id\", \"logprobs\", "
+        "\"entropies\"} (len(tokens)-1 each) in the same order. The last stdout line is a JSON "
+        "summary.")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--input", required=True, help="input JSONL")
+    p.add_argument("--output", required=True, help="output JSONL (written atomically)")
+    p.add_argument("--batch-tokens", type=int, default=4096,
+                   help="tokens per forward call (row capacity); default 4096")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--attention-impl", default=None,
+                   choices=("auto", "xla_dense", "xla_block_sparse", "pallas"),
+                   help="attention implementation (default: the checkpoint's config, auto)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from kat_jax.training.scoring import run_score
+
+    summary = run_score(args.checkpoint, args.input, args.output, batch_tokens=args.batch_tokens,
+                        dtype=args.dtype, attention_impl=args.attention_impl)
+    print(json.dumps(summary))
+    return 0
