@@ -17,35 +17,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kat_jax.envs.base import EpisodeStatus, EvalResult, Task, make_env
-
-
-def _swe_rows(tasks_file: str | None, backend: str, workers: int,
-              sandbox_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    from kat_jax.envs.swe import grade_patch, load_instances
-
-    def one(inst: dict[str, Any]) -> dict[str, Any]:
-        t = time.monotonic()
-        gold = grade_patch(inst, inst.get("patch", ""), backend, **sandbox_kwargs)
-        empty = grade_patch(inst, "", backend, **sandbox_kwargs)
-        return _row(inst["instance_id"], gold, empty, time.monotonic() - t)
-
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        return list(ex.map(one, load_instances(tasks_file)))
-
-
-def _answer_rows(env_name: str, tasks: Sequence[Task]) -> list[dict[str, Any]]:
-    rows = []
-    for task in tasks:
-        t = time.monotonic()
-        results = []
-        for content in (f"The answer is \\boxed{{{task.metadata['answer']}}}.", "I don't know."):
-            env = make_env(env_name)
-            env.reset(task)
-            results.append(env.evaluate([*task.messages, {"role": "assistant", "content": content}]))
-            env.close()
-        rows.append(_row(task.id, results[0], results[1], time.monotonic() - t))
-    return rows
+from kat_jax.envs.base import EpisodeStatus, EvalResult, Task
+from kat_jax.envs.registry import ENVS
 
 
 def _row(task_id: str, gold: EvalResult, empty: EvalResult, seconds: float) -> dict[str, Any]:
@@ -56,20 +29,31 @@ def _row(task_id: str, gold: EvalResult, empty: EvalResult, seconds: float) -> d
             "error": gold.details.get("error") or empty.details.get("error") or ""}
 
 
+def checkable_envs() -> list[str]:
+    """The registered environments that `env check` can grade (their EnvSpec has check_task)."""
+    return sorted(name for name, spec in ENVS.items() if spec.check_task is not None)
+
+
 def check(env_name: str, tasks_file: str | None = None, backend: str = "local",
           workers: int = 2, sandbox_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per task: gold and empty rewards, statuses, and ``ok`` (gold 1, empty 0, no env_error).
 
-    ``backend`` and ``sandbox_kwargs`` (e.g. ``image``: the docker sandbox image) apply to ``swe``."""
-    if env_name == "swe":
-        return _swe_rows(tasks_file, backend, workers, dict(sandbox_kwargs or {}))
-    if env_name == "maths":
-        from kat_jax.envs.maths import load_tasks
-    elif env_name == "calculator":
-        from kat_jax.envs.calculator import load_tasks
-    else:
-        raise ValueError(f"no check for environment {env_name!r} (swe, maths, calculator)")
-    return _answer_rows(env_name, load_tasks(tasks_file))
+    The environment's registry entry (kat_jax.envs.registry) reads the tasks and grades each one;
+    ``backend`` and ``sandbox_kwargs`` (e.g. ``image``: the docker sandbox image) apply to
+    environments that run sandboxes (``swe``)."""
+    spec = ENVS.get(env_name)
+    if spec is None or spec.check_task is None:
+        raise ValueError(f"no check for environment {env_name!r} ({', '.join(checkable_envs())})")
+    check_task = spec.check_task
+    options = {"backend": backend, "sandbox_kwargs": dict(sandbox_kwargs or {})}
+
+    def one(task: Task) -> dict[str, Any]:
+        t = time.monotonic()
+        gold, empty = check_task(task, **options)
+        return _row(task.id, gold, empty, time.monotonic() - t)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        return list(ex.map(one, spec.load_tasks(tasks_file)))
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -19,13 +19,13 @@ from kat_jax.data.records import write_rollouts
 
 
 def env_tasks(env_name: str, tasks_file: str | None):
-    from kat_jax.envs import calculator, maths, swe
+    """The tasks of a registered environment (kat_jax.envs.registry) from `tasks_file` (None: its
+    bundled ones)."""
+    from kat_jax.envs import ENVS, load_env_tasks
 
-    loaders = {"calculator": calculator.load_tasks, "maths": maths.load_tasks,
-               "swe": swe.load_tasks}
-    if env_name not in loaders:
-        raise ValueError(f"--env: unknown environment {env_name!r}; known: {sorted(loaders)}")
-    return loaders[env_name](tasks_file)
+    if env_name not in ENVS:
+        raise ValueError(f"--env: unknown environment {env_name!r}; known: {sorted(ENVS)}")
+    return load_env_tasks(env_name, tasks_file)
 
 
 def tokenizer_for_checkpoint(spec: str, tokenizer: str | None = None):
