@@ -38,12 +38,12 @@ def bench(name: str, steps: int) -> dict:
     from kat_jax.data.tokenizer import ByteTokenizer
     from kat_jax.models.config import get_preset
     from kat_jax.models.decoder import init_model
+    from kat_jax.training.build import loss_spec
     from kat_jax.training.defaults import stage_config
     from kat_jax.training.metrics import peak_flops, step_flops
     from kat_jax.training.optim import make_optimizer
     from kat_jax.training.sharding import batch_sharding, like_params, make_mesh, named, param_specs
     from kat_jax.training.step import init_state, make_train_step
-    from kat_jax.training.trainer import _loss_spec
 
     spec = MODELS[name]
     mcfg = get_preset(spec["preset"], **spec.get("overrides", {}))
@@ -65,8 +65,8 @@ def bench(name: str, steps: int) -> dict:
     it = make_step_iterator(expand_files(cfg.data.train_files, "data"), "sft", ByteTokenizer(),
                             shape, mcfg.vocab_size, 1, shards)
     batches = [next(it) for _ in range(steps + 1)]
-    bs = {k: batch_sharding(mesh, v.ndim) for k, v in batches[0][0].items()}
-    step = jax.jit(make_train_step(graphdef, tx, schedule, _loss_spec(cfg)),
+    bs = jax.tree.map(lambda v: batch_sharding(mesh, v.ndim), batches[0][0])
+    step = jax.jit(make_train_step(graphdef, tx, schedule, loss_spec(cfg)),
                    in_shardings=(shard, bs), out_shardings=(shard, rep), donate_argnums=0)
     t0 = time.perf_counter()
     state, m = step(state, jax.device_put(batches[0][0], bs))

@@ -55,7 +55,8 @@ def workloads(scale: int, rng: np.random.Generator, vocab: int) -> dict[str, lis
 
 def pack_flat(trajs, row_len: int):
     """Each trajectory its own chain; chains packed into rows first-fit decreasing."""
-    from kat_jax.trees.packing import TreeBatch, assign_rows, empty_rows
+    from kat_jax.trees.batch import StepBatch
+    from kat_jax.trees.packing import assign_rows, empty_rows
 
     groups = assign_rows([len(t) for t in trajs], row_len)
     rows = empty_rows(len(groups), row_len)
@@ -74,13 +75,8 @@ def pack_flat(trajs, row_len: int):
             traj_index[k, :n] = r * row_len + np.arange(col, col + n)
             col += n
     valid = traj_index >= 0
-    z = np.zeros(len(trajs), np.float32)
-    return TreeBatch(**rows, tags=np.zeros_like(rows["tokens"]), primary=rows["parent"] >= -1,
-                     train_count=np.zeros(rows["tokens"].shape, np.float32),
-                     traj_index=traj_index, traj_valid=valid, traj_trainable=valid,
-                     traj_behaviour_logprobs=np.zeros(valid.shape, np.float32),
-                     traj_advantage=z, traj_reward=z, traj_present=np.ones(len(trajs), bool),
-                     traj_pruned=np.zeros(valid.shape, bool))
+    return StepBatch(**rows, traj_index=traj_index, valid=valid, trainable=valid,
+                     advantage=np.zeros(len(trajs), np.float32))
 
 
 def model_flops(cfg, n_tokens: int, n_pairs: int) -> float:
@@ -108,11 +104,9 @@ def main() -> None:
 
     from kat_jax.models.config import ModelConfig
     from kat_jax.models.decoder import init_model
-    from kat_jax.ops.attention import effective_block_size
-    from kat_jax.ops.block_sparse import build_block_schedule
     from kat_jax.ops.logprobs import tree_logprobs
-    from kat_jax.training.losses import gather, stage_loss
-    from kat_jax.trees.packing import bucket_length, pack_trie
+    from kat_jax.training.losses import LossSpec, gather, stage_loss
+    from kat_jax.trees.packing import attention_schedule, bucket_length, pack_trie
     from kat_jax.trees.trajectory import Trajectory
     from kat_jax.trees.trie import build_trie
 
@@ -126,22 +120,18 @@ def main() -> None:
 
     def loss_fn(params, b):
         m = nnx.merge(graphdef, params)
-        hidden = m(b["tokens"], b["positions"], b["subtree_end"], b["schedule"])
-        lp, en = tree_logprobs(hidden, m.head_kernel(), b["tokens"], b["parent"],
-                               cfg.vocab_chunk_size)
-        lp_t, en_t = gather(lp, b["traj_index"]), gather(en, b["traj_index"])
-        num, den, _ = stage_loss("mid", lp_t, en_t, b, agg_mode="seq-mean-token-mean")
+        hidden = m(b.tokens, b.positions, b.subtree_end, b.schedule.as_dict())
+        lp, en = tree_logprobs(hidden, m.head_kernel(), b.tokens, b.parent, cfg.vocab_chunk_size)
+        lp_t, en_t = gather(lp, b.traj_index), gather(en, b.traj_index)
+        spec = LossSpec(stage="mid", agg_mode="seq-mean-token-mean")
+        num, den, _ = stage_loss(spec, lp_t, en_t, b)
         return num / den
 
     step = jax.jit(jax.value_and_grad(loss_fn))
 
-    def device_batch(tb, row_len):
-        b = {k: jnp.asarray(getattr(tb, k)) for k in
-             ("tokens", "positions", "parent", "subtree_end", "traj_index", "traj_valid")}
-        sched = build_block_schedule(tb.subtree_end,
-                                     effective_block_size(cfg.attention_block_size, row_len))
-        b["schedule"] = {k: jnp.asarray(v) for k, v in sched.items()}
-        return b, sched
+    def device_batch(b):
+        b = b.replace(schedule=attention_schedule(b.subtree_end, cfg.attention_block_size))
+        return jax.tree.map(jnp.asarray, b), b.schedule
 
     rng = np.random.default_rng(0)
     results = []
@@ -154,8 +144,8 @@ def main() -> None:
         row_len = bucket_length(max(max(len(t) for t in trajs), trie.tree_tokens))
         tree = pack_trie(trie, row_len)
         flat = pack_flat(trajs, row_len)
-        b_tree, s_tree = device_batch(tree, row_len)
-        b_flat, s_flat = device_batch(flat, row_len)
+        b_tree, s_tree = device_batch(tree.batch)
+        b_flat, s_flat = device_batch(flat)
         total = trie.total_tokens
         tree_tokens = trie.tree_tokens
         flat_pairs = sum(len(t) * (len(t) + 1) // 2 for t in trajs)
@@ -191,8 +181,8 @@ def main() -> None:
             "measured_over_flop_ideal": med["flat"] / med["tree"] / flop_ideal,
             "flat_step_s": med["flat"],
             "tree_step_s": med["tree"],
-            "block_pairs_flat": int((s_flat["kind"] > 0).sum()),
-            "block_pairs_tree": int((s_tree["kind"] > 0).sum()),
+            "block_pairs_flat": int((s_flat.kind > 0).sum()),
+            "block_pairs_tree": int((s_tree.kind > 0).sum()),
             "loss_flat": float(l_flat),
             "loss_tree": float(l_tree),
             "compile_s": compile_s,

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -121,15 +122,17 @@ def test_pipeline_is_deterministic_and_resumes_exactly(tmp_path):
     json.dumps(state)  # checkpointable as JSON
     rest = [next(a)[0] for _ in range(4)]
     b = _mid_iter([f])
+    same = lambda x, y: all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x),
+                                                                jax.tree.leaves(y), strict=True))
     for want in first:
-        got = next(b)[0]
-        assert all(np.array_equal(got[k], want[k]) for k in want)
+        assert same(next(b)[0], want)
     c = _mid_iter([f])
     c.set_state(state)
     for want in rest:
         got = next(c)[0]
-        assert all(np.array_equal(got[k], want[k]) for k in want)
-        assert got["tokens"].shape == (2, 2, 2, 32) and got["traj_index"].shape == (2, 2, 8, 32)
+        assert same(got, want)
+        assert got.tokens.shape == (2, 2, 2, 32) and got.traj_index.shape == (2, 2, 8, 32)
+        assert got.schedule.kind.shape[:3] == (2, 2, 2) and got.fields == ()
 
 
 def test_global_batch_does_not_depend_on_the_number_of_hosts(tmp_path):
@@ -142,8 +145,9 @@ def test_global_batch_does_not_depend_on_the_number_of_hosts(tmp_path):
     steps = 0
     for want, stats in one:
         parts = [next(h) for h in hosts]
-        for k in want:
-            np.testing.assert_array_equal(np.concatenate([p[0][k] for p in parts], axis=1), want[k])
+        joined = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *[p[0] for p in parts])
+        for a, b in zip(jax.tree.leaves(joined), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
         assert sum(p[1]["total_tokens"] for p in parts) == stats["total_tokens"]
         steps += 1
     assert steps >= 3
@@ -181,7 +185,7 @@ def test_pipeline_packs_every_trajectory_once_per_epoch_and_counts_drops(tmp_pat
 
 
 def test_group_advantages_rl_and_rft(tmp_path):
-    from kat_jax.data.pipeline import RecordConverter
+    from kat_jax.data.pipeline import RolloutConverter as RecordConverter
 
     grp = [({"id": i, "tokens": [1, 2, 3], "logprobs": [None, -1.0, -1.0], "reward": r,
              "group": 0, **({"teacher": True} if i == 3 else {})}, f"f:{i}")

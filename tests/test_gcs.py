@@ -60,8 +60,8 @@ def test_training_on_gs_stops_resumes_and_equals_a_local_run(gcs_bucket, tmp_pat
     gs_work = f"{gcs_bucket}/runs/mid"
     gs_cfg = FAST + [f"--config.data.train_files={gcs_bucket}/data/*.jsonl"]
     with pytest.raises(Preempted, match="train.stop_at_step at step 2"):
-        run_train(config_lib.load_train_config(f"{MID}:tiny", gs_cfg + ["--config.train.stop_at_step=2"]),
-                  gs_work)
+        run_train(config_lib.load_train_config(
+            f"{MID}:tiny", gs_cfg + ["--config.train.stop_at_step=2"]), gs_work)
     assert sorted(_losses_text(storage.read_text(f"{gs_work}/metrics.jsonl"))) == [1, 2]
     out = run_train(config_lib.load_train_config(f"{MID}:tiny", gs_cfg), gs_work)
     assert out["step"] == 4 and out["workdir"] == gs_work

@@ -2,32 +2,50 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from kat_jax.training.losses import PolicyLossConfig, aggregate, stage_loss
-
-
-def _batch(rng, n=3, length=6):
-    return {
-        "traj_valid": jnp.ones((n, length), bool),
-        "traj_trainable": jnp.asarray(rng.random((n, length)) < 0.8),
-        "traj_advantage": jnp.asarray(rng.normal(size=n), jnp.float32),
-        "traj_old_logprobs": jnp.asarray(-rng.random((n, length)), jnp.float32),
-        "traj_behaviour_logprobs": jnp.zeros((n, length), jnp.float32),  # packer's "absent" fill
-    }
+from kat_jax.training.losses import LossSpec, PolicyLossConfig, aggregate, stage_loss
+from kat_jax.trees.batch import StepBatch
 
 
-def test_importance_correction_skips_trajectories_without_behaviour_logprobs():
+def _batch(rng, n=3, length=6, **optional):
+    return StepBatch(
+        tokens=None, positions=None, parent=None, subtree_end=None, traj_index=None,
+        valid=jnp.ones((n, length), bool),
+        trainable=jnp.asarray(rng.random((n, length)) < 0.8),
+        advantage=jnp.asarray(rng.normal(size=n), jnp.float32),
+        **{k: jnp.asarray(v, jnp.float32) for k, v in optional.items()})
+
+
+def test_importance_correction_applies_only_with_old_logprobs_distinct_from_behaviour():
     rng = np.random.default_rng(0)
-    b = _batch(rng)
     logp = jnp.asarray(-rng.random((3, 6)), jnp.float32)
-    cfg = PolicyLossConfig(tis_cap=2.0)
-    b["traj_has_behaviour"] = jnp.zeros(3, bool)
-    num, den, _ = stage_loss("rl", logp, logp, b, cfg)
-    ref_num, ref_den, _ = stage_loss("rl", logp, logp, b, PolicyLossConfig(tis_cap=None))
+    old = -rng.random((3, 6))
+    rl = lambda tis_cap: LossSpec(stage="rl", policy=PolicyLossConfig(tis_cap=tis_cap))
+    # behaviour only: it is the ratio's old policy, and there is no importance weight
+    b = _batch(rng, behaviour_logprobs=old)
+    num, _, _ = stage_loss(rl(2.0), logp, logp, b)
+    ref_num, _, _ = stage_loss(rl(None), logp, logp, b)
     np.testing.assert_allclose(float(num), float(ref_num), rtol=1e-6)
-    b["traj_has_behaviour"] = jnp.ones(3, bool)  # with (zero) behaviour log-probs it does apply
-    num2, _, _ = stage_loss("rl", logp, logp, b, cfg)
-    assert abs(float(num2) - float(ref_num)) > 1e-6
+    # old and behaviour both given: the truncated weight min(exp(old - behaviour), cap) applies
+    b2 = b.replace(old_logprobs=jnp.asarray(old, jnp.float32),
+                   behaviour_logprobs=jnp.zeros((3, 6), jnp.float32))
+    num2, _, _ = stage_loss(rl(2.0), logp, logp, b2)
+    num3, _, _ = stage_loss(rl(None), logp, logp, b2)
+    assert abs(float(num2) - float(num3)) > 1e-6
+
+
+def test_policy_loss_without_old_or_behaviour_logprobs_is_an_error():
+    rng = np.random.default_rng(1)
+    logp = jnp.zeros((3, 6))
+    with pytest.raises(ValueError, match="old-policy log-probs"):
+        stage_loss(LossSpec(stage="rl"), logp, logp, _batch(rng))
+    with pytest.raises(ValueError, match="kl_coef"):
+        stage_loss(LossSpec(stage="rl", policy=PolicyLossConfig(kl_coef=0.1)), logp, logp,
+                   _batch(rng, behaviour_logprobs=np.zeros((3, 6))))
+    with pytest.raises(ValueError, match="count_pruned_in_denominator"):
+        stage_loss(LossSpec(stage="sft", count_pruned_in_denominator=True), logp, logp,
+                   _batch(rng))
 
 
 def test_aggregation_modes_against_hand_computation():

@@ -167,10 +167,11 @@ def test_packing_a_pruned_tree_drops_tokens_from_compute_and_loss():
     assert batch.laid_out_tokens == batch.tree_tokens == int(trie.node_len[keep].sum())
     for k, t in enumerate(trajs):
         kept_len = sum(int(trie.node_len[n]) for n in trie.traj_path[k] if keep[n])
-        idx = batch.traj_index[k, :len(t)]
+        idx = batch.batch.traj_index[k, :len(t)]
         assert np.all(idx[:kept_len] >= 0) and np.all(idx[kept_len:] < 0)  # a kept prefix
-        assert not batch.traj_trainable[k, kept_len:].any()
-        assert batch.traj_pruned[k, kept_len:len(t)].sum() == t.trainable[max(kept_len, 1):].sum()
+        assert not batch.batch.trainable[k, kept_len:].any()
+        assert batch.batch.pruned[k, kept_len:len(t)].sum() == \
+            t.trainable[max(kept_len, 1):].sum()
 
 
 def test_budget_smaller_than_the_root_path_is_an_error():

@@ -159,7 +159,8 @@ SHARDED = textwrap.dedent("""
     from flax import nnx
     sys.path.insert(0, {root!r})
     from kat_jax.training import config_lib
-    from kat_jax.training.trainer import run_train, Preempted, _loss_spec
+    from kat_jax.training.trainer import run_train, Preempted
+    from kat_jax.training.build import loss_spec
     from kat_jax.training.sharding import make_mesh, param_specs, named, like_params, batch_sharding
     from kat_jax.training.optim import make_optimizer
     from kat_jax.training.step import init_state, make_train_step
@@ -180,7 +181,7 @@ SHARDED = textwrap.dedent("""
     it = make_step_iterator(expand_files(cfg.data.train_files, "f"), "mid", ByteTokenizer(),
                             BatchShape(2, 64, 8, 16), 512, 2, 8)
     batch, _ = next(it)
-    step = make_train_step(graphdef, tx, sched, _loss_spec(cfg))
+    step = make_train_step(graphdef, tx, sched, loss_spec(cfg))
     outs = []
     for mesh_args in [dict(data=1, fsdp=4, tensor=2), dict(data=1, fsdp=1, tensor=1)]:
         devs = jax.devices() if mesh_args["fsdp"] > 1 else jax.devices()[:1]
@@ -192,7 +193,7 @@ SHARDED = textwrap.dedent("""
         shard["params"] = ps
         shard["opt_state"] = like_params(state["opt_state"], params, ps, rep)
         state = jax.device_put(state, shard)
-        bs = {{k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}}
+        bs = jax.tree.map(lambda v: batch_sharding(mesh, v.ndim), batch)
         f = jax.jit(step, in_shardings=(shard, bs), out_shardings=(shard, rep))
         new, m = f(state, jax.device_put(batch, bs))
         if mesh_args["fsdp"] > 1:
@@ -208,7 +209,7 @@ SHARDED = textwrap.dedent("""
     for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
     # the same 16 shard batches as 1 microbatch of 16 shards: the same global mean and update
-    flat = {{k: v.reshape(1, 16, *v.shape[2:]) for k, v in batch.items()}}
+    flat = jax.tree.map(lambda v: v.reshape(1, 16, *v.shape[2:]), batch)
     state = jax.device_put(init_state(params, tx), shard)
     new, m = jax.jit(step)(state, jax.device_put(flat, bs))
     assert abs(float(m["loss"]) - m1["loss"]) < 1e-5, (float(m["loss"]), m1["loss"])
@@ -250,14 +251,14 @@ def test_sharded_step_equals_single_device_and_restore_onto_another_mesh(referen
 def _adv_weighted_logp(model_dir, rollouts):
     """sum over trajectories of advantage x mean log-prob of the generated tokens (higher: the
     policy moved towards the better answers)."""
-    from kat_jax.data.pipeline import RecordConverter
+    from kat_jax.data.pipeline import RolloutConverter
     from kat_jax.data.sources import JsonlGroups
     from kat_jax.data.tokenizer import ByteTokenizer
     from kat_jax.models.checkpoint import load_model
     from kat_jax.training.scoring import ScoreRecord, score_records
 
     model, cfg = load_model(model_dir)
-    conv = RecordConverter("rl", ByteTokenizer(), 64, cfg.vocab_size)
+    conv = RolloutConverter("rl", ByteTokenizer(), 64, cfg.vocab_size)
     src = JsonlGroups([rollouts], "rollouts")
     trajs = [t for i in range(len(src)) for t in conv(src[i])]
     scores, _ = score_records(model, [ScoreRecord(id=k, tokens=t.tokens) for k, t in

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tree_cases import random_trajectories
 
-from kat_jax.trees.packing import gather_per_trajectory, pack_trajectories, pack_trie
+from kat_jax.trees.packing import pack_trajectories, pack_trie
 from kat_jax.trees.trajectory import Trajectory
 from kat_jax.trees.trie import build_trie
 
@@ -46,23 +46,24 @@ def test_trie_paths_rebuild_trajectories_and_nodes_are_maximal(case):
         assert firsts == sorted(set(firsts))  # siblings differ in their first token
 
 
-def check_rows_are_exact(batch, trajs):
+def check_rows_are_exact(packed, trajs):
     """Every token of every trajectory, at its primary placement, sees exactly its own prefix (in
     order, at the right positions), and parent points at the previous token of the trajectory."""
+    batch, primary = packed.batch, packed.primary
     t_len = batch.row_len
     cols = np.arange(t_len)
     for k, traj in enumerate(trajs):
         for j in range(len(traj)):
             flat = batch.traj_index[k, j]
             r, c = divmod(int(flat), t_len)
-            assert batch.primary[r, c]
+            assert primary[r, c]
             visible = cols[(cols <= c) & (c < batch.subtree_end[r])]
             np.testing.assert_array_equal(batch.tokens[r, visible], traj.tokens[:j + 1])
             np.testing.assert_array_equal(batch.positions[r, visible], np.arange(j + 1))
             parent = batch.parent[r, c]
             assert parent == (-1 if j == 0 else visible[-2])
     # padding: one-token trees
-    pad = ~(batch.primary | (batch.subtree_end > cols + 1) | (batch.parent >= 0))
+    pad = ~(primary | (batch.subtree_end > cols + 1) | (batch.parent >= 0))
     assert np.all(batch.subtree_end[pad] == (cols + 1)[np.nonzero(pad)[1]])
 
 
@@ -81,16 +82,12 @@ def test_packed_rows_show_each_token_exactly_its_prefix_even_when_trees_are_spli
     assert batch.laid_out_tokens >= batch.tree_tokens
     if trie.tree_tokens <= row_len:
         assert batch.num_rows == 1 and batch.laid_out_tokens == batch.tree_tokens
-    # train_count: how many trajectories train on each token (j >= 1)
-    expected = np.zeros(batch.tokens.size)
+    # trainable: the trajectory's own trainable tokens after the first (they have a prediction)
     for k, t in enumerate(trajs):
         tr = t.trainable.copy()
         tr[0] = False
-        np.add.at(expected, batch.traj_index[k, :len(t)][tr], 1)
-    np.testing.assert_array_equal(batch.train_count.reshape(-1), expected)
-    tags = gather_per_trajectory(batch.tags, batch.traj_index)
-    for k, t in enumerate(trajs):
-        assert np.all((tags[k, :len(t)] & t.tags) == t.tags)
+        np.testing.assert_array_equal(batch.batch.trainable[k, :len(t)], tr)
+        assert not batch.batch.trainable[k, len(t):].any() and batch.batch.valid[k, :len(t)].all()
 
 
 def test_wide_and_deep_trees():

@@ -4,8 +4,8 @@
       -> per global shard s of S: [s::S] -> map(records -> list[Trajectory]) -> iterator
                                                              (grain: deterministic, checkpointable)
     -> TreeBatcher (one per shard this host feeds): groups packed into shard batches of R rows x
-       T tokens, N trajectories
-    -> StepIterator: M microbatches x S_local shards, stacked into numpy arrays [M, S_local, ...]
+       T tokens, N trajectories (kat_jax.trees.batch.StepBatch)
+    -> StepIterator: M microbatches x S_local shards, stacked into one StepBatch [M, S_local, ...]
 
 A step's global batch depends only on the data, the seed and S, not on how many hosts share it.
 
@@ -29,51 +29,30 @@ import numpy as np
 
 from kat_jax.data.chat import ChatError, encode_chat
 from kat_jax.data.sources import JsonlGroups
-from kat_jax.ops.attention import effective_block_size
-from kat_jax.ops.block_sparse import build_block_schedule
-from kat_jax.trees.packing import empty_rows, pack_trie
+from kat_jax.trees.batch import StepBatch, empty_step_batch, stack_step_batches
+from kat_jax.trees.packing import PackedTrees, pack_trie, schedule_length
 from kat_jax.trees.trajectory import TAGS, Trajectory
 from kat_jax.trees.trie import build_trie
 
 log = logging.getLogger(__name__)
 
-# The arrays of a shard batch (and, stacked [M, S, ...], of a train step's batch).
-SCHEDULE_PREFIX = "schedule_"
-ROW_KEYS = ("tokens", "positions", "parent", "subtree_end")
-TRAJ_KEYS = ("traj_index", "traj_valid", "traj_trainable", "traj_pruned",
-             "traj_behaviour_logprobs", "traj_advantage", "traj_has_behaviour")
 STAGE_KIND = {"mid": "mid", "sft": "chat", "rft": "rollouts", "rl": "rollouts"}
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchShape:
+    """The fixed shape of one shard batch (so the train step compiles once)."""
+
     rows: int  # R rows per shard batch
     row_len: int  # T tokens per row (also the longest trajectory)
     trajectories: int  # N trajectory slots per shard batch
     block_size: int  # attention block size (for the schedule)
+    fields: tuple[str, ...] = ()  # optional StepBatch fields every batch carries
 
     @property
     def num_pairs(self) -> int:
-        """Schedule length: every lower-triangular block pair, rounded up to a multiple of 16 (the
-        block-sparse scan's chunk); entries past a row's own pairs are skipped padding."""
-        nb = -(-self.row_len // effective_block_size(self.block_size, self.row_len))
-        return -(-(nb * (nb + 1) // 2) // 16) * 16
-
-
-def fixed_schedule(subtree_end: np.ndarray, shape: BatchShape) -> dict[str, np.ndarray]:
-    """The block-sparse attention schedule of rows, padded to the fixed length shape.num_pairs
-    (so the train step compiles once)."""
-    bs = effective_block_size(shape.block_size, shape.row_len)
-    sched = build_block_schedule(subtree_end, bs, min_pairs=1)
-    p, width = shape.num_pairs, next(iter(sched.values())).shape[1]
-    out = {}
-    for k, v in sched.items():
-        if width >= p:
-            assert k != "kind" or not v[:, p:].any(), "more block pairs than the triangle holds"
-            out[k] = np.ascontiguousarray(v[:, :p])
-        else:
-            out[k] = np.pad(v, ((0, 0), (0, p - width)))
-    return out
+        """Schedule length (kat_jax.trees.packing.schedule_length)."""
+        return schedule_length(self.row_len, self.block_size)
 
 
 def _group_advantages(trajs: list[Trajectory], rewards: list[float | None],
@@ -94,59 +73,25 @@ def _group_advantages(trajs: list[Trajectory], rewards: list[float | None],
         trajs[i].advantage = (rewards[i] - base) / (std + eps) if std > 0 else rewards[i] - base
 
 
+# Record fields that fill the optional StepBatch log-prob fields (rollout records).
+RECORD_FIELD = {"behaviour_logprobs": "logprobs", "old_logprobs": "old_logprobs",
+                "ref_logprobs": "ref_logprobs"}
+
+
 class RecordConverter:
-    """records of one group -> list[Trajectory] for a stage (a picklable grain map function)."""
+    """records of one group -> list[Trajectory] (a picklable grain map function). Subclasses
+    convert one data kind; CONVERTERS maps kinds to them.
 
-    def __init__(self, stage: str, tokenizer, row_len: int, vocab_size: int):
+    fields: the optional StepBatch fields the batches carry; a record that cannot fill one is an
+    error naming its file:line and `why[field]` (the config key that needs it)."""
+
+    def __init__(self, stage: str, tokenizer, row_len: int, vocab_size: int,
+                 fields: tuple[str, ...] = (), why: dict[str, str] | None = None):
         self.stage, self.tok, self.row_len, self.vocab = stage, tokenizer, row_len, vocab_size
-        self.kind = STAGE_KIND[stage]
+        self.fields, self.why = tuple(fields), dict(why or {})
 
-    def __call__(self, group: list[tuple[dict, str]]) -> list[Trajectory]:
-        out: list[Trajectory] = []
-        if self.kind == "mid":
-            for obj, where in group:
-                ids = obj["tokens"] if "tokens" in obj else self.tok.encode(obj["text"]) + [
-                    self.tok.eos_id]
-                for c, start in enumerate(range(0, len(ids), self.row_len)):
-                    piece = ids[start:start + self.row_len]
-                    if len(piece) >= 2:
-                        out.append(self._checked(Trajectory(np.asarray(piece),
-                                                            id=f"{obj.get('id', where)}#{c}"),
-                                                 where))
-            return out
-        if self.kind == "chat":
-            for obj, where in group:
-                try:
-                    t = encode_chat(self.tok, obj["messages"], obj.get("tools"),
-                                    id=obj.get("id", where))
-                except ChatError as e:
-                    raise ValueError(f"{where}: {e}") from None
-                out.append(self._checked(t, where))
-            return out
-        rewards, teacher = [], []
-        for obj, where in group:
-            if obj.get("status") == "env_error":
-                out.append(None)  # excluded (counted by the batcher)
-                continue
-            lp = obj["logprobs"]
-            gen = np.array([x is not None for x in lp])
-            tags = np.zeros(len(lp), np.int32)
-            for j, tag in enumerate(obj.get("tags") or []):
-                if tag is not None:
-                    if tag not in TAGS:
-                        raise ValueError(f"{where}: unknown tag {tag!r} at index {j}")
-                    tags[j] = TAGS[tag]
-            is_teacher = bool(obj.get("teacher", False))
-            t = Trajectory(np.asarray(obj["tokens"]), trainable=gen & (not is_teacher), tags=tags,
-                           behaviour_logprobs=np.array([0.0 if x is None else x for x in lp]),
-                           reward=obj.get("reward"), advantage=obj.get("advantage"),
-                           group_id=obj.get("group"), id=obj.get("id", where))
-            out.append(self._checked(t, where))
-            rewards.append(obj.get("reward") if obj.get("reward") is not None else 0.0)
-            teacher.append(is_teacher)
-        kept = [t for t in out if t is not None]
-        _group_advantages(kept, rewards, teacher, self.stage)
-        return [t for t, te in zip(kept, teacher) if not te] + [None] * (len(out) - len(kept))
+    def __call__(self, group: list[tuple[dict, str]]) -> list[Trajectory | None]:
+        raise NotImplementedError
 
     def _checked(self, t: Trajectory, where: str) -> Trajectory:
         try:
@@ -156,8 +101,105 @@ class RecordConverter:
         return t
 
 
+class MidConverter(RecordConverter):
+    """{"text"} or {"tokens"} documents -> chains of at most row_len tokens."""
+
+    def __call__(self, group):
+        out = []
+        for obj, where in group:
+            ids = obj["tokens"] if "tokens" in obj else self.tok.encode(obj["text"]) + [
+                self.tok.eos_id]
+            for c, start in enumerate(range(0, len(ids), self.row_len)):
+                piece = ids[start:start + self.row_len]
+                if len(piece) >= 2:
+                    out.append(self._checked(
+                        Trajectory(np.asarray(piece), id=f"{obj.get('id', where)}#{c}"), where))
+        return out
+
+
+class ChatConverter(RecordConverter):
+    """OpenAI-style chat transcripts -> Qwen-format trajectories (kat_jax.data.chat)."""
+
+    def __call__(self, group):
+        out = []
+        for obj, where in group:
+            try:
+                t = encode_chat(self.tok, obj["messages"], obj.get("tools"),
+                                id=obj.get("id", where))
+            except ChatError as e:
+                raise ValueError(f"{where}: {e}") from None
+            out.append(self._checked(t, where))
+        return out
+
+
+class RolloutConverter(RecordConverter):
+    """Scored rollouts -> trajectories with behaviour (and, as `fields` ask, old-policy and
+    reference) log-probs and advantages (missing ones from the group's rewards). env_error
+    rollouts become None (excluded and counted by the batcher); teacher rollouts only serve as
+    the rft baseline."""
+
+    def __call__(self, group):
+        out: list[Trajectory | None] = []
+        rewards, teacher = [], []
+        for obj, where in group:
+            if obj.get("status") == "env_error":
+                out.append(None)
+                continue
+            gen = np.array([x is not None for x in obj["logprobs"]])
+            tags = np.zeros(len(gen), np.int32)
+            for j, tag in enumerate(obj.get("tags") or []):
+                if tag is not None:
+                    if tag not in TAGS:
+                        raise ValueError(f"{where}: unknown tag {tag!r} at index {j}")
+                    tags[j] = TAGS[tag]
+            per_token = {}
+            for f in self.fields:
+                if f not in RECORD_FIELD:
+                    continue
+                values = obj.get(RECORD_FIELD[f])
+                if values is None:
+                    raise ValueError(f"{where}: no '{RECORD_FIELD[f]}' in the record, which "
+                                     f"{self.why.get(f, 'this run')} needs")
+                per_token[f] = np.array([0.0 if x is None else x for x in values])
+            is_teacher = bool(obj.get("teacher", False))
+            t = Trajectory(np.asarray(obj["tokens"]), trainable=gen & (not is_teacher), tags=tags,
+                           reward=obj.get("reward"), advantage=obj.get("advantage"),
+                           group_id=obj.get("group"), id=obj.get("id", where), **per_token)
+            out.append(self._checked(t, where))
+            rewards.append(obj.get("reward") if obj.get("reward") is not None else 0.0)
+            teacher.append(is_teacher)
+        kept = [t for t in out if t is not None]
+        _group_advantages(kept, rewards, teacher, self.stage)
+        return [t for t, te in zip(kept, teacher) if not te] + [None] * (len(out) - len(kept))
+
+
+# Data kind -> converter class, registered explicitly; a new kind adds an entry here (and a
+# validation rule in kat_jax.data.sources).
+CONVERTERS: dict[str, type[RecordConverter]] = {
+    "mid": MidConverter,
+    "chat": ChatConverter,
+    "rollouts": RolloutConverter,
+}
+
+
+def check_record_fields(source, fields: tuple[str, ...], why: dict[str, str]) -> None:
+    """Before training: every record of a rollouts source carries the record keys that `fields`
+    need (an error names the first file:line without one, and the config key that needs it)."""
+    needed = [(f, RECORD_FIELD[f]) for f in fields if f in RECORD_FIELD and f != "behaviour_logprobs"]
+    if not needed or getattr(source, "kind", None) != "rollouts":
+        return
+    for i in range(len(source)):
+        for obj, where in source[i]:
+            if obj.get("status") == "env_error":
+                continue
+            for f, key in needed:
+                if obj.get(key) is None:
+                    raise ValueError(f"{where}: no '{key}' in the record, which "
+                                     f"{why.get(f, 'this run')} needs")
+
+
 class TreeBatcher:
-    """Packs groups of trajectories into fixed-shape shard batches (numpy dicts)."""
+    """Packs groups of trajectories into fixed-shape shard batches (numpy StepBatches)."""
 
     def __init__(self, groups_iter, shape: BatchShape, pad_id: int = 0):
         self.it = groups_iter
@@ -213,12 +255,14 @@ class TreeBatcher:
         self.pending[:0] = parts[1:]
         return parts[0]
 
-    def _pack(self, trajs: list[Trajectory]):
+    def _pack(self, trajs: list[Trajectory]) -> PackedTrees:
         s = self.shape
         return pack_trie(build_trie(trajs), s.row_len, num_rows=s.rows, num_traj=s.trajectories,
-                         traj_len=s.row_len, pad_id=self.pad_id, attention_block_size=0)
+                         traj_len=s.row_len, pad_id=self.pad_id,
+                         attention_block_size=s.block_size, schedule_pairs=s.num_pairs,
+                         fields=s.fields)
 
-    def next_batch(self) -> tuple[dict[str, np.ndarray], dict[str, int]] | None:
+    def next_batch(self) -> tuple[StepBatch, dict[str, int]] | None:
         """One shard batch and its token statistics; None when the data is exhausted."""
         s = self.shape
         taken: list[tuple[list[Trajectory], Any, int]] = []
@@ -256,37 +300,19 @@ class TreeBatcher:
                 else:
                     self.pending.insert(0, taken.pop())
         self.counters["packed"] += len(trajs)
-        arrays = self._arrays(tb)
         stats = {"total_tokens": tb.total_tokens, "computed_tokens": tb.laid_out_tokens,
                  "tree_tokens": tb.tree_tokens, "trajectories": len(trajs)}
-        return arrays, stats
+        return tb.batch, stats
 
-    def _arrays(self, tb) -> dict[str, np.ndarray]:
-        out = {k: getattr(tb, k) for k in (*ROW_KEYS, *TRAJ_KEYS)}
-        sched = fixed_schedule(tb.subtree_end, self.shape)
-        out.update({f"{SCHEDULE_PREFIX}{k}": v for k, v in sched.items()})
-        return out
-
-    def empty_batch(self) -> dict[str, np.ndarray]:
+    def empty_batch(self) -> StepBatch:
         """A shard batch of padding only (no loss terms): fills the shards of a last step."""
         s = self.shape
-        rows = empty_rows(s.rows, s.row_len, self.pad_id)
-        n, length = s.trajectories, s.row_len
-        out = {k: rows[k] for k in ROW_KEYS}
-        out.update(traj_index=np.full((n, length), -1, np.int32),
-                   traj_valid=np.zeros((n, length), bool),
-                   traj_trainable=np.zeros((n, length), bool),
-                   traj_pruned=np.zeros((n, length), bool),
-                   traj_behaviour_logprobs=np.zeros((n, length), np.float32),
-                   traj_advantage=np.zeros(n, np.float32),
-                   traj_has_behaviour=np.zeros(n, bool))
-        sched = fixed_schedule(out["subtree_end"], self.shape)
-        out.update({f"{SCHEDULE_PREFIX}{k}": v for k, v in sched.items()})
-        return out
+        return empty_step_batch(s.rows, s.row_len, s.trajectories, s.row_len, s.fields,
+                                s.num_pairs, self.pad_id)
 
 
 class StepIterator:
-    """Yields (arrays [M, S_local, ...], stats) per train step; checkpointable.
+    """Yields (StepBatch [M, S_local, ...], stats) per train step; checkpointable.
 
     One TreeBatcher per local shard: global shard s of S reads its own stream (every S-th group,
     starting at s), so a step's global batch is the same however the shards are spread over
@@ -336,7 +362,7 @@ class StepIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    def __next__(self) -> tuple[StepBatch, dict[str, int]]:
         shards, stats = [], {"total_tokens": 0, "computed_tokens": 0, "tree_tokens": 0,
                              "trajectories": 0}
         got_any = False
@@ -355,11 +381,8 @@ class StepIterator:
         if not got_any and not self.pad_exhausted:
             raise StopIteration
         stats["exhausted"] = int(not got_any)
-        s = len(self.batchers)
-        stacked = {k: np.stack([sh[k] for sh in shards]).reshape(self.m, s, *shards[0][k].shape)
-                   for k in shards[0]}
         stats.update(self.counters)
-        return stacked, stats
+        return stack_step_batches(shards, self.m, len(self.batchers)), stats
 
 
 def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: BatchShape,
@@ -367,7 +390,8 @@ def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: Bat
                        shuffle: bool = True, epochs: int | None = None,
                        shard_ids: list[int] | None = None, num_shards: int | None = None,
                        pad_exhausted: bool = False,
-                       count_shard_ids: list[int] | None = None) -> StepIterator:
+                       count_shard_ids: list[int] | None = None,
+                       why: dict[str, str] | None = None) -> StepIterator:
     """The whole pipeline for one stage. epochs=None repeats forever (train.steps decides).
     files: JSONL paths, or a source object (e.g. kat_jax.data.seqio_source.SeqioGroups).
     num_shards: the global shard batches per microbatch (default local_shards); shard_ids: which of
@@ -391,7 +415,9 @@ def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: Bat
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(epochs)
-    convert = RecordConverter(stage, tokenizer, shape.row_len, vocab_size)
+    check_record_fields(source, shape.fields, why or {})
+    convert = CONVERTERS[STAGE_KIND[stage]](stage, tokenizer, shape.row_len, vocab_size,
+                                            shape.fields, why)
     batchers = []
     for sid in shard_ids:
         part = ds[sid::num_shards] if num_shards > 1 else ds

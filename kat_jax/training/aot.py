@@ -1,8 +1,10 @@
-"""The train step's pieces shared by the loop and ahead-of-time compiles, and `compile_check`.
+"""`kat-jax compile-check`: the train step compiled ahead of time for a Cloud TPU topology.
 
-    setup = train_step_setup(cfg, mesh, model_cfg)          # shardings, optimizer, pure step
-    jit_step = jit_train_step(setup, batch_shard)           # what kat_jax.training.trainer runs
-    report = compile_check(cfg, "v5p-128")                  # kat-jax compile-check
+    report = compile_check(cfg, "v5p-128")
+    print(format_report(report)); print(summary_line(report))
+
+The step, its shardings and its abstract inputs come from kat_jax.training.build, exactly as the
+training loop builds them.
 
 compile_check builds the mesh over a Cloud TPU topology's abstract devices (libtpu, no TPU:
 kat_jax.training.tpu_topologies), lowers the jitted train step with ShapeDtypeStruct inputs that
@@ -30,124 +32,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from kat_jax.training.optim import make_optimizer
-from kat_jax.training.sharding import (
-    BATCH_AXES,
-    batch_sharding,
-    check_sharded_fraction,
-    like_params,
-    make_mesh,
-    named,
-    num_batch_shards,
-    param_specs,
-)
-from kat_jax.training.step import LossSpec, init_state, make_train_step
-
-
-@dataclasses.dataclass
-class StepSetup:
-    """Everything the train step needs besides data: abstract params / state and their shardings,
-    the optimizer, the loss spec, and the pure step function."""
-
-    model_cfg: Any
-    graphdef: nnx.GraphDef
-    abstract_params: dict
-    p_shard: Any  # NamedSharding per parameter
-    rep: NamedSharding  # replicated
-    tx: Any
-    schedule: Any
-    abstract_state: dict
-    state_shard: dict
-    loss_spec: LossSpec
-    constrain: Any
-    step_fn: Any
-    sharded_fraction: float
-
-
-def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
-    from kat_jax.training.losses import PolicyLossConfig
-
-    lc = cfg.loss
-    policy = PolicyLossConfig(eps_low=lc.eps_low, eps_high=lc.eps_high,
-                              dual_clip=lc.dual_clip or None, tis_cap=lc.tis_cap or None,
-                              kl_coef=lc.kl_coef, entropy_coef=lc.entropy_coef,
-                              agg_mode=lc.agg_mode)
-    return LossSpec(stage=cfg.stage, agg_mode=lc.agg_mode, temperature=lc.temperature,
-                    count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy)
-
-
-def data_shards(cfg: ml_collections.ConfigDict, mesh) -> int:
-    """Shard batches per microbatch (data.shards; <= 0: one per batch-parallel device group).
-    Every device then holds whole shards, so every process does too (however many processes)."""
-    groups = num_batch_shards(mesh)
-    shards = groups if cfg.data.shards <= 0 else cfg.data.shards
-    if shards % groups:
-        raise ValueError(f"data.shards={shards} must be a multiple of mesh.data x mesh.fsdp = "
-                         f"{groups}")
-    return shards
-
-
-def train_step_setup(cfg: ml_collections.ConfigDict, mesh, model_cfg) -> StepSetup:
-    """Shardings, optimizer and the pure train step of a stage config on `mesh` (abstract: no
-    parameter is created). Fails when too much of the model stays unsharded."""
-    from kat_jax.models.decoder import abstract_model
-
-    abstract = abstract_model(model_cfg)
-    graphdef = nnx.graphdef(abstract)
-    specs = param_specs(abstract, mesh)
-    abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    frac = check_sharded_fraction(abstract_params, specs, mesh, cfg.mesh.unsharded_tolerance)
-    p_shard = named(mesh, specs)
-    rep = NamedSharding(mesh, P())
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx, cfg.train.seed), abstract_params)
-    state_shard = {k: rep for k in abstract_state}
-    state_shard["params"] = p_shard
-    state_shard["opt_state"] = like_params(abstract_state["opt_state"], abstract_params, p_shard, rep)
-    spec = loss_spec(cfg)
-    constrain = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
-    step_fn = make_train_step(graphdef, tx, schedule, spec, constrain)
-    return StepSetup(model_cfg, graphdef, abstract_params, p_shard, rep, tx, schedule,
-                     abstract_state, state_shard, spec, constrain, step_fn, frac)
-
-
-def jit_train_step(setup: StepSetup, batch_shard: dict):
-    """jax.jit of the step with state / batch shardings; the state is donated."""
-    return jax.jit(setup.step_fn, in_shardings=(setup.state_shard, batch_shard),
-                   out_shardings=(setup.state_shard, setup.rep), donate_argnums=0)
-
-
-def shard_batch_example(cfg: ml_collections.ConfigDict, model_cfg) -> dict[str, np.ndarray]:
-    """One shard batch of padding, with the exact shapes and dtypes the data pipeline yields."""
-    from kat_jax.data.pipeline import BatchShape, TreeBatcher
-
-    shape = BatchShape(cfg.data.rows, cfg.data.row_len, cfg.data.trajectories,
-                       model_cfg.attention_block_size)
-    return TreeBatcher(iter(()), shape).empty_batch()
-
-
-def abstract_train_setup(cfg: ml_collections.ConfigDict, mesh, model_cfg=None):
-    """(jit_step, (abstract_state, abstract_batch), setup): the jitted train step and its inputs as
-    ShapeDtypeStructs carrying their shardings, for jit_step.lower(*inputs)."""
-    if model_cfg is None:
-        from kat_jax.training.trainer import model_config_for
-
-        model_cfg = model_config_for(cfg)
-    setup = train_step_setup(cfg, mesh, model_cfg)
-    shards = data_shards(cfg, mesh)
-    m = cfg.train.microbatches
-    example = shard_batch_example(cfg, model_cfg)
-    batch_shard = {k: batch_sharding(mesh, v.ndim + 2) for k, v in example.items()}
-    batch = {k: jax.ShapeDtypeStruct((m, shards, *v.shape), v.dtype, sharding=batch_shard[k])
-             for k, v in example.items()}
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         setup.abstract_state, setup.state_shard)
-    return jit_train_step(setup, batch_shard), (state, batch), setup
-
+from kat_jax.training.build import abstract_train_setup, model_config_for, validate
+from kat_jax.training.sharding import make_mesh
 
 # ---------------------------------------------------------------------------------------------
 # compile check
@@ -182,7 +69,6 @@ def compile_model_config(cfg: ml_collections.ConfigDict):
     """The checkpoint's model config with the overrides, attention 'auto'/'' forced to pallas (the
     TPU kernel) when the head dim allows it: the model a TPU run would train."""
     from kat_jax.ops.attention import resolve_attention_impl
-    from kat_jax.training.trainer import model_config_for
 
     model_cfg = model_config_for(cfg)
     impl = resolve_attention_impl(model_cfg.attention_impl, "tpu", model_cfg.head_dim)
@@ -198,9 +84,8 @@ def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8) -
 
     from kat_jax.training.metrics import step_flops
     from kat_jax.training.tpu_topologies import resolve_topology, topology_devices
-    from kat_jax.training.trainer import _validate
 
-    _validate(cfg)
+    validate(cfg)
     topo = resolve_topology(topology)
     devices = topology_devices(topo)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)

@@ -24,8 +24,23 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              long, so a stuck host fails a multi-host job instead of hanging it
                              (armed after the first step; <= 0 = off)
   optimizer.*                AdamW and its schedule (kat_jax.training.optim)
-  loss.*                     aggregation, sampling temperature, PPO clip, dual clip (0 = off),
-                             truncated IS cap (0 = off), KL and entropy coefficients
+  loss.agg_mode              token-mean | seq-mean-token-mean | seq-mean-token-sum
+  loss.temperature           the sampling temperature the log-probs are taken at
+  loss.count_pruned_in_denominator   tokens removed by pruning count in the denominators (needs
+                             pruning on the training path: an error until it is there)
+  loss.old_logprobs          rft / rl: the old policy of the PPO ratio: 'behaviour' (the rollout's
+                             own log-probs: the sampling policy) or 'record' (each record's
+                             'old_logprobs', e.g. recomputed by the trainer's policy; then a
+                             truncated importance weight corrects behaviour vs old)
+  loss.eps_low / eps_high    PPO clip range [1 - eps_low, 1 + eps_high] of the ratio
+  loss.dual_clip             bound -c A of the loss for negative advantages (0 = off)
+  loss.tis_cap               truncated importance weight cap min(exp(old - behaviour), cap); needs
+                             old_logprobs=record (0 = off)
+  loss.kl_coef / kl_type     KL(pi || ref) penalty coefficient and estimator (k1, k2, k3); > 0
+                             needs records with 'ref_logprobs'
+  loss.entropy_coef          entropy bonus coefficient
+  Policy keys (all but the first three) apply to rft and rl only; set on mid or sft they are
+  errors, as is any key that could not act (kat_jax.training.build.validate).
   mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
   distributed.*              jax.distributed.initialize arguments (multi-host): initialize,
                              coordinator_address HOST:PORT, num_processes, process_id (-1 / '' =
@@ -71,7 +86,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         b2=0.95, eps=1e-8, weight_decay=0.01, grad_clip=1.0))
     c.loss = ml_collections.ConfigDict(dict(
         agg_mode="token-mean", temperature=1.0, count_pruned_in_denominator=False, eps_low=0.2,
-        eps_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.0, entropy_coef=0.0))
+        eps_high=0.28, dual_clip=3.0, tis_cap=0.0, kl_coef=0.0, kl_type="k3", entropy_coef=0.0,
+        old_logprobs="behaviour"))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, unsharded_tolerance=0.02))
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=-1, process_id=-1,

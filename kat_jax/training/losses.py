@@ -20,15 +20,16 @@ Aggregation modes (as in verl):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from kat_jax.trees.batch import StepBatch
 from kat_jax.trees.packing import gather_per_trajectory
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_TYPES = ("k1", "k2", "k3")
-STAGES = ("mid", "sft", "rft", "rl")
 
 
 # values [R, T] -> [N, L] at each trajectory's tokens (0 where traj_index < 0); numpy or jax.
@@ -78,6 +79,8 @@ def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
+    """The policy-loss keys of the rft and rl stages (config: loss.*)."""
+
     eps_low: float = 0.2
     eps_high: float = 0.28  # asymmetric clip ("clip-higher")
     dual_clip: float | None = 3.0  # bound on the loss for negative advantages; None: off
@@ -85,13 +88,23 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Everything the step's loss depends on besides data (static under jit)."""
+
+    stage: str = "sft"
     agg_mode: str = "token-mean"
+    temperature: float = 1.0
+    count_pruned_in_denominator: bool = False
+    policy: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
 
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
-                cfg: PolicyLossConfig, rollout_logp: jax.Array | None = None,
-                ref_logp: jax.Array | None = None, entropy: jax.Array | None = None,
-                denom_mask: jax.Array | None = None):
+                cfg: PolicyLossConfig, agg_mode: str = "token-mean",
+                rollout_logp: jax.Array | None = None, ref_logp: jax.Array | None = None,
+                entropy: jax.Array | None = None, denom_mask: jax.Array | None = None):
     """PPO/GRPO clipped surrogate. All per-token arrays [N, L]; advantages [N] or [N, L].
 
     ratio = exp(logp - old_logp); pg = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high));
@@ -99,18 +112,18 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     min(exp(old_logp - rollout_logp), tis_cap) (no gradient) when rollout log-probs are given.
     Plus kl_coef * KL(pi || ref) and minus entropy_coef * entropy. Returns (num, den, metrics).
     """
-    adv = advantages[:, None] if advantages.ndim == 1 else advantages
-    ratio = jnp.exp(logp - old_logp)
-    pg1 = -adv * ratio
-    pg2 = -adv * jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-    pg = jnp.maximum(pg1, pg2)
+    adv_nl = advantages[:, None] if advantages.ndim == 1 else advantages
+    ratio_nl = jnp.exp(logp - old_logp)
+    pg1 = -adv_nl * ratio_nl
+    pg2 = -adv_nl * jnp.clip(ratio_nl, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    pg_nl = jnp.maximum(pg1, pg2)
     clipped = (pg2 > pg1).astype(jnp.float32)
     if cfg.dual_clip is not None:
-        pg = jnp.where(adv < 0, jnp.minimum(pg, -cfg.dual_clip * adv), pg)
+        pg_nl = jnp.where(adv_nl < 0, jnp.minimum(pg_nl, -cfg.dual_clip * adv_nl), pg_nl)
     if rollout_logp is not None and cfg.tis_cap is not None:
         w = jnp.minimum(jnp.exp(old_logp - rollout_logp), cfg.tis_cap)
-        pg = pg * jax.lax.stop_gradient(w)
-    per_token = pg
+        pg_nl = pg_nl * jax.lax.stop_gradient(w)
+    per_token = pg_nl
     metrics = {}
     if cfg.kl_coef and ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, cfg.kl_type)
@@ -121,46 +134,97 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     if entropy is not None:
         metrics["entropy"] = aggregate(entropy, mask, "token-mean")
     metrics["clip_fraction"] = aggregate(clipped, mask, "token-mean")
-    num, den = aggregate(per_token, mask, cfg.agg_mode, denom_mask)
+    num, den = aggregate(per_token, mask, agg_mode, denom_mask)
     return num, den, metrics
 
 
-def stage_loss(stage: str, logp: jax.Array, entropy: jax.Array, batch: dict,
-               policy_cfg: PolicyLossConfig | None = None, agg_mode: str = "token-mean",
-               count_pruned_in_denominator: bool = False):
-    """The loss of a stage from per-trajectory views logp, entropy [N, L] and batch arrays:
-    traj_valid, traj_trainable [N, L], traj_advantage [N], optional traj_old_logprobs,
-    traj_behaviour_logprobs, traj_ref_logprobs, traj_pruned [N, L], traj_has_behaviour [N] (the
-    truncated importance correction applies only to trajectories with behaviour log-probs).
-    traj_pruned covers trainable tokens, so for `mid` the pruned-denominator option counts only
-    those. Returns (num, den, metrics).
+# ---------------------------------------------------------------------------------------------
+# stage losses: (spec, logp [N, L], entropy [N, L], batch: StepBatch with [N, ...] fields)
+#   -> (num, den, metrics)
 
-    mid: next-token LM on every (kept) token with a prediction; sft: on trainable tokens; rft and rl:
-    the clipped policy loss on trainable tokens (RFT differs by how advantages are built: relative to
-    teacher trajectories, upstream). count_pruned_in_denominator: tokens removed by pruning still
-    count in the denominators (the loss is then the unpruned loss with pruned terms set to 0);
-    default False (denominators count kept tokens only).
-    """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
-    pruned = batch.get("traj_pruned")
-    extra = pruned if (count_pruned_in_denominator and pruned is not None) else None
-    valid = batch["traj_valid"]
-    if stage == "mid":
-        first = jnp.arange(valid.shape[1]) == 0
-        mask = valid & ~first[None, :]
-        return (*lm_loss(logp, mask, agg_mode, None if extra is None else mask | extra), {})
-    trainable = batch["traj_trainable"]
-    dmask = None if extra is None else trainable | extra
-    if stage == "sft":
-        return (*lm_loss(logp, trainable, agg_mode, dmask), {})
-    cfg = policy_cfg or PolicyLossConfig()
-    old = batch.get("traj_old_logprobs")
-    old = jax.lax.stop_gradient(logp) if old is None else old
-    rollout = batch.get("traj_behaviour_logprobs")
-    has = batch.get("traj_has_behaviour")
-    if rollout is not None and has is not None:  # no correction where none were recorded
-        rollout = jnp.where(has[:, None], rollout, old)
-    return policy_loss(logp, old, batch["traj_advantage"], trainable, cfg,
-                       rollout_logp=rollout,
-                       ref_logp=batch.get("traj_ref_logprobs"), entropy=entropy, denom_mask=dmask)
+
+def _denominator_extra(spec: LossSpec, batch: StepBatch) -> jax.Array | None:
+    """Pruned tokens the denominators also count (loss.count_pruned_in_denominator)."""
+    if not spec.count_pruned_in_denominator:
+        return None
+    if batch.pruned is None:
+        raise ValueError("loss.count_pruned_in_denominator needs batches with a pruning mask "
+                         "(StepBatch.pruned)")
+    return batch.pruned
+
+
+def mid_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):
+    """Next-token LM on every (kept) token with a prediction. Pruned tokens (a subset of the
+    trainable ones) are what count_pruned_in_denominator adds to the denominators."""
+    first = jnp.arange(batch.valid.shape[1]) == 0
+    mask = batch.valid & ~first[None, :]
+    extra = _denominator_extra(spec, batch)
+    return (*lm_loss(logp, mask, spec.agg_mode, None if extra is None else mask | extra), {})
+
+
+def sft_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):
+    """Next-token LM on trainable tokens."""
+    extra = _denominator_extra(spec, batch)
+    dmask = None if extra is None else batch.trainable | extra
+    return (*lm_loss(logp, batch.trainable, spec.agg_mode, dmask), {})
+
+
+def ppo_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):
+    """The clipped policy loss on trainable tokens. The ratio's old policy is
+    batch.old_logprobs when given (then the truncated importance weight corrects the behaviour /
+    old mismatch), else the behaviour policy (batch.behaviour_logprobs: the sampling policy is the
+    old policy, no importance weight). rft and rl differ only by how advantages were built."""
+    cfg = spec.policy
+    if batch.old_logprobs is not None:
+        old, rollout = batch.old_logprobs, batch.behaviour_logprobs
+    elif batch.behaviour_logprobs is not None:
+        old, rollout = batch.behaviour_logprobs, None
+    else:
+        raise ValueError(f"stage {spec.stage}: the policy loss needs old-policy log-probs "
+                         "(StepBatch.old_logprobs or behaviour_logprobs)")
+    if cfg.kl_coef and batch.ref_logprobs is None:
+        raise ValueError("loss.kl_coef > 0 needs reference log-probs (StepBatch.ref_logprobs)")
+    extra = _denominator_extra(spec, batch)
+    dmask = None if extra is None else batch.trainable | extra
+    return policy_loss(logp, old, batch.advantage, batch.trainable, cfg, spec.agg_mode,
+                       rollout_logp=rollout, ref_logp=batch.ref_logprobs, entropy=entropy,
+                       denom_mask=dmask)
+
+
+StageLossFn = Callable[[LossSpec, jax.Array, jax.Array, StepBatch],
+                       tuple[jax.Array, jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A training stage: its loss, and whether the policy keys (loss.eps_low ...) apply."""
+
+    loss: StageLossFn
+    policy: bool = False
+
+
+# The stages, registered explicitly; add one with register_stage.
+STAGES: dict[str, Stage] = {
+    "mid": Stage(mid_loss),
+    "sft": Stage(sft_loss),
+    "rft": Stage(ppo_loss, policy=True),
+    "rl": Stage(ppo_loss, policy=True),
+}
+
+
+def register_stage(name: str, loss: StageLossFn, policy: bool = False) -> None:
+    """Add a stage (its data kind is registered in kat_jax.data.pipeline.STAGE_KIND)."""
+    if name in STAGES:
+        raise ValueError(f"stage {name!r} is already registered")
+    STAGES[name] = Stage(loss, policy)
+
+
+def stage_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):
+    """The loss of spec.stage from per-trajectory views logp, entropy [N, L] and the batch's
+    per-trajectory fields ([N, ...]). Returns (num, den, metrics).
+
+    count_pruned_in_denominator: tokens removed by pruning still count in the denominators (the
+    loss is then the unpruned loss with pruned terms set to 0); default False."""
+    if spec.stage not in STAGES:
+        raise ValueError(f"unknown stage {spec.stage!r}; known: {tuple(STAGES)}")
+    return STAGES[spec.stage].loss(spec, logp, entropy, batch)

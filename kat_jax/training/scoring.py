@@ -32,12 +32,15 @@ from flax import nnx
 from kat_jax.atomic_io import check_output_file, write_jsonl_atomic
 from kat_jax.jsonl import read_jsonl
 from kat_jax.models.decoder import Decoder
-from kat_jax.ops.logprobs import tree_logprobs
+from kat_jax.training.step import forward_logprobs
+from kat_jax.trees.batch import StepBatch
 from kat_jax.trees.packing import (
+    assign_rows,
     bucket_length,
-    empty_rows,
     gather_per_trajectory,
+    make_pieces,
     pack_trie,
+    schedule_length,
 )
 from kat_jax.trees.trajectory import Trajectory
 from kat_jax.trees.trie import build_trie
@@ -80,15 +83,13 @@ def read_score_input(path: str, vocab_size: int, max_len: int) -> list[ScoreReco
 
 
 def make_score_fn(model: Decoder):
-    """jitted (state, tokens, positions, parent, subtree_end) -> (logp, entropy) float32[B, T]."""
+    """jitted (state, rows: StepBatch [B, T]) -> (logp, entropy) float32[B, T]: the train step's
+    forward (kat_jax.training.step.forward_logprobs)."""
     graphdef, state = nnx.split(model)
-    chunk = model.cfg.vocab_chunk_size
 
     @jax.jit
-    def score(state, tokens, positions, parent, subtree_end, schedule=None):
-        m = nnx.merge(graphdef, state)
-        hidden = m(tokens, positions, subtree_end, schedule)
-        return tree_logprobs(hidden, m.head_kernel(), tokens, parent, chunk)
+    def score(state, rows: StepBatch):
+        return forward_logprobs(nnx.merge(graphdef, state), rows)
 
     return score, state
 
@@ -99,44 +100,42 @@ def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
 
     All sequences go into one prefix trie, so a prefix shared by several sequences is computed once;
     rows are bucket_length(max(longest sequence, min(batch_tokens, tree tokens))) tokens,
-    batch_tokens // row_len rows per call (at least one), one compiled shape per run."""
+    batch_tokens // row_len rows per call (at least one), one compiled shape per run. The rows and
+    their attention schedule are packed exactly as for training (kat_jax.trees.packing)."""
     score, state = make_score_fn(model)
     trajs = [Trajectory(r.tokens, id=r.id) for r in records]
     longest = max(len(t) for t in trajs)
     trie = build_trie(trajs)
     # Rows of batch_tokens, shrunk when everything fits in less; never shorter than a sequence.
     row_len = bucket_length(max(longest, min(batch_tokens, trie.tree_tokens)))
-    batch = pack_trie(trie, row_len, attention_block_size=model.cfg.attention_block_size)
     per_call = max(1, batch_tokens // row_len)
-    n_calls = -(-batch.num_rows // per_call)
-    padded = n_calls * per_call
-    filler = empty_rows(padded - batch.num_rows, row_len)
-    keys = ("tokens", "positions", "parent", "subtree_end")
-    arrays = {k: np.concatenate([getattr(batch, k), filler[k]]) for k in keys}
-    logp = np.zeros((padded, row_len), np.float32)
-    ent = np.zeros((padded, row_len), np.float32)
-    sched = batch.attn_schedule
-    if padded > batch.num_rows:  # filler rows: padding entries only (kind 0)
-        sched = {k: np.concatenate([a, np.zeros((padded - batch.num_rows, a.shape[1]), a.dtype)])
-                 for k, a in sched.items()}
+    needed = len(assign_rows([p.size for p in make_pieces(trie, row_len)], row_len))
+    n_calls = -(-needed // per_call)
+    # every call: per_call rows (the last padded), one fixed schedule length
+    pairs = schedule_length(row_len, model.cfg.attention_block_size)
+    packed = pack_trie(trie, row_len, num_rows=n_calls * per_call,
+                       attention_block_size=model.cfg.attention_block_size, schedule_pairs=pairs)
+    rows = packed.batch
+    logp = np.zeros((n_calls * per_call, row_len), np.float32)
+    ent = np.zeros_like(logp)
     for c in range(n_calls):
         sl = slice(c * per_call, (c + 1) * per_call)
-        row_sched = {k: jnp.asarray(a[sl]) for k, a in sched.items()}
-        lp, en = jax.device_get(score(state, *(jnp.asarray(arrays[k][sl]) for k in keys),
-                                      row_sched))
-        logp[sl], ent[sl] = lp, en
-    lp_traj = gather_per_trajectory(logp[:batch.num_rows], batch.traj_index)
-    en_traj = gather_per_trajectory(ent[:batch.num_rows], batch.traj_index)
+        call = jax.tree.map(lambda x, sl=sl: jnp.asarray(x[sl]),
+                            rows.replace(traj_index=None, valid=None, trainable=None,
+                                         advantage=None))
+        logp[sl], ent[sl] = jax.device_get(score(state, call))
+    lp_traj = gather_per_trajectory(logp, rows.traj_index)
+    en_traj = gather_per_trajectory(ent, rows.traj_index)
     results = [(lp_traj[k, 1:len(t)], en_traj[k, 1:len(t)]) for k, t in enumerate(trajs)]
     nonfinite = sum(int(np.sum(~np.isfinite(lp)) + np.sum(~np.isfinite(en)))
                     for lp, en in results)
-    total = batch.total_tokens
+    total = packed.total_tokens
     summary = {
         "sequences": len(trajs),
         "total_tokens": total,
-        "computed_tokens": batch.laid_out_tokens,
-        "reuse_ratio": 0.0 if total == 0 else 1.0 - batch.laid_out_tokens / total,
-        "rows": batch.num_rows,
+        "computed_tokens": packed.laid_out_tokens,
+        "reuse_ratio": 0.0 if total == 0 else 1.0 - packed.laid_out_tokens / total,
+        "rows": needed,
         "row_len": row_len,
         "nonfinite_values": nonfinite,
     }

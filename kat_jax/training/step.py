@@ -4,19 +4,13 @@
 
 state: {"step": int32[], "params": pure param dict, "opt_state": optax state, "rng": uint32[2],
         "skipped": int32[] (non-finite updates so far), "consecutive_skips": int32[]}
-batch: arrays with leading [M, S]: M microbatches (accumulated), S data shards (split over the mesh's
-('data', 'fsdp') axes). Per shard, a TreeBatch of fixed shape (kat_jax.trees.packing):
-    tokens, positions, parent, subtree_end   int32[M, S, R, T]   R rows of T tokens
-    schedule_{q_block,k_block,kind}          int32[M, S, R, P]   block-sparse attention schedule
-    traj_index                               int32[M, S, N, L]   row-local gather map
-    traj_valid, traj_trainable, traj_pruned  bool[M, S, N, L]
-    traj_behaviour_logprobs                  float32[M, S, N, L]
-    traj_advantage                           float32[M, S, N]
-    traj_has_behaviour                       bool[M, S, N]
+batch: a kat_jax.trees.batch.StepBatch whose fields have leading axes [M, S]: M microbatches
+(accumulated), S data shards (split over the mesh's batch axes). Per shard, rows [R, T], trajectory
+fields [N, L] or [N], as documented there.
 
-The stage changes only the loss weights (kat_jax.training.losses.stage_loss). Losses are
-(numerator, denominator) sums, so the accumulated gradient is sum(grad num) / sum(den): the same
-global mean whatever M and S are (exact, up to float summation order).
+The stage changes only the loss (kat_jax.training.losses.STAGES). Losses are (numerator,
+denominator) sums, so the accumulated gradient is sum(grad num) / sum(den): the same global mean
+whatever M and S are (exact, up to float summation order).
 
 A non-finite loss or gradient norm leaves params and optimizer state unchanged (the step counter
 still advances with the data), and counts in `skipped` / `consecutive_skips`; the loop stops the run
@@ -26,7 +20,6 @@ applied (counted as `empty`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -35,42 +28,36 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kat_jax.data.pipeline import SCHEDULE_PREFIX, TRAJ_KEYS
 from kat_jax.ops.logprobs import tree_logprobs
-from kat_jax.training.losses import PolicyLossConfig, stage_loss
+from kat_jax.training.losses import LossSpec, stage_loss
+from kat_jax.trees.batch import StepBatch, merge_leading
 from kat_jax.trees.packing import gather_per_trajectory
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    stage: str = "sft"
-    agg_mode: str = "token-mean"
-    temperature: float = 1.0
-    count_pruned_in_denominator: bool = False
-    policy: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+def forward_logprobs(model, rows: StepBatch, temperature: float = 1.0,
+                     constrain: Callable[[jax.Array], jax.Array] | None = None):
+    """(logp, entropy) float32[B, T] of every row token under `model` (token 0 of a tree: 0): one
+    forward over rows [B, T] (rows.tokens etc.; trajectory fields unused). The train, eval and
+    scoring steps all run this."""
+    tokens_bt = rows.tokens if constrain is None else constrain(rows.tokens)
+    sched = None if rows.schedule is None else rows.schedule.as_dict()
+    hidden_btd = model(tokens_bt, rows.positions, rows.subtree_end, sched)
+    return tree_logprobs(hidden_btd, model.head_kernel(), tokens_bt, rows.parent,
+                         model.cfg.vocab_chunk_size, temperature)
 
 
-def microbatch_loss(graphdef: nnx.GraphDef, params: dict, mb: dict, spec: LossSpec,
+def microbatch_loss(graphdef: nnx.GraphDef, params: dict, mb: StepBatch, spec: LossSpec,
                     constrain: Callable[[jax.Array], jax.Array] | None = None):
-    """(num, den, metrics) of one microbatch (arrays [S, ...])."""
+    """(num, den, metrics) of one microbatch (fields [S, ...])."""
     model = nnx.merge(graphdef, params)
-    s, r, t = mb["tokens"].shape
-    flat = lambda x: x.reshape(s * r, *x.shape[2:])
-    sched = {k[len(SCHEDULE_PREFIX):]: flat(v) for k, v in mb.items()
-             if k.startswith(SCHEDULE_PREFIX)} or None
-    tokens = flat(mb["tokens"])
-    if constrain is not None:
-        tokens = constrain(tokens)
-    hidden = model(tokens, flat(mb["positions"]), flat(mb["subtree_end"]), sched)
-    lp, ent = tree_logprobs(hidden, model.head_kernel(), tokens, flat(mb["parent"]),
-                            model.cfg.vocab_chunk_size, spec.temperature)
-    lp_traj = jax.vmap(gather_per_trajectory)(lp.reshape(s, r, t), mb["traj_index"])
-    ent_traj = jax.vmap(gather_per_trajectory)(ent.reshape(s, r, t), mb["traj_index"])
-    n, length = mb["traj_index"].shape[1:]
-    per_traj = lambda x: x.reshape(s * n, *x.shape[2:])
-    view = {k: per_traj(mb[k]) for k in TRAJ_KEYS if k in mb and k != "traj_index"}
-    return stage_loss(spec.stage, per_traj(lp_traj), per_traj(ent_traj), view, spec.policy,
-                      spec.agg_mode, spec.count_pruned_in_denominator)
+    s, r, t = mb.tokens.shape
+    logp_bt, ent_bt = forward_logprobs(model, merge_leading(mb), spec.temperature, constrain)
+    # per-trajectory views: traj_index is shard-local, so gather per shard, then merge shards
+    logp_snl = jax.vmap(gather_per_trajectory)(logp_bt.reshape(s, r, t), mb.traj_index)
+    ent_snl = jax.vmap(gather_per_trajectory)(ent_bt.reshape(s, r, t), mb.traj_index)
+    n, length = mb.traj_index.shape[1:]
+    return stage_loss(spec, logp_snl.reshape(s * n, length), ent_snl.reshape(s * n, length),
+                      merge_leading(mb))
 
 
 def _sum_metrics(a: dict, b: dict) -> dict:
@@ -90,7 +77,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         (num, (den, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return num, den, metrics, grads
 
-    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    def train_step(state: dict, batch: StepBatch) -> tuple[dict, dict]:
         params = state["params"]
         first = jax.tree.map(lambda x: x[0], batch)
         num0, den0, met0, g0 = loss_and_grad(params, first)
@@ -143,7 +130,7 @@ def make_eval_step(graphdef: nnx.GraphDef, spec: LossSpec,
                    constrain: Callable[[jax.Array], jax.Array] | None = None):
     """(params, batch) -> {"loss_num", "loss_den", ...}: sums, so a caller averages over batches."""
 
-    def eval_step(params: dict, batch: dict) -> dict:
+    def eval_step(params: dict, batch: StepBatch) -> dict:
         def body(carry, mb):
             num, den, met = microbatch_loss(graphdef, params, mb, spec, constrain)
             return _sum_metrics(carry, {"loss": (num, den), **met}), None

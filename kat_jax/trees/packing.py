@@ -1,4 +1,4 @@
-"""Packing prefix tries into fixed-length TreeBatch rows.
+"""Packing prefix tries into fixed-length rows: the StepBatch of kat_jax.trees.batch.
 
 A row is a forest laid out in depth-first pre-order (ARCHITECTURE.md). Per token i of a row:
     tokens[i], positions[i] (depth), parent[i] (-1 at a root), subtree_end[i].
@@ -28,6 +28,7 @@ import logging
 
 import numpy as np
 
+from kat_jax.trees.batch import LOGPROB_FIELDS, OPTIONAL_FIELDS, AttentionSchedule, StepBatch
 from kat_jax.trees.trajectory import Trajectory
 from kat_jax.trees.trie import Trie, build_trie
 
@@ -73,56 +74,62 @@ def empty_rows(num_rows: int, row_len: int, pad_id: int = 0) -> dict[str, np.nda
     )
 
 
+def schedule_length(row_len: int, block_size: int) -> int:
+    """A fixed schedule length for rows of row_len tokens: every lower-triangular block pair,
+    rounded up to a multiple of 16 (the block-sparse scan's chunk); entries past a row's own pairs
+    are skipped padding. Fixed shapes: the train step compiles once."""
+    from kat_jax.ops.attention import effective_block_size
+
+    nb = -(-row_len // effective_block_size(block_size, row_len))
+    return -(-(nb * (nb + 1) // 2) // 16) * 16
+
+
+def attention_schedule(subtree_end: np.ndarray, block_size: int,
+                       num_pairs: int | None = None) -> AttentionSchedule:
+    """The block-sparse attention schedule of rows (block = ops.attention.effective_block_size),
+    exactly as long as the rows need (num_pairs None) or padded / trimmed to num_pairs pairs (the
+    fixed length of schedule_length). Training and scoring both build their schedules here."""
+    from kat_jax.ops.attention import effective_block_size
+    from kat_jax.ops.block_sparse import build_block_schedule
+
+    row_len = subtree_end.shape[-1]
+    bs = effective_block_size(block_size, row_len)
+    sched = build_block_schedule(subtree_end, bs, min_pairs=1 if num_pairs else 8)
+    if num_pairs is not None:
+        width = sched["kind"].shape[1]
+        if width >= num_pairs:
+            if sched["kind"][:, num_pairs:].any():
+                raise ValueError(f"rows need more than {num_pairs} attention block pairs")
+            sched = {k: np.ascontiguousarray(v[:, :num_pairs]) for k, v in sched.items()}
+        else:
+            sched = {k: np.pad(v, ((0, 0), (0, num_pairs - width))) for k, v in sched.items()}
+    return AttentionSchedule.from_dict(sched)
+
+
 @dataclasses.dataclass
-class TreeBatch:
-    """Host-side packed batch (numpy). Row arrays [R, T]; trajectory arrays [N, L].
+class PackedTrees:
+    """What pack_trie returns: the StepBatch (numpy) and host-side facts about the layout.
 
-    Row arrays: tokens, positions, parent, subtree_end (int32); tags (int32 bit set, OR over the
-    trajectories through each token); primary (bool: False for padding and repeated context);
-    train_count (float32: number of trajectories that train on the token there; the LM/SFT weight).
-    Trajectory arrays: traj_index (int32 flat index into the rows, -1 = none), traj_valid (token
-    exists), traj_trainable (trainable and j >= 1: the token has a prediction), traj_behaviour_logprobs
-    (0 where absent), traj_advantage, traj_reward (float32[N]), traj_present (bool[N], False for
-    padding trajectories), traj_pruned (trainable tokens that pruning removed).
-    """
+    primary: bool[R, T], True where a token is laid out as itself (False for padding and for
+    ancestors repeated as context in split pieces). total_tokens: sum of trajectory lengths;
+    tree_tokens: distinct prefixes laid out (each computed once; after pruning if any);
+    laid_out_tokens: non-padding tokens in the rows (tree tokens + repeated context); dropped: ids
+    of trajectories left out (pack_trajectories with drop_overlong)."""
 
-    tokens: np.ndarray
-    positions: np.ndarray
-    parent: np.ndarray
-    subtree_end: np.ndarray
-    tags: np.ndarray
+    batch: StepBatch
     primary: np.ndarray
-    train_count: np.ndarray
-    traj_index: np.ndarray
-    traj_valid: np.ndarray
-    traj_trainable: np.ndarray
-    traj_behaviour_logprobs: np.ndarray
-    traj_advantage: np.ndarray
-    traj_reward: np.ndarray
-    traj_present: np.ndarray
-    traj_pruned: np.ndarray  # bool[N, L]: trainable tokens removed by pruning
-    traj_has_behaviour: np.ndarray | None = None  # bool[N]: behaviour log-probs were given
-    total_tokens: int = 0  # sum of trajectory lengths
-    tree_tokens: int = 0  # distinct prefixes laid out (each computed once; after pruning if any)
-    laid_out_tokens: int = 0  # non-padding tokens in the rows (tree tokens + repeated context)
-    # Block-sparse attention schedule (int32[R, P] arrays q_block, k_block, kind), when requested.
-    attn_schedule: dict[str, np.ndarray] | None = None
-    dropped: list = dataclasses.field(default_factory=list)  # ids of trajectories left out
+    total_tokens: int = 0
+    tree_tokens: int = 0
+    laid_out_tokens: int = 0
+    dropped: list = dataclasses.field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
-        return self.tokens.shape[0]
+        return self.batch.num_rows
 
     @property
     def row_len(self) -> int:
-        return self.tokens.shape[1]
-
-    def model_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.tokens, self.positions, self.subtree_end
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), np.ndarray)}
+        return self.batch.row_len
 
 
 @dataclasses.dataclass
@@ -221,19 +228,42 @@ def _layout_piece(trie: Trie, piece: _Piece, rows: dict[str, np.ndarray], r: int
     return col
 
 
+def _fields_of(trajs: list[Trajectory], fields, keep) -> tuple[str, ...]:
+    """The optional StepBatch fields to fill: `fields` as given, or (None) the log-prob fields any
+    trajectory carries plus 'pruned' when a keep mask is given. Every trajectory must then carry
+    each log-prob field (an error names the first that does not)."""
+    if fields is None:
+        fields = tuple(f for f in LOGPROB_FIELDS if any(getattr(t, f) is not None for t in trajs))
+        fields = (("pruned",) if keep is not None else ()) + fields
+    fields = tuple(fields)
+    unknown = set(fields) - set(OPTIONAL_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown StepBatch fields {sorted(unknown)}; known: {OPTIONAL_FIELDS}")
+    for f in fields:
+        if f in LOGPROB_FIELDS:
+            for t in trajs:
+                if getattr(t, f) is None:
+                    raise ValueError(f"{t.name()}: has no '{f}', which this batch carries")
+    return tuple(f for f in OPTIONAL_FIELDS if f in fields)
+
+
 def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
               num_traj: int | None = None, traj_len: int | None = None,
               pad_id: int = 0, attention_block_size: int | None = None,
-              keep: np.ndarray | None = None) -> TreeBatch:
-    """Lay a trie out in rows of `row_len` tokens (see the module docstring).
+              schedule_pairs: int | None = None, keep: np.ndarray | None = None,
+              fields: tuple[str, ...] | None = None) -> PackedTrees:
+    """Lay a trie out in rows of `row_len` tokens (see the module docstring) as a StepBatch.
 
     num_rows / num_traj / traj_len: pad to these sizes (fixed shapes under jit); errors when the
     content needs more. Defaults: as many rows as needed; N = number of trajectories;
     L = bucket_length(longest trajectory). attention_block_size: also build the block-sparse
-    attention schedule of the rows (block = ops.attention.effective_block_size).
+    attention schedule of the rows (`attention_schedule`, padded to schedule_pairs when given).
     keep: bool[num_nodes] from the pruner (closed under ancestors): pruned nodes are not laid out,
-    cost no compute, and their tokens get traj_index -1, traj_valid and traj_trainable False, and
-    traj_pruned True (a loss may still count them in its denominators: a config choice)."""
+    cost no compute, and their tokens get traj_index -1, valid and trainable False, and pruned True
+    (a loss may still count them in its denominators: a config choice).
+    fields: the optional StepBatch fields to fill (default: see _fields_of)."""
+    trajs = trie.trajectories
+    fields = _fields_of(trajs, fields, keep)
     structure = kept_structure(trie, keep)
     children, sub, _ = structure
     pieces = make_pieces(trie, row_len, structure)
@@ -252,7 +282,6 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     kept_nodes = np.ones(trie.num_nodes, bool) if keep is None else np.asarray(keep, bool)
     assert np.all(node_flat[kept_nodes] >= 0)
 
-    trajs = trie.trajectories
     n_traj = len(trajs) if num_traj is None else num_traj
     if len(trajs) > n_traj:
         raise ValueError(f"{len(trajs)} trajectories do not fit num_traj={n_traj}")
@@ -262,12 +291,11 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
         t = max(trajs, key=len)
         raise ValueError(f"{t.name()}: {longest} tokens exceed traj_len={l_max}")
     traj_index = np.full((n_traj, l_max), -1, np.int32)
-    traj_valid = np.zeros((n_traj, l_max), bool)
-    traj_trainable = np.zeros((n_traj, l_max), bool)
-    traj_blp = np.zeros((n_traj, l_max), np.float32)
-    tags = np.zeros((n_rows, row_len), np.int32)
-    train_count = np.zeros(n_rows * row_len, np.float32)
-    traj_pruned = np.zeros((n_traj, l_max), bool)
+    valid = np.zeros((n_traj, l_max), bool)
+    trainable_nl = np.zeros((n_traj, l_max), bool)
+    pruned = np.zeros((n_traj, l_max), bool)
+    logprobs = {f: np.zeros((n_traj, l_max), np.float32) for f in fields if f in LOGPROB_FIELDS}
+    advantage = np.zeros(n_traj, np.float32)
     for k, traj in enumerate(trajs):
         flat = np.concatenate([node_flat[n] + np.arange(trie.node_len[n]) if kept_nodes[n]
                                else np.full(trie.node_len[n], -1)
@@ -276,49 +304,36 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
         assert len(flat) == n
         kept = flat >= 0
         traj_index[k, :n] = flat
-        traj_valid[k, :n] = kept
-        traj_pruned[k, :n] = ~kept
+        valid[k, :n] = kept
         trainable = traj.trainable.copy()
         trainable[0] = False
-        traj_trainable[k, :n] = trainable & kept
-        traj_pruned[k, :n] &= trainable
-        if traj.behaviour_logprobs is not None:
-            traj_blp[k, :n] = traj.behaviour_logprobs
-        np.bitwise_or.at(tags.reshape(-1), flat[kept], traj.tags[kept])
-        np.add.at(train_count, flat[trainable & kept], 1.0)
-    present = np.zeros(n_traj, bool)
-    present[:len(trajs)] = True
-    has_behaviour = np.zeros(n_traj, bool)
-    has_behaviour[:len(trajs)] = [t.behaviour_logprobs is not None for t in trajs]
-    adv = np.zeros(n_traj, np.float32)
-    rew = np.zeros(n_traj, np.float32)
-    for k, traj in enumerate(trajs):
-        adv[k] = 0.0 if traj.advantage is None else traj.advantage
-        rew[k] = 0.0 if traj.reward is None else traj.reward
+        trainable_nl[k, :n] = trainable & kept
+        pruned[k, :n] = trainable & ~kept
+        for f, arr in logprobs.items():
+            arr[k, :n] = getattr(traj, f)
+        advantage[k] = 0.0 if traj.advantage is None else traj.advantage
+    if "pruned" not in fields and pruned.any():
+        raise ValueError("pack_trie: pruned tokens need the 'pruned' field")
     schedule = None
     if attention_block_size:
-        from kat_jax.ops.attention import effective_block_size
-        from kat_jax.ops.block_sparse import build_block_schedule
-
-        schedule = build_block_schedule(rows["subtree_end"],
-                                        effective_block_size(attention_block_size, row_len))
-    return TreeBatch(
-        attn_schedule=schedule, **rows, tags=tags, train_count=train_count.reshape(n_rows, row_len),
-        traj_index=traj_index, traj_valid=traj_valid, traj_trainable=traj_trainable,
-        traj_behaviour_logprobs=traj_blp, traj_advantage=adv, traj_reward=rew,
-        traj_present=present, traj_pruned=traj_pruned, traj_has_behaviour=has_behaviour,
-        total_tokens=trie.total_tokens,
-        tree_tokens=int(sub[trie.roots].sum()),
-        laid_out_tokens=int(sum(p.size for p in pieces)))
+        schedule = attention_schedule(rows["subtree_end"], attention_block_size, schedule_pairs)
+    batch = StepBatch(
+        tokens=rows["tokens"], positions=rows["positions"], parent=rows["parent"],
+        subtree_end=rows["subtree_end"], traj_index=traj_index, valid=valid,
+        trainable=trainable_nl, advantage=advantage, schedule=schedule,
+        pruned=pruned if "pruned" in fields else None, **logprobs)
+    return PackedTrees(batch=batch, primary=rows["primary"], total_tokens=trie.total_tokens,
+                       tree_tokens=int(sub[trie.roots].sum()),
+                       laid_out_tokens=int(sum(p.size for p in pieces)))
 
 
 def pack_trajectories(trajectories: list[Trajectory], row_len: int | None = None,
                       vocab_size: int | None = None, drop_overlong: bool = False,
-                      **kwargs) -> TreeBatch:
+                      **kwargs) -> PackedTrees:
     """Validate, build the trie, and pack. row_len defaults to bucket_length(longest trajectory).
 
     A trajectory longer than a given row_len is an error naming it, unless drop_overlong: then it
-    is left out, and the ids of what was dropped are in `batch.dropped` and logged (never silent).
+    is left out, and the ids of what was dropped are in `.dropped` and logged (never silent).
     """
     if not trajectories:
         raise ValueError("pack_trajectories: no trajectories")
@@ -343,9 +358,9 @@ def pack_trajectories(trajectories: list[Trajectory], row_len: int | None = None
                                  f"{row_len}")
     else:
         row_len = bucket_length(max(len(t) for t in trajectories))
-    batch = pack_trie(build_trie(trajectories), row_len, **kwargs)
-    batch.dropped = dropped
-    return batch
+    packed = pack_trie(build_trie(trajectories), row_len, **kwargs)
+    packed.dropped = dropped
+    return packed
 
 
 def gather_per_trajectory(values, traj_index):

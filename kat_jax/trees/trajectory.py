@@ -8,6 +8,9 @@ Per token (arrays of length L):
     roles                int8     ROLES (system, user, assistant, tool); default unknown (-1)
     tags                 int32    bit set of TAGS (tool_call, tool_result, memory); default 0
     behaviour_logprobs   float32  log-prob of the token under the sampling policy (optional)
+    old_logprobs         float32  log-prob under the old policy of a PPO update, when it differs
+                                  from the sampling policy (optional)
+    ref_logprobs         float32  log-prob under the reference policy of the KL term (optional)
     entropies            float32  entropy of the distribution the token was sampled from (optional)
 Per trajectory: id, reward, advantage, group_id, policy_version (all optional).
 
@@ -43,6 +46,8 @@ class Trajectory:
     roles: np.ndarray | None = None
     tags: np.ndarray | None = None
     behaviour_logprobs: np.ndarray | None = None
+    old_logprobs: np.ndarray | None = None
+    ref_logprobs: np.ndarray | None = None
     entropies: np.ndarray | None = None
     reward: float | None = None
     advantage: float | None = None
@@ -68,7 +73,7 @@ class Trajectory:
             if arr.shape != (n,):
                 raise ValueError(f"{name}: '{key}' has shape {arr.shape}, expected ({n},)")
             setattr(self, key, arr)
-        for key in ("behaviour_logprobs", "entropies"):
+        for key in ("behaviour_logprobs", "old_logprobs", "ref_logprobs", "entropies"):
             value = getattr(self, key)
             if value is not None:
                 arr = np.asarray(value, np.float32)
