@@ -12,7 +12,10 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kat_jax", "kat_jax.*"]),
+    # The repository's configs/ ships as kat_jax.configs, so `kat-jax train --config sft.py:tiny`
+    # works from any directory after a plain install (kat_jax.training.config_lib).
+    packages=find_packages(include=["kat_jax", "kat_jax.*"]) + ["kat_jax.configs"],
+    package_dir={"kat_jax.configs": "configs"},
     package_data={"kat_jax": ["assets/*", "assets/**/*"]},
     include_package_data=True,
     install_requires=[

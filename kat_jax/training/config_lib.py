@@ -1,7 +1,13 @@
 """ml_collections configs: `path.py[:variant]` files with get_config(variant), and `--config.a.b=v`
 overrides.
 
-    cfg = load_train_config("configs/sft.py:tiny", ["--config.train.steps=20", "--config.mesh.fsdp", "4"])
+    cfg = load_train_config("configs/sft.py:tiny", ["--config.train.steps=20",
+                                                    "--config.mesh.fsdp", "4"])
+    cfg = load_train_config("sft.py:tiny")  # from any directory: the configs installed with kat_jax
+
+A path that exists (relative to the current directory, or absolute) wins; otherwise a bare name
+(`sft.py`, or `configs/sft.py`) resolves from the configs shipped with the package (the repository's
+configs/ directory, installed as kat_jax.configs by setup.py).
 
 The loaded ConfigDict is locked: an override of an unknown key, or of a value that cannot be
 converted to the key's type, is an error naming the key. Values are parsed by the type of the
@@ -25,9 +31,51 @@ class ConfigError(ValueError):
     pass
 
 
+def installed_config_dirs() -> list[str]:
+    """Where bare config names are looked up: the configs installed with the package
+    (kat_jax.configs, the repository's configs/ directory shipped by setup.py), and the
+    repository's configs/ beside the kat_jax package of a source checkout."""
+    dirs = []
+    try:
+        spec = importlib.util.find_spec("kat_jax.configs")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        dirs += list(spec.submodule_search_locations)
+    import kat_jax
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kat_jax.__file__)))
+    if os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "configs")):
+        dirs.append(os.path.join(root, "configs"))  # a source checkout
+    return list(dict.fromkeys(os.path.realpath(d) for d in dirs))
+
+
+def available_configs() -> list[str]:
+    """File names of the installed configs (sft.py, quickstart.py, ...)."""
+    return sorted({f for d in installed_config_dirs() for f in os.listdir(d)
+                   if f.endswith(".py") and not f.startswith("_")})
+
+
+def resolve_config_path(path: str) -> str:
+    """A config file: `path` when it exists (relative to the current directory or absolute);
+    otherwise a bare name (sft.py, or configs/sft.py as the README writes it) from the installed
+    configs. An error lists where it looked and the available names."""
+    if os.path.isfile(path):
+        return path
+    looked = [os.path.abspath(path)]
+    if os.path.dirname(os.path.normpath(path)) in ("", "configs"):
+        name = os.path.basename(path)
+        for d in installed_config_dirs():
+            candidate = os.path.join(d, name)
+            if os.path.isfile(candidate):
+                return candidate
+            looked.append(candidate)
+    raise ConfigError(f"--config: {path}: no such file (looked in: {', '.join(looked)}); "
+                      f"installed configs: {', '.join(available_configs()) or 'none'}")
+
+
 def _load_module(path: str):
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: {path}: no such file")
+    path = resolve_config_path(path)
     name = "kat_jax_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -38,7 +86,8 @@ def _load_module(path: str):
 
 
 def config_from_file(spec: str) -> ml_collections.ConfigDict:
-    """'path.py' or 'path.py:variant' -> locked ConfigDict."""
+    """'path.py' or 'path.py:variant' -> locked ConfigDict. A path that does not exist may be the
+    bare name of an installed config ('sft.py:tiny'; resolve_config_path)."""
     path, _, variant = spec.partition(":") if not os.path.isfile(spec) else (spec, "", "")
     module = _load_module(path)
     try:
