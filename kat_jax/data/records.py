@@ -97,8 +97,8 @@ def validate_rollout(obj: Any, where: str, require: Collection[str] = FOR_TRAINI
     toks = obj.get("tokens")
     if not isinstance(toks, list) or len(toks) < min_tokens or not all(
             _is_int(t) and t >= 0 for t in toks):
-        what = "non-empty list" if min_tokens <= 1 else f"list of at least {min_tokens}"
-        raise bad("tokens", f"'tokens' must be a {what} of ids >= 0", missing=toks is None)
+        what = "non-empty list of" if min_tokens <= 1 else f"list of at least {min_tokens}"
+        raise bad("tokens", f"'tokens' must be a {what} ids >= 0", missing=toks is None)
     n = len(toks)
     for key, (noun, rule, ok) in PER_TOKEN_FLOATS.items():
         values = obj.get(key)
