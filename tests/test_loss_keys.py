@@ -1,0 +1,189 @@
+"""No loss config key is inert: each one, set away from its default, changes the loss or the
+gradient of a real (jitted, sharded-signature) training step on data that exercises it; a key that
+cannot act, or that needs data a run does not have, stops the run at start with an error naming it."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tree_cases import random_trajectories
+
+from kat_jax.models.config import get_preset
+from kat_jax.models.decoder import init_model
+from kat_jax.training import build
+from kat_jax.training.config_lib import ConfigError
+from kat_jax.training.defaults import stage_config
+from kat_jax.training.optim import make_optimizer
+from kat_jax.training.step import forward_logprobs, init_state, make_train_step
+from kat_jax.trees.batch import stack_step_batches
+from kat_jax.trees.packing import gather_per_trajectory, pack_trie
+from kat_jax.trees.pruning import PruneConfig, prune_trie
+from kat_jax.trees.trie import build_trie
+
+CFG = get_preset("tiny", vocab_size=64, num_layers=1, attention_block_size=16,
+                 attention_impl="xla_dense")
+ROW_LEN, ROWS, TRAJ = 64, 3, 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rl_config(**loss):
+    cfg = stage_config("rl", "tiny")
+    cfg.loss.update(loss)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The model, and one [1, 1, ...] batch of a GRPO-like tree with behaviour, old-policy and
+    reference log-probs away from the model's own (ratios from ~0.2 to ~5: both PPO clip sides
+    and the dual clip act), advantages of both signs, and a pruned subtree."""
+    model = init_model(CFG, seed=0)
+    rng = np.random.default_rng(0)
+    trajs = random_trajectories(rng, TRAJ, 30, vocab=CFG.vocab_size, n_prompts=2)
+    trie = build_trie(trajs)
+    plain = pack_trie(trie, ROW_LEN, num_rows=ROWS, num_traj=TRAJ, traj_len=ROW_LEN).batch
+    lp0 = gather_per_trajectory(np.asarray(forward_logprobs(model, plain)[0]), plain.traj_index)
+    for k, t in enumerate(trajs):
+        n = len(t)
+        t.behaviour_logprobs = lp0[k, :n] + rng.uniform(-1.6, 1.6, n).astype(np.float32)
+        t.old_logprobs = lp0[k, :n] + rng.uniform(-1.6, 1.6, n).astype(np.float32)
+        t.ref_logprobs = lp0[k, :n] + rng.uniform(-1.0, 1.0, n).astype(np.float32)
+        t.advantage = float((-1) ** k * (0.5 + k / 4))
+        t.entropies = rng.random(n).astype(np.float32)  # what the pruner ranks by
+    keep = prune_trie(trie, PruneConfig(budget=int(trie.tree_tokens * 0.7)))
+    assert not keep.all()
+    packed = pack_trie(trie, ROW_LEN, num_rows=ROWS, num_traj=TRAJ, traj_len=ROW_LEN,
+                       attention_block_size=CFG.attention_block_size, keep=keep,
+                       fields=("pruned", "behaviour_logprobs", "old_logprobs", "ref_logprobs"))
+    assert packed.batch.pruned.any()
+    return model, stack_step_batches([packed.batch], 1, 1)
+
+
+_RESULTS: dict = {}
+
+
+def _step(setup, cfg, drop=()):
+    """loss and gradient norm of one train step under cfg's loss keys (each distinct setting
+    compiled and run once per session)."""
+    key = (cfg.loss.to_json(), tuple(drop))
+    if key not in _RESULTS:
+        _RESULTS[key] = _run_step(setup, cfg, drop)
+    return _RESULTS[key]
+
+
+def _run_step(setup, cfg, drop):
+    model, batch = setup
+    batch = batch.replace(**{f: None for f in drop})
+    graphdef = nnx.graphdef(model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx, sched = make_optimizer(cfg.optimizer, 10)
+    step = jax.jit(make_train_step(graphdef, tx, sched, build.loss_spec(cfg)))
+    _, m = step(init_state(params, tx), jax.tree.map(jnp.asarray, batch))
+    return float(m["loss"]), float(m["grad_norm"]), {k: float(v) for k, v in m.items()}
+
+
+CHANGES = {  # key: (non-default value, data fields the run then reads beyond behaviour)
+    "eps_low": (0.05, ()),
+    "eps_high": (0.05, ()),
+    "dual_clip": (1.5, ()),
+    "tis_cap": (1.2, ("old_logprobs",)),
+    "kl_coef": (0.5, ("ref_logprobs",)),
+    "entropy_coef": (0.3, ()),
+    "agg_mode": ("seq-mean-token-sum", ()),
+    "temperature": (0.7, ()),
+    "count_pruned_in_denominator": (True, ()),
+}
+
+
+def _baseline(setup, fields):
+    """The default rl loss keys, on a batch carrying `fields` (behaviour log-probs always)."""
+    extra = {"old_logprobs": "record"} if "old_logprobs" in fields else {}
+    if "ref_logprobs" in fields:
+        extra["kl_coef"] = 0.0
+    drop = tuple(f for f in ("old_logprobs", "ref_logprobs") if f not in fields)
+    return _rl_config(**extra), drop
+
+
+@pytest.mark.parametrize("key", sorted(CHANGES))
+def test_each_loss_key_changes_the_training_step(setup, key):
+    value, fields = CHANGES[key]
+    cfg, drop = _baseline(setup, fields)
+    base = _step(setup, cfg, drop)
+    changed = cfg.copy_and_resolve_references()
+    changed.loss[key] = value
+    if key == "tis_cap":  # the cap acts against old-policy log-probs distinct from behaviour
+        changed.loss.old_logprobs = "record"
+    got = _step(setup, changed, drop)
+    assert abs(got[0] - base[0]) > 1e-4 * abs(base[0]) or \
+        abs(got[1] - base[1]) > 1e-4 * abs(base[1]), (key, base[:2], got[:2])
+
+
+def test_kl_type_changes_the_step_and_old_logprobs_source_changes_the_ratio(setup):
+    cfg = _rl_config(kl_coef=0.5)
+    k3 = _step(setup, cfg)
+    cfg.loss.kl_type = "k1"
+    k1 = _step(setup, cfg)
+    assert abs(k1[0] - k3[0]) > 1e-4 and abs(k1[2]["kl"] - k3[2]["kl"]) > 1e-4
+    behaviour = _step(setup, _rl_config(), drop=("ref_logprobs", "old_logprobs"))
+    record = _step(setup, _rl_config(old_logprobs="record"), drop=("ref_logprobs",))
+    assert abs(record[0] - behaviour[0]) > 1e-4
+    # the clip acts: ratios far from 1 are clipped, and the dual clip binds some tokens
+    assert 0.05 < behaviour[2]["clip_fraction"] < 0.95
+
+
+def test_the_policy_loss_matches_a_numpy_ppo_written_from_the_definition(setup):
+    """PPO (Schulman et al. 2017) with clip-higher (DAPO), dual clip (Ye et al. 2020), truncated
+    importance weights and a k3 KL (Schulman 2020), token-mean: recomputed in numpy from the
+    model's own log-probs and compared with the training step's loss."""
+    model, batch = setup
+    b = jax.tree.map(lambda x: np.asarray(x)[0, 0], batch)
+    lp_rt, _ = forward_logprobs(model, jax.tree.map(jnp.asarray, b))
+    lp = gather_per_trajectory(np.asarray(lp_rt), b.traj_index).astype(np.float64)
+    old, beh, ref = (np.asarray(x, np.float64) for x in (b.old_logprobs, b.behaviour_logprobs,
+                                                          b.ref_logprobs))
+    eps_lo, eps_hi, c, cap, beta = 0.2, 0.28, 3.0, 1.5, 0.1
+    a = np.asarray(b.advantage, np.float64)[:, None]
+    r = np.exp(lp - old)
+    pg = np.maximum(-a * r, -a * np.clip(r, 1 - eps_lo, 1 + eps_hi))
+    pg = np.where(a < 0, np.minimum(pg, -c * a), pg)
+    pg = pg * np.minimum(np.exp(old - beh), cap)
+    kl = np.exp(ref - lp) - (ref - lp) - 1
+    per_token = pg + beta * kl
+    mask = np.asarray(b.trainable)
+    want = per_token[mask].sum() / mask.sum()
+    got = _step(setup, _rl_config(old_logprobs="record", tis_cap=cap, kl_coef=beta))[0]
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("stage,key,value,match", [
+    ("sft", "eps_low", 0.1, "loss.eps_low: applies to the policy stages"),
+    ("mid", "kl_coef", 0.1, "loss.kl_coef: applies to the policy stages"),
+    ("rl", "tis_cap", 2.0, "loss.tis_cap: acts only when the old-policy log-probs differ"),
+    ("rl", "kl_type", "k2", "loss.kl_type: acts only with loss.kl_coef > 0"),
+    ("sft", "count_pruned_in_denominator", True, "loss.count_pruned_in_denominator: needs"),
+    ("rl", "old_logprobs", "newest", "loss.old_logprobs: must be one of"),
+    ("rl", "kl_type", "k9", "loss.kl_type: must be one of"),
+])
+def test_keys_that_cannot_act_fail_at_start_naming_the_key(stage, key, value, match):
+    cfg = stage_config(stage, "tiny")
+    cfg.loss[key] = value
+    with pytest.raises(ConfigError, match=match):
+        build.validate(cfg)
+
+
+@pytest.mark.parametrize("key,value,record_key", [("kl_coef", 0.1, "ref_logprobs"),
+                                                  ("old_logprobs", "record", "old_logprobs")])
+def test_keys_that_need_data_fail_at_start_when_the_records_lack_it(tmp_path, key, value,
+                                                                    record_key):
+    from kat_jax.training.config_lib import load_train_config
+    from kat_jax.training.trainer import run_train
+
+    cfg = load_train_config(os.path.join(ROOT, "configs", "rl.py:tiny"),
+                            [f"--config.loss.{key}={value}"])
+    with pytest.raises(ValueError, match=rf"rl_rollouts.jsonl:\d+: no '{record_key}' in the "
+                                         rf"record, which --config.loss.{key}"):
+        run_train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
