@@ -237,3 +237,31 @@ def test_seqio_bridge_source_feeds_the_mid_pipeline():
 def test_seqio_registered_task_when_installed():
     seqio = pytest.importorskip("seqio", reason="the seqio extra is not installed")
     assert hasattr(seqio, "get_mixture_or_task")
+
+
+def test_rollout_records_fill_the_batch_fields_the_run_asks_for(tmp_path):
+    """behaviour / old-policy / reference log-probs of the records land in the StepBatch at each
+    trajectory's tokens (null -> 0); fields the run does not ask for are not carried."""
+    rows = []
+    for k in range(3):
+        toks = [1, 2, 3 + k, 4, 5 + k]
+        lp = [None, None, -0.5 - k, -0.25, -1.0]
+        rows.append({"id": k, "group": 0, "tokens": toks, "logprobs": lp, "reward": float(k),
+                     "old_logprobs": [None, None, -0.4, -0.3 - k, -0.9],
+                     "ref_logprobs": [None, -2.0, -0.6, -0.2, -1.1 - k]})
+    f = _write(tmp_path / "r.jsonl", rows)
+    fields = ("behaviour_logprobs", "old_logprobs", "ref_logprobs")
+    it = make_step_iterator([f], "rl", TOK, BatchShape(1, 32, 4, 16, fields), 512, 1, 1,
+                            shuffle=False, epochs=1)
+    batch, stats = next(it)
+    assert batch.fields == fields and stats["trajectories"] == 3
+    want = {"behaviour_logprobs": "logprobs", "old_logprobs": "old_logprobs",
+            "ref_logprobs": "ref_logprobs"}
+    for k, row in enumerate(rows):
+        for field, key in want.items():
+            got = getattr(batch, field)[0, 0, k, :5]
+            np.testing.assert_allclose(got, [0.0 if x is None else x for x in row[key]])
+    plain, _ = next(make_step_iterator([f], "rl", TOK, BatchShape(1, 32, 4, 16,
+                                                                  ("behaviour_logprobs",)),
+                                       512, 1, 1, shuffle=False, epochs=1))
+    assert plain.old_logprobs is None and plain.ref_logprobs is None

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from kat_jax.data.chat import ChatError, encode_chat
+from kat_jax.data.records import per_token_array, tag_array
 from kat_jax.data.sources import JsonlGroups
 from kat_jax.trees.batch import StepBatch, empty_step_batch, stack_step_batches
 from kat_jax.trees.packing import PackedTrees, pack_trie, schedule_length
-from kat_jax.trees.trajectory import TAGS, Trajectory
+from kat_jax.trees.trajectory import Trajectory
 from kat_jax.trees.trie import build_trie
 
 log = logging.getLogger(__name__)
@@ -146,23 +147,17 @@ class RolloutConverter(RecordConverter):
                 out.append(None)
                 continue
             gen = np.array([x is not None for x in obj["logprobs"]])
-            tags = np.zeros(len(gen), np.int32)
-            for j, tag in enumerate(obj.get("tags") or []):
-                if tag is not None:
-                    if tag not in TAGS:
-                        raise ValueError(f"{where}: unknown tag {tag!r} at index {j}")
-                    tags[j] = TAGS[tag]
             per_token = {}
             for f in self.fields:
-                if f not in RECORD_FIELD:
-                    continue
-                values = obj.get(RECORD_FIELD[f])
-                if values is None:
-                    raise ValueError(f"{where}: no '{RECORD_FIELD[f]}' in the record, which "
-                                     f"{self.why.get(f, 'this run')} needs")
-                per_token[f] = np.array([0.0 if x is None else x for x in values])
+                if f in RECORD_FIELD:
+                    values = per_token_array(obj, RECORD_FIELD[f])
+                    if values is None:
+                        raise ValueError(f"{where}: no '{RECORD_FIELD[f]}' in the record, which "
+                                         f"{self.why.get(f, 'this run')} needs")
+                    per_token[f] = values
             is_teacher = bool(obj.get("teacher", False))
-            t = Trajectory(np.asarray(obj["tokens"]), trainable=gen & (not is_teacher), tags=tags,
+            t = Trajectory(np.asarray(obj["tokens"]), trainable=gen & (not is_teacher),
+                           tags=tag_array(obj),
                            reward=obj.get("reward"), advantage=obj.get("advantage"),
                            group_id=obj.get("group"), id=obj.get("id", where), **per_token)
             out.append(self._checked(t, where))
