@@ -20,7 +20,7 @@ import jax
 
 from kat_jax import storage
 from kat_jax.models.checkpoint import CONFIG_FILE
-from kat_jax.training.sharding import sync_processes
+from kat_jax.multihost import sync_processes
 
 
 class IteratorState:

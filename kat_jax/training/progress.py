@@ -17,8 +17,8 @@ from typing import Any
 import jax
 
 from kat_jax import storage
+from kat_jax.multihost import sum_over_hosts
 from kat_jax.training.metrics import MetricsWriter, peak_flops, step_flops
-from kat_jax.training.multihost import sum_over_hosts
 
 HOST_COUNTERS = ("total_tokens", "computed_tokens", "trajectories", "dropped_overlong",
                  "excluded_env_error")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any
 
 import jax
@@ -24,7 +23,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kat_jax.multihost import sync_processes  # noqa: F401  (re-exported: the trainer imports it from here)
 from kat_jax.ops.tree_mask import BATCH_MESH_AXES, HEAD_MESH_AXES
 
 log = logging.getLogger(__name__)
@@ -45,48 +43,6 @@ LOGICAL_RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "tensor",
 }
-
-
-_DISTRIBUTED = {"initialized": False}
-
-
-def maybe_initialize_distributed(cfg: Any = None) -> bool:
-    """jax.distributed.initialize when the config asks (distributed.initialize=True, optional
-    coordinator_address / num_processes / process_id) or the environment does
-    (JAX_COORDINATOR_ADDRESS, or a Cloud TPU pod / SLURM job that JAX detects itself when
-    KAT_JAX_DISTRIBUTED=1). Returns True when it initialised (once per process: the stages of a
-    pipeline share it). Must run before any other JAX call.
-
-    A host that dies is noticed by the others within distributed.heartbeat_timeout_s (the
-    coordination service then terminates them with "another task died"), or sooner when a
-    collective loses its peer; a host that never arrives fails the rest after
-    distributed.initialization_timeout_s. CPU hosts (tests, CPU clusters) use gloo collectives."""
-    if _DISTRIBUTED["initialized"]:
-        return False
-    dist = getattr(cfg, "distributed", None) if cfg is not None else None
-    want = bool(dist and dist.get("initialize", False))
-    env = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("KAT_JAX_DISTRIBUTED") == "1"
-    if not (want or env):
-        return False
-    kwargs: dict[str, Any] = {}
-    if dist:
-        for key in ("coordinator_address", "num_processes", "process_id"):
-            value = dist.get(key)
-            if value not in (None, "", -1):
-                kwargs[key] = value
-        import inspect
-
-        accepted = inspect.signature(jax.distributed.initialize).parameters
-        for key, arg in (("initialization_timeout_s", "initialization_timeout"),
-                         ("heartbeat_timeout_s", "heartbeat_timeout_seconds")):
-            value = dist.get(key)
-            if value not in (None, -1) and arg in accepted:
-                kwargs[arg] = int(value)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
-    jax.distributed.initialize(**kwargs)
-    _DISTRIBUTED["initialized"] = True
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    return True
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
@@ -265,3 +221,20 @@ def like_params(tree: Any, params: dict, param_values: Any, default: Any) -> Any
         return default
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def global_batch(local, mesh, shard_ids: list[int], shards: int):
+    """Host-local [M, S_local, ...] arrays (a StepBatch) holding the global shards `shard_ids`
+    (sorted; see sharding.local_shard_ids) -> global [M, shards, ...] arrays split over the batch
+    axes. Each device takes its shards' rows from the local arrays, whichever shards the mesh
+    gives it."""
+    pos = {sid: i for i, sid in enumerate(shard_ids)}
+
+    def to_global(v):
+        def rows(index):
+            return v[:, [pos[i] for i in range(*index[1].indices(shards))]]
+
+        return jax.make_array_from_callback((v.shape[0], shards, *v.shape[2:]),
+                                            batch_sharding(mesh, v.ndim), rows)
+
+    return jax.tree.map(to_global, local)

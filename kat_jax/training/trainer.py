@@ -10,7 +10,7 @@ Per stage, in WORKDIR:
                                      the next stage)
 
 The pieces come from kat_jax.training.build (config checks, model, tokenizer, mesh, the jitted
-step), kat_jax.training.multihost (what hosts agree on) and kat_jax.training.checkpointing; this
+step), kat_jax.multihost (what hosts agree on) and kat_jax.training.checkpointing; this
 module only runs them in order. Running again on the same WORKDIR resumes from the latest complete
 checkpoint and logs the same losses as a run that never stopped. A stage whose model/ exists and
 whose checkpoint reached train.steps is skipped.
@@ -26,6 +26,12 @@ import jax
 import ml_collections
 
 from kat_jax import storage
+from kat_jax.multihost import (
+    StopRequests,
+    all_exhausted,
+    exit_after_cross_host_failure,
+    maybe_initialize_distributed,
+)
 from kat_jax.training import config_lib
 from kat_jax.training.build import (
     TrainingError,
@@ -42,19 +48,8 @@ from kat_jax.training.build import (
     validate,
 )
 from kat_jax.training.checkpointing import Checkpoints, export_model, model_exported
-from kat_jax.training.multihost import (
-    StopRequests,
-    all_exhausted,
-    exit_after_cross_host_failure,
-    global_batch,
-)
 from kat_jax.training.progress import Profiler, StepLogger
-from kat_jax.training.sharding import (
-    local_shard_ids,
-    make_mesh,
-    maybe_initialize_distributed,
-    owned_shard_ids,
-)
+from kat_jax.training.sharding import global_batch, local_shard_ids, make_mesh, owned_shard_ids
 from kat_jax.training.step import make_eval_step
 from kat_jax.training.watchdog import StepWatchdog
 
