@@ -7,6 +7,7 @@ import argparse
 import json
 
 from kat_jax.commands import CHECKPOINT_HELP
+from kat_jax.ops.attention_impls import attention_impl_names  # light: no jax until a kernel runs
 
 NAME = "score"
 
@@ -25,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--attention-impl", default=None,
-                   choices=("auto", "xla_dense", "xla_block_sparse", "pallas"),
+                   choices=attention_impl_names(),
                    help="attention implementation (default: the checkpoint's config, auto)")
     return p
 

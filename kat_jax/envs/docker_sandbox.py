@@ -25,7 +25,6 @@ import shlex
 import socket
 import tarfile
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -35,6 +34,7 @@ from kat_jax.envs.sandbox import (
     ExecResult,
     OutputCap,
     SandboxError,
+    SandboxLifecycle,
     git_baseline,
     git_diff,
 )
@@ -123,7 +123,7 @@ def container_kwargs(image: str, workdir: str, user: str, memory: str, cpus: flo
                 "kat_jax.created": str(int(time.time()))})
 
 
-class DockerSandbox:
+class DockerSandbox(SandboxLifecycle):
     """A sandbox in a docker container (see the module docstring).
 
     Args:
@@ -146,8 +146,7 @@ class DockerSandbox:
         self.client = client if client is not None else _default_client()
         self.workdir, self.user = workdir, user
         self.kill_output_bytes = kill_output_bytes
-        self._closed = False
-        self._lock = threading.Lock()
+        self._init_lifecycle()
         try:
             self.container = self.client.containers.run(
                 **container_kwargs(image, workdir, user, memory, cpus, pids_limit))
@@ -242,21 +241,15 @@ class DockerSandbox:
     def diff(self) -> str:
         return git_diff(self, self.base)
 
-    def healthy(self) -> bool:
-        if self._closed:
-            return False
+    def _probe(self) -> bool:
         try:
             self.container.reload()
             return self.container.status == "running" and self.exec("true", timeout=20).exit_code == 0
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001  (any engine error: not healthy)
             return False
 
-    def close(self) -> None:
-        """Removes the container (kill + force remove); idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+    def _close(self) -> None:
+        """Removes the container (kill + force remove)."""
         container = getattr(self, "container", None)
         if container is not None:
             try:
@@ -264,11 +257,6 @@ class DockerSandbox:
             except Exception:  # noqa: BLE001  (already gone: auto_remove)
                 pass
 
-    def __enter__(self) -> DockerSandbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _pid_alive(pid: int) -> bool:

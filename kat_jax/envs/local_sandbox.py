@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from kat_jax.envs.sandbox import (
@@ -45,6 +44,7 @@ from kat_jax.envs.sandbox import (
     ExecResult,
     OutputCap,
     SandboxError,
+    SandboxLifecycle,
     git_baseline,
     git_diff,
 )
@@ -123,7 +123,7 @@ def _procs_of_uid(uid: int) -> list[int]:
     return pids
 
 
-class LocalSandbox:
+class LocalSandbox(SandboxLifecycle):
     """A sandbox on this machine (see the module docstring for the isolation).
 
     Args:
@@ -145,8 +145,7 @@ class LocalSandbox:
         self.limits = dict(cpu=cpu_seconds, mem_kb=memory_mb * 1024, fsize=file_size_mb * 1024,
                            nproc=max_procs)
         self.kill_output_bytes = kill_output_bytes
-        self._closed = False
-        self._lock = threading.Lock()
+        self._init_lifecycle()
         self._running: set[subprocess.Popen] = set()
         self.uid = (_UID_BASE + (os.getpid() * 97 + next(_uid_counter)) % _UID_SPAN
                     if self.iso.drop_uid else None)
@@ -285,20 +284,12 @@ class LocalSandbox:
         return git_diff(self, self.base)
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def healthy(self) -> bool:
-        if self._closed:
-            return False
-        try:
-            return self.exec("true", timeout=20).exit_code == 0
-        except SandboxError:
-            return False
+    def _probe(self) -> bool:
+        return self.exec("true", timeout=20).exit_code == 0
 
-    def close(self) -> None:
-        """Kills whatever still runs and deletes the working copy; idempotent."""
+    def _close(self) -> None:
+        """Kills whatever still runs and deletes the working copy."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
             running = list(self._running)
         for p in running:
             self._kill_group(p)
@@ -315,11 +306,6 @@ class LocalSandbox:
                 time.sleep(0.05)
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> LocalSandbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"LocalSandbox({self.root!r}, {self.iso.describe()})"

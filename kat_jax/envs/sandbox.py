@@ -66,6 +66,44 @@ class Sandbox(Protocol):
     def close(self) -> None: ...
 
 
+class SandboxLifecycle:
+    """What every sandbox backend shares about its life: a closed flag under a lock, healthy()
+    that is False once closed or when the backend's `_probe()` fails (a SandboxError), close()
+    whose work (`_close()`) runs once whatever the number of callers, and `with` support."""
+
+    def _init_lifecycle(self) -> None:
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def healthy(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            return self._probe()
+        except SandboxError:
+            return False
+
+    def close(self) -> None:
+        """Releases the sandbox (see the backend's _close); idempotent and thread-safe."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._close()
+
+    def _probe(self) -> bool:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class OutputCap:
     """Keeps the head and the tail of a byte stream, dropping the middle beyond ``limit`` bytes."""
 

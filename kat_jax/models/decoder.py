@@ -49,25 +49,25 @@ class Decoder(nnx.Module):
             return self.embed_tokens[...].astype(dtype).T
         return self.lm_head[...].astype(dtype)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, subtree_end: jax.Array,
+    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, subtree_end_bt: jax.Array,
                  attn_schedule: dict | None = None) -> jax.Array:
         """hidden [B, T, D]. attn_schedule: optional host-built block schedule
         (kat_jax.ops.block_sparse.build_block_schedule with effective_block_size(
         cfg.attention_block_size, T)) so block-sparse attention visits only visible blocks."""
         cfg = self.cfg
         dtype = DTYPE[cfg.dtype]
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
+        x_btd = jnp.take(self.embed_tokens[...], tokens_bt, axis=0).astype(dtype)
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(h, state):
+        def body(h_btd, state):
             layer = nnx.merge(graphdef, state)
-            return layer(h, positions, subtree_end, attn_schedule), None
+            return layer(h_btd, positions_bt, subtree_end_bt, attn_schedule), None
 
         policy = REMAT_POLICIES[cfg.remat_policy]()
         if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, layer_state)
-        return self.norm(x)
+        x_btd, _ = jax.lax.scan(body, x_btd, layer_state)
+        return self.norm(x_btd)
 
     def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
         """An empty KV cache: k, v [L, B, S, K, H] in the compute dtype."""

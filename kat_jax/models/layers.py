@@ -105,39 +105,40 @@ class Attention(nnx.Module):
         self.attention_impl = cfg.attention_impl
         self.block_size = cfg.attention_block_size
 
-    def __call__(self, x: jax.Array, positions: jax.Array, subtree_end: jax.Array,
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, subtree_end_bt: jax.Array,
                  schedule: dict | None = None) -> jax.Array:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = rope(q, positions, self.rope_theta)
-        k = rope(k, positions, self.rope_theta)
-        out = tree_attention(q, k, v, subtree_end, impl=self.attention_impl, schedule=schedule,
-                             block_size=self.block_size)
-        out = checkpoint_name(out, "attention_out")
-        return self.o_proj(out)
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        q_btnh = rope(q_btnh, positions_bt, self.rope_theta)
+        k_btkh = rope(k_btkh, positions_bt, self.rope_theta)
+        out_btnh = tree_attention(q_btnh, k_btkh, v_btkh, subtree_end_bt, impl=self.attention_impl,
+                                  schedule=schedule, block_size=self.block_size)
+        out_btnh = checkpoint_name(out_btnh, "attention_out")
+        return self.o_proj(out_btnh)
 
-    def decode(self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-               start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def decode(self, x_btd: jax.Array, positions_bt: jax.Array, cache_k_bskh: jax.Array,
+               cache_v_bskh: jax.Array, start_b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Causal attention of new tokens x [B, T, D] (at positions [B, T]) over a KV cache
         cache_k / cache_v [B, S, K, H]: the new keys and values are written at rows start[b] ..
         start[b] + T - 1 first, then query t of row b sees cache rows 0 .. start[b] + t. Rows past
         what was written are never visible (they lie after the query). Returns (out, k, v)."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = rope(q, positions, self.rope_theta)
-        k = rope(k, positions, self.rope_theta)
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        q_btnh = rope(q_btnh, positions_bt, self.rope_theta)
+        k_btkh = rope(k_btkh, positions_bt, self.rope_theta)
         write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
-        cache_k = write(cache_k, k.astype(cache_k.dtype), start)
-        cache_v = write(cache_v, v.astype(cache_v.dtype), start)
-        b, t = x.shape[:2]
-        s = cache_k.shape[1]
-        q_index = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        never_closed = jnp.full((b, s), s + t + 1, jnp.int32)  # rule reduces to k <= q
-        out = tree_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), never_closed,
-                             q_index=q_index, impl="xla_dense")
-        return self.o_proj(out), cache_k, cache_v
+        cache_k_bskh = write(cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), start_b)
+        cache_v_bskh = write(cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), start_b)
+        b, t = x_btd.shape[:2]
+        s = cache_k_bskh.shape[1]
+        q_index_bt = start_b[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        never_closed_bs = jnp.full((b, s), s + t + 1, jnp.int32)  # rule reduces to k <= q
+        out_btnh = tree_attention(q_btnh, cache_k_bskh.astype(q_btnh.dtype),
+                                  cache_v_bskh.astype(q_btnh.dtype), never_closed_bs,
+                                  q_index=q_index_bt, impl="xla_dense")
+        return self.o_proj(out_btnh), cache_k_bskh, cache_v_bskh
 
 
 class MLP(nnx.Module):
@@ -149,8 +150,8 @@ class MLP(nnx.Module):
         self.up_proj = Projection("btd,df->btf", (d, f), ("embed", "mlp"), cfg, rngs)
         self.down_proj = Projection("btf,fd->btd", (f, d), ("mlp", "embed"), cfg, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
 
 
 class DecoderLayer(nnx.Module):
@@ -163,10 +164,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, "embed", rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, subtree_end: jax.Array,
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, subtree_end_bt: jax.Array,
                  schedule: dict | None = None) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), positions, subtree_end, schedule)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), positions_bt, subtree_end_bt,
+                                       schedule)
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
 
     def decode(self, x, positions, cache_k, cache_v, start):
         """As __call__ for new tokens over a KV cache (Attention.decode); returns (x, k, v)."""
