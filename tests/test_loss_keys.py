@@ -132,6 +132,22 @@ def test_kl_type_changes_the_step_and_old_logprobs_source_changes_the_ratio(setu
     assert abs(record[0] - behaviour[0]) > 1e-4
     # the clip acts: ratios far from 1 are clipped, and the dual clip binds some tokens
     assert 0.05 < behaviour[2]["clip_fraction"] < 0.95
+    # 'current': ratio 1 (nothing clipped); the truncated importance weight against behaviour acts
+    current = _step(setup, _rl_config(old_logprobs="current"), drop=("ref_logprobs",
+                                                                     "old_logprobs"))
+    weighted = _step(setup, _rl_config(old_logprobs="current", tis_cap=1.5),
+                     drop=("ref_logprobs", "old_logprobs"))
+    assert current[2]["clip_fraction"] == 0.0 and abs(current[0] - behaviour[0]) > 1e-4
+    assert abs(weighted[0] - current[0]) > 1e-4
+
+
+def test_clip_keys_with_the_current_policy_as_old_policy_fail_at_start():
+    cfg = stage_config("rl", "tiny")
+    cfg.loss.update(dict(old_logprobs="current", eps_high=0.4))
+    with pytest.raises(ConfigError, match="loss.eps_high: acts only when the ratio's old policy"):
+        build.validate(cfg)
+    cfg.loss.update(dict(eps_high=0.28, tis_cap=2.0))
+    build.validate(cfg)  # the importance cap acts against the behaviour log-probs
 
 
 def test_the_policy_loss_matches_a_numpy_ppo_written_from_the_definition(setup):

@@ -41,7 +41,8 @@ from kat_jax.training.sharding import (
 )
 from kat_jax.training.step import init_state, make_train_step
 
-OLD_LOGPROBS = ("behaviour", "record")
+OLD_LOGPROBS = ("behaviour", "record", "current")
+CLIP_KEYS = ("eps_low", "eps_high", "dual_clip")  # need a ratio that can differ from 1
 # loss.* keys that only a policy loss (STAGES[stage].policy) reads
 POLICY_KEYS = ("eps_low", "eps_high", "dual_clip", "tis_cap", "kl_coef", "kl_type",
                "entropy_coef", "old_logprobs")
@@ -98,10 +99,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 _fail(f"loss.{key}", f"applies to the policy stages "
                       f"{tuple(k for k, s in STAGES.items() if s.policy)}, not {cfg.stage}; "
                       f"leave it at {defaults[key]!r}", lc[key])
+    if lc.old_logprobs == "current":
+        for key in CLIP_KEYS:
+            if lc[key] != defaults[key]:
+                _fail(f"loss.{key}", "acts only when the ratio's old policy can differ from the "
+                      "current one (loss.old_logprobs=behaviour or record; with 'current' the "
+                      f"ratio is 1); leave it at {defaults[key]!r}", lc[key])
     if lc.tis_cap > 0 and lc.old_logprobs == "behaviour":
         _fail("loss.tis_cap", "acts only when the old-policy log-probs differ from the "
               "behaviour ones: set loss.old_logprobs=record (records with 'old_logprobs') or "
-              "loss.tis_cap=0", lc.tis_cap)
+              "current, or loss.tis_cap=0", lc.tis_cap)
     if lc.kl_type != defaults.kl_type and lc.kl_coef == 0:
         _fail("loss.kl_type", "acts only with loss.kl_coef > 0", lc.kl_type)
     if lc.count_pruned_in_denominator:
@@ -115,7 +122,8 @@ def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
     policy = PolicyLossConfig(eps_low=lc.eps_low, eps_high=lc.eps_high,
                               dual_clip=lc.dual_clip or None, tis_cap=lc.tis_cap or None,
                               kl_coef=lc.kl_coef, kl_type=lc.kl_type,
-                              entropy_coef=lc.entropy_coef)
+                              entropy_coef=lc.entropy_coef,
+                              old_policy="current" if lc.old_logprobs == "current" else "given")
     return LossSpec(stage=cfg.stage, agg_mode=lc.agg_mode, temperature=lc.temperature,
                     count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy)
 

@@ -29,13 +29,16 @@ Every stage config has the same keys; the stage changes the data kind and the lo
   loss.count_pruned_in_denominator   tokens removed by pruning count in the denominators (needs
                              pruning on the training path: an error until it is there)
   loss.old_logprobs          rft / rl: the old policy of the PPO ratio: 'behaviour' (the rollout's
-                             own log-probs: the sampling policy) or 'record' (each record's
+                             own log-probs: the sampling policy), 'record' (each record's
                              'old_logprobs', e.g. recomputed by the trainer's policy; then a
-                             truncated importance weight corrects behaviour vs old)
+                             truncated importance weight corrects behaviour vs old) or 'current'
+                             (the policy being trained, before this update: ratio 1, so the clip
+                             keys cannot act and must stay at their defaults; the truncated
+                             importance weight against the behaviour log-probs does act)
   loss.eps_low / eps_high    PPO clip range [1 - eps_low, 1 + eps_high] of the ratio
   loss.dual_clip             bound -c A of the loss for negative advantages (0 = off)
   loss.tis_cap               truncated importance weight cap min(exp(old - behaviour), cap); needs
-                             old_logprobs=record (0 = off)
+                             old_logprobs=record or current (0 = off)
   loss.kl_coef / kl_type     KL(pi || ref) penalty coefficient and estimator (k1, k2, k3); > 0
                              needs records with 'ref_logprobs'
   loss.entropy_coef          entropy bonus coefficient
@@ -111,6 +114,13 @@ def stage_config(stage: str, variant: str | None = None) -> ml_collections.Confi
             c.data.update(dict(rows=4, row_len=64, trajectories=16))
             c.train.update(dict(steps=30, checkpoint_every=15, log_every=5))
             c.optimizer.learning_rate = 1e-3
+        if stage == "rft":
+            # The bundled rollouts were sampled by a uniform policy (log-probs -log 512), far from
+            # the SFT model: with that policy as the ratio's old policy every token of the
+            # (negative, teacher-relative) advantages is clipped and nothing is learned. Offline
+            # RFT here is one update per batch against the current policy, importance-weighted
+            # against the behaviour log-probs.
+            c.loss.update(dict(old_logprobs="current", tis_cap=2.0))
         return c
     # Pod variants: a real checkpoint is expected (override model.checkpoint with an HF or kat_jax
     # directory); preset:NAME initialises randomly, e.g. for compile checks and throughput tests.

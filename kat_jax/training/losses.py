@@ -88,6 +88,10 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
+    # The ratio's old policy: "given" (batch.old_logprobs, else batch.behaviour_logprobs) or
+    # "current" (the stop-gradient current log-probs: one update per batch, ratio 1, the clip
+    # cannot act; the behaviour log-probs enter through the truncated importance weight only).
+    old_policy: str = "given"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +177,16 @@ def ppo_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBat
     """The clipped policy loss on trainable tokens. The ratio's old policy is
     batch.old_logprobs when given (then the truncated importance weight corrects the behaviour /
     old mismatch), else the behaviour policy (batch.behaviour_logprobs: the sampling policy is the
-    old policy, no importance weight). rft and rl differ only by how advantages were built."""
+    old policy, no importance weight); with policy.old_policy "current", the current policy
+    itself (stop-gradient; importance weight against the behaviour log-probs). rft and rl differ
+    only by how advantages were built."""
     cfg = spec.policy
-    if batch.old_logprobs is not None:
+    if cfg.old_policy == "current":
+        if batch.behaviour_logprobs is None and cfg.tis_cap is not None:
+            raise ValueError("loss.tis_cap needs behaviour log-probs (StepBatch."
+                             "behaviour_logprobs)")
+        old, rollout = jax.lax.stop_gradient(logp), batch.behaviour_logprobs
+    elif batch.old_logprobs is not None:
         old, rollout = batch.old_logprobs, batch.behaviour_logprobs
     elif batch.behaviour_logprobs is not None:
         old, rollout = batch.behaviour_logprobs, None
