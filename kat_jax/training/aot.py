@@ -124,7 +124,7 @@ def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8) -
         memory["argument"] = args
         memory["total"] = args + memory.get("temp", 0)  # a lower bound: the compiler stopped
         hlo, cost = "", {}
-    shards = batch["tokens"].shape[1]
+    shards = batch.tokens.shape[1]
     tokens = cfg.train.microbatches * shards * cfg.data.rows * cfg.data.row_len
     model_flops = step_flops(model_cfg, tokens, cfg.data.row_len)
     return {
