@@ -203,3 +203,34 @@ def test_keys_that_need_data_fail_at_start_when_the_records_lack_it(tmp_path, ke
                                          rf"record, which --config.loss.{key}"):
         run_train(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("group,key,value,match", [
+    ("train", "eval_every", 5, "train.eval_every: needs data.eval_files"),
+    ("train", "profile_start", 3, "train.profile_start: acts only with train.profile_steps > 0"),
+    ("train", "profile_steps", 2, "train.profile_steps: needs train.profile_start >= 0"),
+    ("data", "eval_files", "pkg:data/sft_trajectories.jsonl",
+     "data.eval_files: is read only with train.eval_every > 0"),
+])
+def test_train_keys_that_cannot_act_fail_at_start(group, key, value, match):
+    cfg = stage_config("sft", "tiny")
+    cfg[group][key] = value
+    with pytest.raises(ConfigError, match=match):
+        build.validate(cfg)
+
+
+def test_a_pipeline_checks_every_stage_before_the_first_trains(tmp_path):
+    from kat_jax.training.config_lib import load_train_config
+    from kat_jax.training.trainer import run_train
+
+    cfg = load_train_config(os.path.join(ROOT, "configs", "quickstart.py"),
+                            ["--config.rl.loss.kl_type=k2"])
+    with pytest.raises(ConfigError, match=r"--config\.rl\.loss\.kl_type: acts only with"):
+        run_train(cfg, str(tmp_path))
+    assert not (tmp_path / "mid").exists()  # nothing trained
+    cfg = load_train_config(os.path.join(ROOT, "configs", "quickstart.py"),
+                            ["--config.rl.loss.kl_coef=0.1"])
+    with pytest.raises(ValueError, match=r"no 'ref_logprobs' in the record, which "
+                                         r"--config\.rl\.loss\.kl_coef=0\.1 needs"):
+        run_train(cfg, str(tmp_path))
+    assert not (tmp_path / "mid").exists()

@@ -21,25 +21,29 @@ def test_importance_correction_applies_only_with_old_logprobs_distinct_from_beha
     rng = np.random.default_rng(0)
     logp = jnp.asarray(-rng.random((3, 6)), jnp.float32)
     old = -rng.random((3, 6))
-    rl = lambda tis_cap: LossSpec(stage="rl", policy=PolicyLossConfig(tis_cap=tis_cap))
-    # behaviour only: it is the ratio's old policy, and there is no importance weight
-    b = _batch(rng, behaviour_logprobs=old)
-    num, _, _ = stage_loss(rl(2.0), logp, logp, b)
-    ref_num, _, _ = stage_loss(rl(None), logp, logp, b)
+    rl = lambda mode, tis_cap: LossSpec(stage="rl", policy=PolicyLossConfig(
+        tis_cap=tis_cap, old_policy=mode))
+    # behaviour as the old policy: no importance weight, whatever tis_cap says
+    b = _batch(rng, behaviour_logprobs=old, old_logprobs=np.zeros((3, 6)))
+    num, _, _ = stage_loss(rl("behaviour", 2.0), logp, logp, b)
+    ref_num, _, _ = stage_loss(rl("behaviour", None), logp, logp, b)
     np.testing.assert_allclose(float(num), float(ref_num), rtol=1e-6)
-    # old and behaviour both given: the truncated weight min(exp(old - behaviour), cap) applies
+    # the record's old log-probs: the truncated weight min(exp(old - behaviour), cap) applies
     b2 = b.replace(old_logprobs=jnp.asarray(old, jnp.float32),
                    behaviour_logprobs=jnp.zeros((3, 6), jnp.float32))
-    num2, _, _ = stage_loss(rl(2.0), logp, logp, b2)
-    num3, _, _ = stage_loss(rl(None), logp, logp, b2)
+    num2, _, _ = stage_loss(rl("record", 2.0), logp, logp, b2)
+    num3, _, _ = stage_loss(rl("record", None), logp, logp, b2)
     assert abs(float(num2) - float(num3)) > 1e-6
 
 
 def test_policy_loss_without_old_or_behaviour_logprobs_is_an_error():
     rng = np.random.default_rng(1)
     logp = jnp.zeros((3, 6))
-    with pytest.raises(ValueError, match="old-policy log-probs"):
+    with pytest.raises(ValueError, match="old-policy log-probs StepBatch.behaviour_logprobs"):
         stage_loss(LossSpec(stage="rl"), logp, logp, _batch(rng))
+    with pytest.raises(ValueError, match="old-policy log-probs StepBatch.old_logprobs"):
+        stage_loss(LossSpec(stage="rl", policy=PolicyLossConfig(old_policy="record")), logp, logp,
+                   _batch(rng, behaviour_logprobs=np.zeros((3, 6))))
     with pytest.raises(ValueError, match="kl_coef"):
         stage_loss(LossSpec(stage="rl", policy=PolicyLossConfig(kl_coef=0.1)), logp, logp,
                    _batch(rng, behaviour_logprobs=np.zeros((3, 6))))

@@ -118,3 +118,14 @@ def test_required_fields_depend_on_the_reader(tmp_path):
         read_rollouts(path)
     with pytest.raises(ValueError, match="no rollouts"):
         read_rollouts(_write(tmp_path / "empty.jsonl", [""]))
+
+
+@pytest.mark.parametrize("key", ["old_logprobs", "ref_logprobs"])
+def test_old_and_reference_logprobs_must_be_set_on_generated_tokens(key, tmp_path):
+    """A null there would silently become 0.0 in the PPO ratio or the KL term."""
+    values = list(GOOD[key])
+    values[3] = None  # token 3 was generated (its 'logprobs' value is set)
+    path = _write(tmp_path / "r.jsonl", [{**GOOD, key: values}])
+    with pytest.raises(ValueError, match=rf"r.jsonl:1: trajectory 't#0': '{key}' is null at "
+                                         r"index 3, a generated token"):
+        read_rollouts(path)

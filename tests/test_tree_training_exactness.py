@@ -91,9 +91,12 @@ STAGE_CASES = {
     "sft": ("sft", None, "seq-mean-token-mean"),
     "rft": ("rft", PolicyLossConfig(dual_clip=None, tis_cap=None), "seq-mean-token-sum"),
     "rl": ("rl", PolicyLossConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0, tis_cap=1.5,
-                                  kl_coef=0.1, kl_type="k3", entropy_coef=0.01), None),
-    "rl_k2_seq_mean": ("rl", PolicyLossConfig(kl_coef=0.05, kl_type="k2", entropy_coef=0.02),
+                                  kl_coef=0.1, kl_type="k3", entropy_coef=0.01,
+                                  old_policy="record"), None),
+    "rl_k2_seq_mean": ("rl", PolicyLossConfig(kl_coef=0.05, kl_type="k2", entropy_coef=0.02,
+                                              tis_cap=2.0, old_policy="record"),
                        "seq-mean-token-mean"),
+    "rl_current": ("rl", PolicyLossConfig(tis_cap=2.0, old_policy="current"), None),
 }
 
 

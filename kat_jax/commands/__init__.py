@@ -2,8 +2,8 @@
 
 Each module has `add_parser(subparsers) -> argparse.ArgumentParser` (its name, help, description
 and arguments) and `run(args) -> int` (the exit status). Modules import only the standard library
-at the top: the library they drive (training, rollout, models, envs, data) is imported inside
-`run`, so `kat-jax --help` stays fast and optional backends load only for the command that needs
+at the top (and jax-free registries such as kat_jax.ops.attention_impls, for choices): the library
+they drive (training, rollout, models, envs, data) is imported inside `run`, so `kat-jax --help` stays fast and optional backends load only for the command that needs
 them. This package is the top layer: it may import any kat_jax package; none imports it.
 """
 

@@ -31,7 +31,7 @@ from kat_jax.data.chat import ChatError, encode_chat
 from kat_jax.data.records import per_token_array, tag_array
 from kat_jax.data.sources import JsonlGroups
 from kat_jax.trees.batch import StepBatch, empty_step_batch, stack_step_batches
-from kat_jax.trees.packing import PackedTrees, pack_trie, schedule_length
+from kat_jax.trees.packing import PackedTrees, attention_schedule, pack_trie, schedule_length
 from kat_jax.trees.trajectory import Trajectory
 from kat_jax.trees.trie import build_trie
 
@@ -300,10 +300,13 @@ class TreeBatcher:
         return tb.batch, stats
 
     def empty_batch(self) -> StepBatch:
-        """A shard batch of padding only (no loss terms): fills the shards of a last step."""
+        """A shard batch of padding only (no loss terms): fills the shards of a last step. Its
+        schedule is the padding rows' own (each token sees itself), as packed rows have."""
         s = self.shape
-        return empty_step_batch(s.rows, s.row_len, s.trajectories, s.row_len, s.fields,
-                                s.num_pairs, self.pad_id)
+        empty = empty_step_batch(s.rows, s.row_len, s.trajectories, s.row_len, s.fields,
+                                 s.num_pairs, self.pad_id)
+        return empty.replace(schedule=attention_schedule(empty.subtree_end, s.block_size,
+                                                         s.num_pairs))
 
 
 class StepIterator:
@@ -410,7 +413,6 @@ def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: Bat
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(epochs)
-    check_record_fields(source, shape.fields, why or {})
     convert = CONVERTERS[STAGE_KIND[stage]](stage, tokenizer, shape.row_len, vocab_size,
                                             shape.fields, why)
     batchers = []

@@ -13,8 +13,10 @@ Fields (L = len(tokens); "per token" means a list of exactly L values):
                 sampling policy; null where the token was not generated (prompt, tool results),
                 and such tokens are not trainable. Required for training.
   old_logprobs  per token: float <= 0 or null (optional). Old-policy log-probs, e.g. recomputed by
-                the trainer's policy before an update (the PPO ratio's denominator).
-  ref_logprobs  per token: float <= 0 or null (optional). Reference-model log-probs (the KL term).
+                the trainer's policy before an update (the PPO ratio's denominator); set wherever
+                "logprobs" is (a generated token).
+  ref_logprobs  per token: float <= 0 or null (optional). Reference-model log-probs (the KL term);
+                set wherever "logprobs" is.
   entropies     per token: float >= 0 or null (optional; required by prune unless it computes
                 them). Entropy of the distribution each token was sampled from; null where not
                 sampled.
@@ -114,6 +116,14 @@ def validate_rollout(obj: Any, where: str, require: Collection[str] = FOR_TRAINI
             if x is not None and not (_is_number(x) and ok(x)):
                 raise bad(key, f"'{key}': {noun} {x!r} at index {j} must be a finite number "
                           f"{rule} or null")
+    generated = obj.get("logprobs")
+    for key in ("old_logprobs", "ref_logprobs"):
+        values = obj.get(key)
+        if values is not None and isinstance(generated, list):
+            for j, (g, x) in enumerate(zip(generated, values)):
+                if g is not None and x is None:
+                    raise bad(key, f"'{key}' is null at index {j}, a generated token (its "
+                              "'logprobs' value is set): a loss would read it")
     tags = obj.get("tags")
     if tags is not None:
         if not isinstance(tags, list) or len(tags) != n:

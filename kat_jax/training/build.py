@@ -74,6 +74,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         group, name = key.split(".")
         if cfg[group][name] < low:
             _fail(key, f"must be >= {low}", cfg[group][name])
+    train = cfg.train
+    if train.eval_every > 0 and not cfg.data.eval_files:
+        _fail("train.eval_every", "needs data.eval_files (nothing to evaluate)", train.eval_every)
+    if train.eval_every > 0 and train.eval_batches < 1:
+        _fail("train.eval_batches", "must be >= 1", train.eval_batches)
+    if cfg.data.eval_files and train.eval_every <= 0:
+        _fail("data.eval_files", "is read only with train.eval_every > 0", cfg.data.eval_files)
+    if train.profile_start >= 0 and train.profile_steps <= 0:
+        _fail("train.profile_start", "acts only with train.profile_steps > 0", train.profile_start)
+    if train.profile_steps > 0 and train.profile_start < 0:
+        _fail("train.profile_steps", "needs train.profile_start >= 0", train.profile_steps)
     lc = cfg.loss
     if lc.agg_mode not in AGG_MODES:
         _fail("loss.agg_mode", f"must be one of {AGG_MODES}", lc.agg_mode)
@@ -117,13 +128,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               lc.count_pruned_in_denominator)
 
 
+def preflight(cfg: ml_collections.ConfigDict) -> None:
+    """Everything about a stage config that can fail before compute: its keys (validate) and its
+    data (sources opened and validated; every record carries the fields the loss keys need). A
+    pipeline runs this for all its stages before the first one trains."""
+    from kat_jax.data.pipeline import STAGE_KIND, check_record_fields
+    from kat_jax.data.sources import open_source
+
+    validate(cfg)
+    fields, why = batch_fields(cfg)
+    for key in ("train_files", "eval_files"):
+        if cfg.data[key]:
+            source = open_source(cfg.data[key], f"data.{key}", STAGE_KIND[cfg.stage])
+            check_record_fields(source, fields, why)
+
+
 def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
     lc = cfg.loss
     policy = PolicyLossConfig(eps_low=lc.eps_low, eps_high=lc.eps_high,
                               dual_clip=lc.dual_clip or None, tis_cap=lc.tis_cap or None,
                               kl_coef=lc.kl_coef, kl_type=lc.kl_type,
-                              entropy_coef=lc.entropy_coef,
-                              old_policy="current" if lc.old_logprobs == "current" else "given")
+                              entropy_coef=lc.entropy_coef, old_policy=lc.old_logprobs)
     return LossSpec(stage=cfg.stage, agg_mode=lc.agg_mode, temperature=lc.temperature,
                     count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy)
 
@@ -149,8 +174,8 @@ def data_shards(cfg: ml_collections.ConfigDict, mesh) -> int:
     groups = num_batch_shards(mesh)
     shards = groups if cfg.data.shards <= 0 else cfg.data.shards
     if shards % groups:
-        raise TrainingError(f"data.shards={shards} must be a multiple of mesh.data x mesh.fsdp = "
-                            f"{groups}")
+        raise TrainingError(f"--config.data.shards={shards} must be a multiple of mesh.data x "
+                            f"mesh.fsdp = {groups}")
     return shards
 
 

@@ -84,14 +84,15 @@ class PolicyLossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28  # asymmetric clip ("clip-higher")
     dual_clip: float | None = 3.0  # bound on the loss for negative advantages; None: off
-    tis_cap: float | None = 2.0  # truncated importance weight for rollout/trainer mismatch
+    tis_cap: float | None = None  # truncated importance weight cap (old vs behaviour); None: off
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
-    # The ratio's old policy: "given" (batch.old_logprobs, else batch.behaviour_logprobs) or
-    # "current" (the stop-gradient current log-probs: one update per batch, ratio 1, the clip
-    # cannot act; the behaviour log-probs enter through the truncated importance weight only).
-    old_policy: str = "given"
+    # The ratio's old policy (config loss.old_logprobs): "behaviour" (batch.behaviour_logprobs: the
+    # sampling policy), "record" (batch.old_logprobs; the truncated importance weight corrects
+    # old vs behaviour) or "current" (the stop-gradient current log-probs: one update per batch,
+    # ratio 1, the clip cannot act; behaviour enters through the importance weight only).
+    old_policy: str = "behaviour"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,25 +175,28 @@ def sft_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBat
 
 
 def ppo_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):
-    """The clipped policy loss on trainable tokens. The ratio's old policy is
-    batch.old_logprobs when given (then the truncated importance weight corrects the behaviour /
-    old mismatch), else the behaviour policy (batch.behaviour_logprobs: the sampling policy is the
-    old policy, no importance weight); with policy.old_policy "current", the current policy
-    itself (stop-gradient; importance weight against the behaviour log-probs). rft and rl differ
-    only by how advantages were built."""
+    """The clipped policy loss on trainable tokens. The ratio's old policy is policy.old_policy's:
+    the behaviour policy (batch.behaviour_logprobs: the sampling policy is the old policy, no
+    importance weight), the record's (batch.old_logprobs; the truncated importance weight
+    corrects the behaviour / old mismatch) or the current policy itself (stop-gradient;
+    importance weight against the behaviour log-probs). rft and rl differ only by how advantages
+    were built."""
     cfg = spec.policy
+    need = {"behaviour": ("behaviour_logprobs",), "record": ("old_logprobs",),
+            "current": ("behaviour_logprobs",) if cfg.tis_cap is not None else ()}
+    if cfg.old_policy not in need:
+        raise ValueError(f"loss.old_logprobs: unknown old policy {cfg.old_policy!r}; known: "
+                         f"{tuple(need)}")
+    for field in need[cfg.old_policy]:
+        if getattr(batch, field) is None:
+            raise ValueError(f"stage {spec.stage}: loss.old_logprobs={cfg.old_policy} (tis_cap "
+                             f"{cfg.tis_cap}) needs the old-policy log-probs StepBatch.{field}")
     if cfg.old_policy == "current":
-        if batch.behaviour_logprobs is None and cfg.tis_cap is not None:
-            raise ValueError("loss.tis_cap needs behaviour log-probs (StepBatch."
-                             "behaviour_logprobs)")
         old, rollout = jax.lax.stop_gradient(logp), batch.behaviour_logprobs
-    elif batch.old_logprobs is not None:
+    elif cfg.old_policy == "record":
         old, rollout = batch.old_logprobs, batch.behaviour_logprobs
-    elif batch.behaviour_logprobs is not None:
-        old, rollout = batch.behaviour_logprobs, None
     else:
-        raise ValueError(f"stage {spec.stage}: the policy loss needs old-policy log-probs "
-                         "(StepBatch.old_logprobs or behaviour_logprobs)")
+        old, rollout = batch.behaviour_logprobs, None
     if cfg.kl_coef and batch.ref_logprobs is None:
         raise ValueError("loss.kl_coef > 0 needs reference log-probs (StepBatch.ref_logprobs)")
     extra = _denominator_extra(spec, batch)
@@ -223,11 +227,18 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def register_stage(name: str, loss: StageLossFn, policy: bool = False) -> None:
-    """Add a stage (its data kind is registered in kat_jax.data.pipeline.STAGE_KIND)."""
+def register_stage(name: str, loss: StageLossFn, data_kind: str, policy: bool = False) -> None:
+    """Add a stage: its loss, the data kind it reads (a key of kat_jax.data.pipeline.CONVERTERS:
+    mid, chat, rollouts, or one registered there) and whether the policy keys apply."""
+    from kat_jax.data.pipeline import CONVERTERS, STAGE_KIND
+
     if name in STAGES:
         raise ValueError(f"stage {name!r} is already registered")
+    if data_kind not in CONVERTERS:
+        raise ValueError(f"stage {name!r}: unknown data kind {data_kind!r}; known: "
+                         f"{tuple(CONVERTERS)}")
     STAGES[name] = Stage(loss, policy)
+    STAGE_KIND[name] = data_kind
 
 
 def stage_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):

@@ -39,13 +39,14 @@ class StepLogger:
         self.logged: dict[str, Any] = {}
 
     def step(self, step: int, stats: dict, metrics: dict, evaluate=None) -> dict | None:
-        """Count the step; at log steps (every train.log_every, the last, and any skipped update)
-        write its metrics (plus evaluate() every train.eval_every) and return them."""
+        """Count the step; at log steps (every train.log_every, every train.eval_every with
+        evaluate() added, the last, and any skipped update) write its metrics and return them."""
         train = self.cfg.train
         for k in self.totals:
             self.totals[k] += stats[k]
         self.bar.update(1)
-        if not (step % train.log_every == 0 or step == train.steps
+        eval_now = evaluate is not None and train.eval_every > 0 and step % train.eval_every == 0
+        if not (step % train.log_every == 0 or step == train.steps or eval_now
                 or int(metrics["consecutive_skips"])):
             return None
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -62,7 +63,7 @@ class StepLogger:
         m["mfu"] = None if self.peak is None else step_flops(
             self.model_cfg, c["computed_tokens"], self.cfg.data.row_len) / (
                 m["step_time_s"] * self.peak * jax.device_count())
-        if evaluate is not None and train.eval_every > 0 and step % train.eval_every == 0:
+        if eval_now:
             m.update(evaluate())
         self.writer.write(step, m)
         self.logged = m

@@ -67,7 +67,8 @@ def _sum_metrics(a: dict, b: dict) -> dict:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, spec: LossSpec,
                     constrain: Callable[[jax.Array], jax.Array] | None = None):
-    """The pure (state, batch) -> (state, metrics); jit it with shardings (kat_jax.training.loop)."""
+    """The pure (state, batch) -> (state, metrics); jit it with shardings
+    (kat_jax.training.build.jit_train_step)."""
 
     def loss_and_grad(params, mb):
         def f(p):
@@ -128,7 +129,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 def make_eval_step(graphdef: nnx.GraphDef, spec: LossSpec,
                    constrain: Callable[[jax.Array], jax.Array] | None = None):
-    """(params, batch) -> {"loss_num", "loss_den", ...}: sums, so a caller averages over batches."""
+    """(params, batch) -> {"loss": (num, den), metric: (num, den), ...}: sums, so a caller
+    averages over batches."""
 
     def eval_step(params: dict, batch: StepBatch) -> dict:
         def body(carry, mb):

@@ -43,6 +43,7 @@ from kat_jax.training.build import (
     init_or_restore_state,
     jit_train_step,
     model_config_for,
+    preflight,
     tokenizer_for,
     train_step_setup,
     validate,
@@ -67,13 +68,14 @@ class DataFeed:
     """The stage's data on this host: the shards its devices hold, as global batches."""
 
     def __init__(self, cfg, spec: str, key: str, tokenizer, model_cfg, mesh, train: bool):
-        from kat_jax.data.pipeline import STAGE_KIND, make_step_iterator
+        from kat_jax.data.pipeline import STAGE_KIND, check_record_fields, make_step_iterator
         from kat_jax.data.sources import open_source
 
         self.cfg, self.mesh = cfg, mesh
         self.shards = data_shards(cfg, mesh)
         self.shard_ids = local_shard_ids(mesh, self.shards)
         self.source = open_source(spec, key, STAGE_KIND[cfg.stage])
+        check_record_fields(self.source, *batch_fields(cfg))  # once, before any step
         shape = batch_shape(cfg, model_cfg)
         self.make = lambda **kw: make_step_iterator(
             self.source, cfg.stage, tokenizer, shape, model_cfg.vocab_size,
@@ -230,6 +232,11 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for name in names:
         if name not in cfg:
             raise config_lib.ConfigError(f"--config.stages: no stage config named {name!r}")
+    for name in names:  # every stage's keys and data, before the first one trains
+        try:
+            preflight(cfg[name])
+        except (config_lib.ConfigError, TrainingError, ValueError, FileNotFoundError) as e:
+            raise type(e)(str(e).replace("--config.", f"--config.{name}.")) from None
     results = {}
     for name in names:
         sub = cfg[name]
