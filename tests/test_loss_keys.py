@@ -234,3 +234,23 @@ def test_a_pipeline_checks_every_stage_before_the_first_trains(tmp_path):
                                          r"--config\.rl\.loss\.kl_coef=0\.1 needs"):
         run_train(cfg, str(tmp_path))
     assert not (tmp_path / "mid").exists()
+
+
+def test_a_registered_stage_is_validated_and_reads_its_data_kind():
+    from kat_jax.data.pipeline import STAGE_KIND
+    from kat_jax.training.losses import STAGES, register_stage, sft_loss
+
+    register_stage("sft_copy_for_test", sft_loss, "chat")
+    try:
+        assert STAGE_KIND["sft_copy_for_test"] == "chat" and not STAGES["sft_copy_for_test"].policy
+        cfg = stage_config("sft", "tiny")
+        cfg.stage = "sft_copy_for_test"
+        build.validate(cfg)
+        cfg.loss.eps_low = 0.1  # not a policy stage: the policy keys cannot act
+        with pytest.raises(ConfigError, match="loss.eps_low: applies to the policy stages"):
+            build.validate(cfg)
+        with pytest.raises(ValueError, match="unknown data kind 'pictures'"):
+            register_stage("other_for_test", sft_loss, "pictures")
+    finally:
+        STAGES.pop("sft_copy_for_test", None)
+        STAGE_KIND.pop("sft_copy_for_test", None)

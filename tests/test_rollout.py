@@ -238,3 +238,24 @@ def test_batching_engine_merges_concurrent_requests():
     assert all(results[i][0][1].tokens == [i + 1] for i in range(8))  # each got its own answer
     assert len(inner.calls) < 8 and sum(n for n, _ in inner.calls) == 8
     assert sorted(s for _, seeds in inner.calls for s in seeds) == [100 + i for i in range(8)]
+
+
+def test_a_broken_server_or_environment_gives_an_env_error_record_not_a_failed_job():
+    """A non-finite log-prob from the server, or a NaN reward from the environment, would make an
+    invalid record: the episode is kept as env_error (valid, excluded from training, the reason
+    in 'error') instead of aborting the rollout job and losing the other episodes."""
+    from kat_jax.data.records import validate_rollout
+
+    class NanServer(ScriptedEngine):
+        def generate(self, prompts, params, n=1, seeds=None):
+            (gen,), = super().generate(prompts, params, n, seeds)
+            return [[Generation(gen.tokens, [float("nan")] * len(gen.tokens), gen.entropies,
+                                gen.finish_reason)]]
+
+    task = Task(id="t3", messages=[{"role": "user", "content": "What is 1 + 1?"}],
+                metadata={"answer": "2"})
+    rec = run_episode(NanServer(["\\boxed{2}<|im_end|>"]), make_env("calculator"), task, TOK,
+                      SamplingParams(), max_turns=2)
+    assert rec["status"] == "env_error" and "log-prob nan" in rec["error"]
+    assert all(x is None for x in rec["logprobs"]) and rec["reward"] == 0.0
+    validate_rollout(rec, "rec")

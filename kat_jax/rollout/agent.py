@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 from typing import Any
 
 from kat_jax.data.chat import continuation_segments, render_segments
-from kat_jax.data.records import rollout_record
+from kat_jax.data.records import RolloutError, rollout_record
 from kat_jax.rollout.sampler import SamplingParams
 from kat_jax.trees.trajectory import TAGS
 
@@ -152,7 +153,17 @@ def run_episode(engine, env, task, tokenizer, sp: SamplingParams, max_turns: int
     if getattr(result, "status", None) is not None and str(getattr(result.status, "value",
                                                                    result.status)) == "env_error":
         status = "env_error"
-    return rollout_record(
-        f"{task.id}#{sample}", group if group is not None else task.id, ep.tokens, ep.logprobs,
-        ep.entropies, [TAG_NAMES.get(t) if t else None for t in ep.tags], float(result.reward),
-        status, task_id=task.id, turns=turns, tool_calls=n_calls, passed=bool(result.passed))
+    rid, gid = f"{task.id}#{sample}", group if group is not None else task.id
+    tags = [TAG_NAMES.get(t) if t else None for t in ep.tags]
+    extra = dict(task_id=task.id, turns=turns, tool_calls=n_calls, passed=bool(result.passed))
+    try:
+        return rollout_record(rid, gid, ep.tokens, ep.logprobs, ep.entropies, tags,
+                              float(result.reward), status, **extra)
+    except RolloutError as e:
+        # A broken environment or server (a NaN reward, a non-finite log-prob): the episode is
+        # kept as env_error (excluded from training, counted), with the values that broke it
+        # nulled and the reason in "error"; one bad episode never aborts the job.
+        ok = lambda x, rule: x if x is not None and math.isfinite(x) and rule(x) else None
+        return rollout_record(rid, gid, ep.tokens, [ok(x, lambda v: v <= 0) for x in ep.logprobs],
+                              [ok(x, lambda v: v >= 0) for x in ep.entropies], tags, 0.0,
+                              "env_error", error=str(e), **extra)
