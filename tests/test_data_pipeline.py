@@ -265,3 +265,40 @@ def test_rollout_records_fill_the_batch_fields_the_run_asks_for(tmp_path):
                                                                   ("behaviour_logprobs",)),
                                        512, 1, 1, shuffle=False, epochs=1))
     assert plain.old_logprobs is None and plain.ref_logprobs is None
+
+
+def test_a_registered_data_kind_is_validated_up_front_and_converted(tmp_path):
+    """A user's data kind: its check runs on every line when the source opens (file:line), its
+    converter feeds the batcher like the built-in ones."""
+    from kat_jax.data.pipeline import (
+        CONVERTERS,
+        STAGE_KIND,
+        RecordConverter,
+        register_data_kind,
+    )
+    from kat_jax.data.sources import VALIDATORS
+    from kat_jax.trees.trajectory import Trajectory
+
+    def check(obj, where):
+        if not isinstance(obj.get("ids"), list) or len(obj["ids"]) < 2:
+            raise ValueError(f"{where}: 'ids' must list at least 2 token ids")
+
+    class IdsConverter(RecordConverter):
+        def __call__(self, group):
+            return [self._checked(Trajectory(np.asarray(o["ids"]), id=w), w) for o, w in group]
+
+    register_data_kind("ids_for_test", check, IdsConverter)
+    STAGE_KIND["mid_ids_for_test"] = "ids_for_test"
+    try:
+        bad = _write(tmp_path / "bad.jsonl", [{"ids": [1, 2, 3]}, {"ids": [4]}])
+        with pytest.raises(ValueError, match=r"bad.jsonl:2: 'ids' must list"):
+            JsonlGroups([bad], "ids_for_test")
+        good = _write(tmp_path / "good.jsonl", [{"ids": [1, 2, 3]}, {"ids": [4, 5]}])
+        it = make_step_iterator([good], "mid_ids_for_test", TOK, BatchShape(1, 16, 4, 16), 512,
+                                1, 1, shuffle=False, epochs=1)
+        batch, stats = next(it)
+        assert stats["trajectories"] == 2 and batch.tokens[0, 0, 0, :3].tolist() == [1, 2, 3]
+    finally:
+        for table, key in ((VALIDATORS, "ids_for_test"), (CONVERTERS, "ids_for_test"),
+                           (STAGE_KIND, "mid_ids_for_test")):
+            table.pop(key, None)

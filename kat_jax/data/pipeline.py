@@ -29,7 +29,7 @@ import numpy as np
 
 from kat_jax.data.chat import ChatError, encode_chat
 from kat_jax.data.records import per_token_array, tag_array
-from kat_jax.data.sources import JsonlGroups
+from kat_jax.data.sources import VALIDATORS, JsonlGroups
 from kat_jax.trees.batch import StepBatch, empty_step_batch, stack_step_batches
 from kat_jax.trees.packing import PackedTrees, attention_schedule, pack_trie, schedule_length
 from kat_jax.trees.trajectory import Trajectory
@@ -168,13 +168,22 @@ class RolloutConverter(RecordConverter):
         return [t for t, te in zip(kept, teacher) if not te] + [None] * (len(out) - len(kept))
 
 
-# Data kind -> converter class, registered explicitly; a new kind adds an entry here (and a
-# validation rule in kat_jax.data.sources).
+# Data kind -> converter class, registered explicitly (with each kind's record check in
+# kat_jax.data.sources.VALIDATORS); a new kind is added with register_data_kind.
 CONVERTERS: dict[str, type[RecordConverter]] = {
     "mid": MidConverter,
     "chat": ChatConverter,
     "rollouts": RolloutConverter,
 }
+
+
+def register_data_kind(kind: str, check, converter: type[RecordConverter]) -> None:
+    """A new data kind: `check(obj, where)` validates one record up front (raise ValueError
+    starting with `where`), `converter` turns a group of records into trajectories."""
+    if kind in CONVERTERS or kind in VALIDATORS:
+        raise ValueError(f"data kind {kind!r} is already registered")
+    VALIDATORS[kind] = check
+    CONVERTERS[kind] = converter
 
 
 def check_record_fields(source, fields: tuple[str, ...], why: dict[str, str]) -> None:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from kat_jax import storage
 from kat_jax.data.records import validate_rollout
 from kat_jax.jsonl import parse_line
-
-KINDS = ("mid", "chat", "rollouts")
 
 
 def open_source(spec: str, key: str, kind: str):
@@ -58,36 +57,44 @@ def expand_files(spec: str | list[str], key: str) -> list[str]:
     return out
 
 
-def _check(kind: str, obj: dict[str, Any], where: str) -> None:
-    if kind == "mid":
-        if "text" in obj:
-            if not isinstance(obj["text"], str) or not obj["text"]:
-                raise ValueError(f"{where}: 'text' must be a non-empty string")
-        elif "tokens" in obj:
-            t = obj["tokens"]
-            if not isinstance(t, list) or len(t) < 2 or not all(
-                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t):
-                raise ValueError(f"{where}: 'tokens' must be a list of at least 2 ids >= 0")
-        else:
-            raise ValueError(f"{where}: a mid-training document needs 'text' or 'tokens'")
-    elif kind == "chat":
-        m = obj.get("messages")
-        if not isinstance(m, list) or not m:
-            raise ValueError(f"{where}: 'messages' must be a non-empty list")
-        if not any(isinstance(x, dict) and x.get("role") == "assistant" for x in m):
-            raise ValueError(f"{where}: no assistant message (nothing to train on)")
-    elif kind == "rollouts":
-        validate_rollout(obj, where)  # the schema of kat_jax.data.records
+def check_mid(obj: dict[str, Any], where: str) -> None:
+    """A mid-training document: {"text": non-empty str} or {"tokens": >= 2 ids}."""
+    if "text" in obj:
+        if not isinstance(obj["text"], str) or not obj["text"]:
+            raise ValueError(f"{where}: 'text' must be a non-empty string")
+    elif "tokens" in obj:
+        t = obj["tokens"]
+        if not isinstance(t, list) or len(t) < 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t):
+            raise ValueError(f"{where}: 'tokens' must be a list of at least 2 ids >= 0")
     else:
-        raise ValueError(f"unknown data kind {kind!r}; known: {KINDS}")
+        raise ValueError(f"{where}: a mid-training document needs 'text' or 'tokens'")
+
+
+def check_chat(obj: dict[str, Any], where: str) -> None:
+    """A chat transcript with at least one assistant message."""
+    m = obj.get("messages")
+    if not isinstance(m, list) or not m:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    if not any(isinstance(x, dict) and x.get("role") == "assistant" for x in m):
+        raise ValueError(f"{where}: no assistant message (nothing to train on)")
+
+
+# Data kind -> the check of one record (errors start with `where`), registered explicitly; a new
+# kind is added with kat_jax.data.pipeline.register_data_kind (its check and its converter).
+VALIDATORS: dict[str, Callable[[dict[str, Any], str], None]] = {
+    "mid": check_mid,
+    "chat": check_chat,
+    "rollouts": validate_rollout,  # the schema of kat_jax.data.records
+}
 
 
 class JsonlGroups:
     """Random-access source: element i is a list of (record, "file:line") of one group."""
 
     def __init__(self, files: list[str], kind: str, group_key: str | None = "group"):
-        if kind not in KINDS:
-            raise ValueError(f"unknown data kind {kind!r}; known: {KINDS}")
+        if kind not in VALIDATORS:
+            raise ValueError(f"unknown data kind {kind!r}; known: {tuple(VALIDATORS)}")
         self.kind = kind
         self.files = list(files)  # as given (messages name these)
         self._local = [storage.local_copy(f) for f in self.files]  # gs:// -> downloaded once
@@ -103,7 +110,7 @@ class JsonlGroups:
                         continue
                     where = f"{path}:{lineno}"
                     obj = parse_line(raw, where)
-                    _check(kind, obj, where)
+                    VALIDATORS[kind](obj, where)
                     g = obj.get(group_key) if group_key else None
                     if g is None:
                         self._index.append([(fi, here, lineno)])
