@@ -21,6 +21,7 @@ waiting to be packed, so a restored iterator yields exactly the batches the orig
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 from typing import Any
@@ -79,7 +80,7 @@ RECORD_FIELD = {"behaviour_logprobs": "logprobs", "old_logprobs": "old_logprobs"
                 "ref_logprobs": "ref_logprobs"}
 
 
-class RecordConverter:
+class RecordConverter(abc.ABC):
     """records of one group -> list[Trajectory] (a picklable grain map function). Subclasses
     convert one data kind; CONVERTERS maps kinds to them.
 
@@ -91,8 +92,9 @@ class RecordConverter:
         self.stage, self.tok, self.row_len, self.vocab = stage, tokenizer, row_len, vocab_size
         self.fields, self.why = tuple(fields), dict(why or {})
 
+    @abc.abstractmethod
     def __call__(self, group: list[tuple[dict, str]]) -> list[Trajectory | None]:
-        raise NotImplementedError
+        """The group's trajectories, in order (None for an excluded record)."""
 
     def _checked(self, t: Trajectory, where: str) -> Trajectory:
         try:

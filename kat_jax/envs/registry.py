@@ -13,7 +13,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from kat_jax.envs import calculator, maths, swe
+import kat_jax.envs.calculator as calculator
+import kat_jax.envs.maths as maths
+import kat_jax.envs.swe as swe
 from kat_jax.envs.base import Env, EvalResult, Task
 
 # task, options of `env check` (backend, sandbox_kwargs) -> (gold result, empty result)

@@ -11,6 +11,7 @@ baseline commit made at start when the source is not a git repository).
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import queue
@@ -66,7 +67,7 @@ class Sandbox(Protocol):
     def close(self) -> None: ...
 
 
-class SandboxLifecycle:
+class SandboxLifecycle(abc.ABC):
     """What every sandbox backend shares about its life: a closed flag under a lock, healthy()
     that is False once closed or when the backend's `_probe()` fails (a SandboxError), close()
     whose work (`_close()`) runs once whatever the number of callers, and `with` support."""
@@ -91,11 +92,13 @@ class SandboxLifecycle:
             self._closed = True
         self._close()
 
+    @abc.abstractmethod
     def _probe(self) -> bool:
-        raise NotImplementedError
+        """Whether the sandbox still runs commands (a SandboxError counts as no)."""
 
+    @abc.abstractmethod
     def _close(self) -> None:
-        raise NotImplementedError
+        """Release what the sandbox holds; called once."""
 
     def __enter__(self):
         return self

@@ -44,9 +44,9 @@ class _Static:
 
 def _module(backend: str):
     if backend == "gpu":
-        from kat_jax.ops.pallas import gpu
+        import kat_jax.ops.pallas.gpu as gpu
         return gpu
-    from kat_jax.ops.pallas import tpu
+    import kat_jax.ops.pallas.tpu as tpu
     return tpu
 
 
