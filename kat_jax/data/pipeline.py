@@ -80,6 +80,13 @@ RECORD_FIELD = {"behaviour_logprobs": "logprobs", "old_logprobs": "old_logprobs"
                 "ref_logprobs": "ref_logprobs"}
 
 
+def missing_field(where: str, field: str, why: dict[str, str]) -> ValueError:
+    """The error for a record without the key that fills the StepBatch `field`, naming the record's
+    file:line and the config key that needs it (why[field])."""
+    return ValueError(f"{where}: no '{RECORD_FIELD[field]}' in the record, which "
+                      f"{why.get(field, 'this run')} needs")
+
+
 class RecordConverter(abc.ABC):
     """records of one group -> list[Trajectory] (a picklable grain map function). Subclasses
     convert one data kind; CONVERTERS maps kinds to them.
@@ -154,8 +161,7 @@ class RolloutConverter(RecordConverter):
                 if f in RECORD_FIELD:
                     values = per_token_array(obj, RECORD_FIELD[f])
                     if values is None:
-                        raise ValueError(f"{where}: no '{RECORD_FIELD[f]}' in the record, which "
-                                         f"{self.why.get(f, 'this run')} needs")
+                        raise missing_field(where, f, self.why)
                     per_token[f] = values
             is_teacher = bool(obj.get("teacher", False))
             t = Trajectory(np.asarray(obj["tokens"]), trainable=gen & (not is_teacher),
@@ -200,8 +206,7 @@ def check_record_fields(source, fields: tuple[str, ...], why: dict[str, str]) ->
                 continue
             for f, key in needed:
                 if obj.get(key) is None:
-                    raise ValueError(f"{where}: no '{key}' in the record, which "
-                                     f"{why.get(f, 'this run')} needs")
+                    raise missing_field(where, f, why)
 
 
 class TreeBatcher:

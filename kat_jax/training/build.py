@@ -62,7 +62,7 @@ def _fail(key: str, rule: str, value: Any) -> None:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Check a stage config before anything runs; ConfigError naming the key otherwise."""
-    from kat_jax.training.defaults import base_config
+    from kat_jax.training.defaults import LOSS_DEFAULTS as defaults
 
     if cfg.stage not in STAGES:
         _fail("stage", f"must be one of {tuple(STAGES)}", cfg.stage)
@@ -103,7 +103,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                           ("entropy_coef", lc.entropy_coef >= 0, "must be >= 0")):
         if not ok:
             _fail(f"loss.{key}", rule, lc[key])
-    defaults = base_config(cfg.stage if cfg.stage in ("mid", "sft", "rft", "rl") else "rl").loss
     if not STAGES[cfg.stage].policy:
         for key in POLICY_KEYS:
             if lc[key] != defaults[key]:
@@ -120,7 +119,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _fail("loss.tis_cap", "acts only when the old-policy log-probs differ from the "
               "behaviour ones: set loss.old_logprobs=record (records with 'old_logprobs') or "
               "current, or loss.tis_cap=0", lc.tis_cap)
-    if lc.kl_type != defaults.kl_type and lc.kl_coef == 0:
+    if lc.kl_type != defaults["kl_type"] and lc.kl_coef == 0:
         _fail("loss.kl_type", "acts only with loss.kl_coef > 0", lc.kl_type)
     if lc.count_pruned_in_denominator:
         _fail("loss.count_pruned_in_denominator", "needs pruned tokens in the batches, and "
@@ -128,19 +127,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               lc.count_pruned_in_denominator)
 
 
-def preflight(cfg: ml_collections.ConfigDict) -> None:
+def preflight(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Everything about a stage config that can fail before compute: its keys (validate) and its
-    data (sources opened and validated; every record carries the fields the loss keys need). A
-    pipeline runs this for all its stages before the first one trains."""
+    data (sources opened and validated; every record carries the fields the loss keys need).
+    Returns the opened sources by key ("train_files", and "eval_files" when set), which the stage
+    then reads. A pipeline runs this for all its stages before the first one trains."""
     from kat_jax.data.pipeline import STAGE_KIND, check_record_fields
     from kat_jax.data.sources import open_source
 
     validate(cfg)
     fields, why = batch_fields(cfg)
+    sources = {}
     for key in ("train_files", "eval_files"):
         if cfg.data[key]:
-            source = open_source(cfg.data[key], f"data.{key}", STAGE_KIND[cfg.stage])
-            check_record_fields(source, fields, why)
+            sources[key] = open_source(cfg.data[key], f"data.{key}", STAGE_KIND[cfg.stage])
+            check_record_fields(sources[key], fields, why)
+    return sources
 
 
 def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:

@@ -69,6 +69,13 @@ STAGE_DATA = {
 VARIANTS = ("tiny", "qwen3_0_6b", "qwen3_8b", "kat_dev_32b")
 
 
+# loss.* defaults, the same for every stage (kat_jax.training.build.validate compares with them)
+LOSS_DEFAULTS = dict(
+    agg_mode="token-mean", temperature=1.0, count_pruned_in_denominator=False, eps_low=0.2,
+    eps_high=0.28, dual_clip=3.0, tis_cap=0.0, kl_coef=0.0, kl_type="k3", entropy_coef=0.0,
+    old_logprobs="behaviour")
+
+
 def base_config(stage: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
@@ -87,10 +94,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=4, schedule="cosine", final_lr_ratio=0.1, b1=0.9,
         b2=0.95, eps=1e-8, weight_decay=0.01, grad_clip=1.0))
-    c.loss = ml_collections.ConfigDict(dict(
-        agg_mode="token-mean", temperature=1.0, count_pruned_in_denominator=False, eps_low=0.2,
-        eps_high=0.28, dual_clip=3.0, tis_cap=0.0, kl_coef=0.0, kl_type="k3", entropy_coef=0.0,
-        old_logprobs="behaviour"))
+    c.loss = ml_collections.ConfigDict(LOSS_DEFAULTS)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, unsharded_tolerance=0.02))
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=-1, process_id=-1,

@@ -35,10 +35,8 @@ from kat_jax.models.decoder import Decoder
 from kat_jax.training.step import forward_logprobs
 from kat_jax.trees.batch import StepBatch
 from kat_jax.trees.packing import (
-    assign_rows,
     bucket_length,
     gather_per_trajectory,
-    make_pieces,
     pack_trie,
     schedule_length,
 )
@@ -109,13 +107,12 @@ def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
     # Rows of batch_tokens, shrunk when everything fits in less; never shorter than a sequence.
     row_len = bucket_length(max(longest, min(batch_tokens, trie.tree_tokens)))
     per_call = max(1, batch_tokens // row_len)
-    needed = len(assign_rows([p.size for p in make_pieces(trie, row_len)], row_len))
-    n_calls = -(-needed // per_call)
     # every call: per_call rows (the last padded), one fixed schedule length
     pairs = schedule_length(row_len, model.cfg.attention_block_size)
-    packed = pack_trie(trie, row_len, num_rows=n_calls * per_call,
+    packed = pack_trie(trie, row_len, rows_multiple=per_call,
                        attention_block_size=model.cfg.attention_block_size, schedule_pairs=pairs)
     rows = packed.batch
+    n_calls = rows.num_rows // per_call
     logp = np.zeros((n_calls * per_call, row_len), np.float32)
     ent = np.zeros_like(logp)
     for c in range(n_calls):
@@ -135,7 +132,7 @@ def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
         "total_tokens": total,
         "computed_tokens": packed.laid_out_tokens,
         "reuse_ratio": 0.0 if total == 0 else 1.0 - packed.laid_out_tokens / total,
-        "rows": needed,
+        "rows": packed.used_rows,
         "row_len": row_len,
         "nonfinite_values": nonfinite,
     }

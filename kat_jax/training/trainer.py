@@ -46,7 +46,6 @@ from kat_jax.training.build import (
     preflight,
     tokenizer_for,
     train_step_setup,
-    validate,
 )
 from kat_jax.training.checkpointing import Checkpoints, export_model, model_exported
 from kat_jax.training.progress import Profiler, StepLogger
@@ -67,15 +66,12 @@ class Preempted(RuntimeError):
 class DataFeed:
     """The stage's data on this host: the shards its devices hold, as global batches."""
 
-    def __init__(self, cfg, spec: str, key: str, tokenizer, model_cfg, mesh, train: bool):
-        from kat_jax.data.pipeline import STAGE_KIND, check_record_fields, make_step_iterator
-        from kat_jax.data.sources import open_source
+    def __init__(self, cfg, source, tokenizer, model_cfg, mesh, train: bool):
+        from kat_jax.data.pipeline import make_step_iterator
 
-        self.cfg, self.mesh = cfg, mesh
+        self.cfg, self.mesh, self.source = cfg, mesh, source  # opened and checked by preflight
         self.shards = data_shards(cfg, mesh)
         self.shard_ids = local_shard_ids(mesh, self.shards)
-        self.source = open_source(spec, key, STAGE_KIND[cfg.stage])
-        check_record_fields(self.source, *batch_fields(cfg))  # once, before any step
         shape = batch_shape(cfg, model_cfg)
         self.make = lambda **kw: make_step_iterator(
             self.source, cfg.stage, tokenizer, shape, model_cfg.vocab_size,
@@ -124,9 +120,12 @@ class DataFeed:
         return {"eval_loss": num / den if den > 0 else None}
 
 
-def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    # --- setup: config, model, data, state
-    validate(cfg)
+def train_stage(cfg: ml_collections.ConfigDict, workdir: str,
+                sources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one stage in workdir. sources: what preflight(cfg) returned (a pipeline has checked
+    every stage first); default: preflight here."""
+    # --- setup: config, data sources, model, mesh, state
+    sources = preflight(cfg) if sources is None else sources
     maybe_initialize_distributed(cfg)
     workdir = storage.absolute(workdir)  # local, or gs://bucket/... (kat_jax.storage)
     storage.makedirs(workdir)
@@ -135,8 +134,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise TrainingError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the model's "
                             f"vocabulary of {model_cfg.vocab_size}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    data = DataFeed(cfg, cfg.data.train_files, "data.train_files", tokenizer, model_cfg, mesh,
-                    train=True)
+    data = DataFeed(cfg, sources["train_files"], tokenizer, model_cfg, mesh, train=True)
     if jax.process_index() == 0:
         config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
         model_cfg.save_json(os.path.join(workdir, "model_config.json"))
@@ -152,8 +150,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     jit_step = jit_train_step(setup, batch_shard)
     evaluate = None
     if cfg.data.eval_files and cfg.train.eval_every > 0:
-        eval_data = DataFeed(cfg, cfg.data.eval_files, "data.eval_files", tokenizer, model_cfg,
-                             mesh, train=False)
+        eval_data = DataFeed(cfg, sources["eval_files"], tokenizer, model_cfg, mesh, train=False)
         eval_fn = jax.jit(make_eval_step(setup.graphdef, setup.loss_spec, setup.constrain),
                           in_shardings=(setup.p_shard, batch_shard), out_shardings=setup.rep)
         evaluate = lambda: eval_data.evaluate(eval_fn, state["params"])
@@ -232,9 +229,10 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for name in names:
         if name not in cfg:
             raise config_lib.ConfigError(f"--config.stages: no stage config named {name!r}")
+    sources = {}
     for name in names:  # every stage's keys and data, before the first one trains
         try:
-            preflight(cfg[name])
+            sources[name] = preflight(cfg[name])
         except (config_lib.ConfigError, TrainingError, ValueError, FileNotFoundError) as e:
             raise type(e)(str(e).replace("--config.", f"--config.{name}.")) from None
     results = {}
@@ -248,5 +246,5 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                              "name an earlier stage")
             with sub.unlocked():
                 sub.model.checkpoint = os.path.join(storage.absolute(workdir), prev, "model")
-        results[name] = train_stage(sub, os.path.join(workdir, name))
+        results[name] = train_stage(sub, os.path.join(workdir, name), sources[name])
     return {"stages": results}

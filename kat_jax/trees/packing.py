@@ -114,10 +114,12 @@ class PackedTrees:
     ancestors repeated as context in split pieces). total_tokens: sum of trajectory lengths;
     tree_tokens: distinct prefixes laid out (each computed once; after pruning if any);
     laid_out_tokens: non-padding tokens in the rows (tree tokens + repeated context); dropped: ids
-    of trajectories left out (pack_trajectories with drop_overlong)."""
+    of trajectories left out (pack_trajectories with drop_overlong); used_rows: rows holding
+    tokens (the rest of the R rows are padding)."""
 
     batch: StepBatch
     primary: np.ndarray
+    used_rows: int = 0
     total_tokens: int = 0
     tree_tokens: int = 0
     laid_out_tokens: int = 0
@@ -251,11 +253,12 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
               num_traj: int | None = None, traj_len: int | None = None,
               pad_id: int = 0, attention_block_size: int | None = None,
               schedule_pairs: int | None = None, keep: np.ndarray | None = None,
-              fields: tuple[str, ...] | None = None) -> PackedTrees:
+              fields: tuple[str, ...] | None = None, rows_multiple: int = 1) -> PackedTrees:
     """Lay a trie out in rows of `row_len` tokens (see the module docstring) as a StepBatch.
 
     num_rows / num_traj / traj_len: pad to these sizes (fixed shapes under jit); errors when the
-    content needs more. Defaults: as many rows as needed; N = number of trajectories;
+    content needs more. Defaults: as many rows as needed (rounded up to a multiple of
+    rows_multiple, e.g. whole forward calls of a fixed row count); N = number of trajectories;
     L = bucket_length(longest trajectory). attention_block_size: also build the block-sparse
     attention schedule of the rows (`attention_schedule`, padded to schedule_pairs when given).
     keep: bool[num_nodes] from the pruner (closed under ancestors): pruned nodes are not laid out,
@@ -268,7 +271,7 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     children, sub, _ = structure
     pieces = make_pieces(trie, row_len, structure)
     groups = assign_rows([p.size for p in pieces], row_len)
-    n_rows = len(groups) if num_rows is None else num_rows
+    n_rows = -(-len(groups) // rows_multiple) * rows_multiple if num_rows is None else num_rows
     if len(groups) > n_rows:
         raise ValueError(f"the trajectories need {len(groups)} rows of {row_len} tokens; only "
                          f"{n_rows} allowed")
@@ -322,7 +325,8 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
         subtree_end=rows["subtree_end"], traj_index=traj_index, valid=valid,
         trainable=trainable_nl, advantage=advantage, schedule=schedule,
         pruned=pruned if "pruned" in fields else None, **logprobs)
-    return PackedTrees(batch=batch, primary=rows["primary"], total_tokens=trie.total_tokens,
+    return PackedTrees(batch=batch, primary=rows["primary"], used_rows=len(groups),
+                       total_tokens=trie.total_tokens,
                        tree_tokens=int(sub[trie.roots].sum()),
                        laid_out_tokens=int(sum(p.size for p in pieces)))
 
