@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -150,8 +151,6 @@ class StopRequests:
     others waiting in the next collective; our own handler would take SIGTERM away from it)."""
 
     def __init__(self):
-        import signal
-
         self.signal = None
         self._old = None
         self._sync = preemption_sync()
@@ -164,14 +163,10 @@ class StopRequests:
 
     def requested(self, step: int) -> bool:
         if self._sync is not None and self._sync(step):
-            import signal
-
             self.signal = signal.SIGTERM
         return self.signal is not None
 
     def close(self) -> None:
         if self._old is not None:
-            import signal
-
             signal.signal(signal.SIGTERM, self._old)
             self._old = None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 from flax import struct
 
@@ -134,14 +135,10 @@ def stack_step_batches(batches: list[StepBatch], *leading: int) -> StepBatch:
     for b in batches[1:]:
         if b.fields != fields:
             raise ValueError(f"batches carry different optional fields: {fields} vs {b.fields}")
-    import jax
-
     return jax.tree.map(lambda *xs: np.stack(xs).reshape(*leading, *xs[0].shape), *batches)
 
 
 def merge_leading(batch: StepBatch) -> StepBatch:
     """Merge the first two axes of every field ([S, R, T] -> [S * R, T], [S, N] -> [S * N]).
     traj_index stays row-local: gather per shard (vmap) before merging."""
-    import jax
-
     return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), batch)
