@@ -111,6 +111,12 @@ def probe_isolation(allow_namespaces: bool = True, allow_drop_uid: bool = True) 
     return Isolation(network=network, pid_namespace=pid, drop_uid=drop, prefix=prefix, python=python)
 
 
+def _make_writable(path: str) -> None:
+    """Gives the owner write access again to a tree made read-only (so that it can be removed)."""
+    for dirpath, _dirnames, _filenames in os.walk(path):
+        os.chmod(dirpath, 0o755)
+
+
 def _procs_of_uid(uid: int) -> list[int]:
     pids = []
     for name in os.listdir("/proc"):
@@ -279,6 +285,24 @@ class LocalSandbox(SandboxLifecycle):
             for p in [full, *missing]:
                 os.chown(p, self.uid, self.uid)
 
+    def add_readonly_dir(self, host_dir: str, name: str) -> str:
+        """Copies ``host_dir`` to ``<sandbox root>/ro/<name>`` (outside the working copy), owned by
+        the calling user and read-only (dirs 0o555, files 0o444): the sandbox's own uid can read it
+        but not change it. Returns the copy's path."""
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"add_readonly_dir: bad name {name!r}")
+        dest = os.path.join(self.root, "ro", name)
+        if os.path.exists(dest):
+            _make_writable(dest)
+            shutil.rmtree(dest)
+        os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+        shutil.copytree(host_dir, dest, ignore=shutil.ignore_patterns(*COPY_IGNORE))
+        for dirpath, _dirnames, filenames in os.walk(dest, topdown=False):
+            for n in filenames:
+                os.chmod(os.path.join(dirpath, n), 0o444)
+            os.chmod(dirpath, 0o555)
+        return dest
+
     def diff(self) -> str:
         """The working copy's changes (new files included) against the start, as a git patch."""
         return git_diff(self, self.base)
@@ -304,6 +328,9 @@ class LocalSandbox(SandboxLifecycle):
                     except ProcessLookupError:
                         pass
                 time.sleep(0.05)
+        ro = os.path.join(self.root, "ro")
+        if os.path.isdir(ro):
+            _make_writable(ro)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

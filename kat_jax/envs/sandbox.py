@@ -62,6 +62,12 @@ class Sandbox(Protocol):
 
     def diff(self) -> str: ...
 
+    def add_readonly_dir(self, host_dir: str, name: str) -> str:
+        """Copies host directory ``host_dir`` into the sandbox outside the working copy, read-only
+        for the sandbox's user (replacing an earlier copy of the same ``name``); returns its path
+        inside the sandbox."""
+        ...
+
     def healthy(self) -> bool: ...
 
     def close(self) -> None: ...
@@ -170,6 +176,18 @@ def git_baseline(sb: Sandbox, base_commit: str | None, timeout: float) -> str:
     r = sb.exec(git_baseline_script(base_commit), timeout=timeout)
     if r.exit_code != 0:
         raise SandboxError(f"could not set up the baseline commit: {r.output[-2000:]}")
+    return r.output.strip().splitlines()[-1]
+
+
+def git_commit_all(sb: Sandbox, message: str, timeout: float) -> str:
+    """Commits the whole working copy (untracked files included, ignored ones not) with fixed dates
+    and returns the commit: after instance setup, the set-up tree becomes the start of the diff, so
+    what setup generated is never part of the agent's patch."""
+    env = " ".join(f"{k}={v}" for k, v in BASELINE_ENV.items())
+    r = sb.exec(f"{GIT} add -A && {env} {GIT} commit -q --allow-empty -m {shlex.quote(message)} "
+                f"&& {GIT} rev-parse HEAD", timeout=timeout)
+    if r.exit_code != 0:
+        raise SandboxError(f"could not commit the set-up working copy: {r.output[-2000:]}")
     return r.output.strip().splitlines()[-1]
 
 
