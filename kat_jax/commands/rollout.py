@@ -25,7 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-turns", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=4096, help="trajectory length limit")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="trajectory length limit (default: the checkpoint's context, "
+                   "max_position_embeddings; a larger value is clamped to it). An episode that "
+                   "reaches the end of the context ends with status context_limit")
     p.add_argument("--max-new-tokens", type=int, default=512, help="per assistant turn")
     p.add_argument("--concurrency", type=int, default=8, help="episodes in flight")
     p.add_argument("--max-tasks", type=int, default=None, help="only the first N tasks")
@@ -54,6 +57,9 @@ def swe_env_kwargs(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from kat_jax.rollout.runner import run_rollout_cmd
 
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1 (default: the checkpoint's context), got "
+                         f"{args.max_tokens}")
     env_kwargs = swe_env_kwargs(args)
     summary = run_rollout_cmd(args.checkpoint, args.env, args.output, tasks_file=args.tasks,
                               samples_per_task=args.samples_per_task,

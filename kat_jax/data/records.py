@@ -25,15 +25,22 @@ Fields (L = len(tokens); "per token" means a list of exactly L values):
   reward        finite number (optional). The episode's reward.
   advantage     finite number (optional). Given, it replaces the group-computed advantage.
                 Training needs "reward" or "advantage" unless status is "env_error".
-  status        string (optional); the writer's: "ok", "max_turns", "max_tokens", "timeout",
+  status        string (optional); the writer's: "ok", "max_turns", "max_tokens" (the episode's
+                token budget ran out), "context_limit" (the model's context ran out: the prompt
+                alone did not fit, or no room was left for another turn), "timeout",
                 "env_error". "env_error" trajectories (a broken environment, not the policy's fault) are
-                excluded from training and counted.
+                excluded from training and counted; the others are trained on with their reward
+                (context_limit and max_tokens are truncated episodes, the policy's own doing).
   teacher       bool (optional). A ground-truth trajectory (RFT): it shapes its group's
                 advantages but is not itself trained on.
   task_id       any JSON value (optional): the environment task.
   passed        bool (optional): the task's success test passed.
   turns         int >= 0 (optional): assistant turns taken.
   tool_calls    int >= 0 (optional): tool calls run.
+  error         string (optional): why the episode ended as it did (env_error: what broke;
+                context_limit: the engine's refusal of a request too long for its context).
+  prompt_tokens int (optional): the length of a prompt that did not fit the context (status
+                context_limit; "tokens" then holds its first context tokens).
 
 Other keys are kept and ignored. Every per-token value is finite (NaN and infinities are errors).
 validate_rollout raises a ValueError that starts with `where` (file:line) and names the trajectory
@@ -59,7 +66,7 @@ PER_TOKEN_FLOATS = {
     "ref_logprobs": ("reference log-prob", "<= 0", lambda x: x <= 0),
     "entropies": ("entropy", ">= 0", lambda x: x >= 0),
 }
-STATUSES = ("ok", "max_turns", "max_tokens", "timeout", "env_error")
+STATUSES = ("ok", "max_turns", "max_tokens", "context_limit", "timeout", "env_error")
 # What `require` may name: a field, or "outcome" (reward or advantage, unless status is env_error).
 FOR_TRAINING = ("logprobs", "outcome")
 FOR_PRUNING = ("id", "entropies")

@@ -35,11 +35,16 @@ ToolCall = dict[str, Any]
 
 
 class EpisodeStatus(str, enum.Enum):
-    """How an episode ended. Only ``ENV_ERROR`` is masked in training; the others are scored."""
+    """How an episode ended. Only ``ENV_ERROR`` is masked in training; the others are scored.
+
+    ``MAX_TOKENS``: the episode's token budget ran out; ``CONTEXT_LIMIT``: the model's context ran
+    out (the prompt alone does not fit, or no room is left for another turn); both are set by the
+    agent loop (kat_jax.rollout.agent), never by an environment's ``evaluate``."""
 
     OK = "ok"
     MAX_TURNS = "max_turns"
     MAX_TOKENS = "max_tokens"
+    CONTEXT_LIMIT = "context_limit"
     TIMEOUT = "timeout"
     ENV_ERROR = "env_error"
 

@@ -5,7 +5,11 @@ Line: a rollout record (kat_jax.data.records): {"id", "group" (the task), "task_
 "logprobs" and "entropies" (per token, null where not generated), "tags" (per token: null,
 "tool_call" or "tool_result"), "reward", "status", "passed", "turns", "tool_calls"}. The output
 is written atomically at the end; the last stdout line is a JSON summary (success rate, mean
-reward, mean turns, tool calls per turn, statuses).
+reward, mean turns, tool calls per turn, statuses, the model's context and the token budget used).
+
+The token budget (max_tokens) defaults to the checkpoint's context and is clamped to it; an episode
+that runs out of context is recorded with status context_limit (kat_jax.rollout.agent), so one long
+episode never fails the job.
 """
 
 from __future__ import annotations
@@ -42,15 +46,19 @@ def tokenizer_for_checkpoint(spec: str, tokenizer: str | None = None):
 
 
 def run_rollouts(engine, env_name: str, tasks, tokenizer, samples_per_task: int, sp,
-                 max_turns: int = 8, max_tokens: int = 4096, timeout_s: float | None = None,
-                 concurrency: int = 8, seed: int = 0, progress: bool = True,
-                 env_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One record per (task, sample); ``env_kwargs`` go to ``make_env`` (e.g. a SWE ``backend``)."""
+                 max_turns: int = 8, max_tokens: int | None = None,
+                 timeout_s: float | None = None, concurrency: int = 8, seed: int = 0,
+                 progress: bool = True, env_kwargs: dict[str, Any] | None = None
+                 ) -> list[dict[str, Any]]:
+    """One record per (task, sample) (run_episode); ``max_tokens``: the token budget of each
+    episode, None = the engine's context (a larger one is clamped to it); ``env_kwargs`` go to
+    ``make_env`` (e.g. a SWE ``backend``)."""
     from tqdm import tqdm
 
     from kat_jax.envs import make_env
-    from kat_jax.rollout.agent import run_episode
+    from kat_jax.rollout.agent import run_episode, token_budget
 
+    token_budget(max_tokens, engine.context_length)  # a bad budget fails before any episode
     jobs = [(t, s) for t in tasks for s in range(samples_per_task)]
 
     def one(job):
@@ -83,10 +91,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_rollout_cmd(checkpoint: str, env_name: str, output: str, tasks_file: str | None = None,
                     samples_per_task: int = 4, temperature: float = 1.0, seed: int = 0,
-                    max_turns: int = 8, max_tokens: int = 4096, max_new_tokens: int = 512,
+                    max_turns: int = 8, max_tokens: int | None = None,
+                    max_new_tokens: int = 512,
                     concurrency: int = 8, max_tasks: int | None = None,
                     tokenizer: str | None = None,
                     env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    from kat_jax.rollout.agent import token_budget
     from kat_jax.rollout.engine import BatchingEngine
     from kat_jax.rollout.sampler import SamplingParams, engine_from_checkpoint
 
@@ -100,5 +110,7 @@ def run_rollout_cmd(checkpoint: str, env_name: str, output: str, tasks_file: str
     records = run_rollouts(engine, env_name, tasks, tok, samples_per_task, sp, max_turns,
                            max_tokens, concurrency=concurrency, seed=seed, env_kwargs=env_kwargs)
     write_rollouts(output, records)
-    return {**summarize(records), "output": output, "prefill_tokens": engine.stats.get(
-        "prefill_tokens"), "generated_tokens": engine.stats.get("generated_tokens")}
+    return {**summarize(records), "output": output, "context": engine.context_length,
+            "max_tokens": token_budget(max_tokens, engine.context_length),
+            "prefill_tokens": engine.stats.get("prefill_tokens"),
+            "generated_tokens": engine.stats.get("generated_tokens")}

@@ -13,9 +13,12 @@ reports the log-prob and entropy of the untempered distribution (temperature 1).
 Determinism: each sample has its own key, fold_in(key(seed), prompt index * n + sample index), folded
 again with the step; the same seed gives the same tokens whatever else is in the batch.
 
-Shapes are bucketed (prompt length and cache length to 2^k or 1.5 * 2^k, batch to a power of two),
-so a run compiles a handful of programs. Weights are a jit argument: update_weights swaps them
-without recompiling.
+Shapes are bucketed (prompt length and cache length to 2^k or 1.5 * 2^k, capped at the context;
+batch to a power of two), so a run compiles a handful of programs. Weights are a jit argument:
+update_weights swaps them without recompiling.
+
+Context: `engine.context_length` is the model's max_position_embeddings; a call whose longest
+prompt + max_new_tokens exceeds it raises ContextLengthError (a ValueError), before any compute.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ class SamplingParams:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 \
                 or self.max_new_tokens < 1:
             raise ValueError(f"invalid sampling parameters {self}")
+
+
+class ContextLengthError(ValueError):
+    """A prompt + max_new_tokens that does not fit the model's context (raised by engines; the
+    agent loop ends such an episode with status context_limit)."""
 
 
 @dataclasses.dataclass
@@ -122,6 +130,11 @@ class JaxEngine:
         self._first = jax.jit(first)
         self._step = jax.jit(step, donate_argnums=1)
 
+    @property
+    def context_length(self) -> int:
+        """The model's context (max_position_embeddings): prompt + max_new_tokens may not exceed it."""
+        return self.cfg.max_position_embeddings
+
     def update_weights(self, params) -> None:
         """New weights of the same structure (e.g. from the trainer): no recompilation."""
         with self._lock:
@@ -148,11 +161,12 @@ class JaxEngine:
             uniq.setdefault(key, len(uniq))
         u_list = list(uniq)
         lengths = np.array([len(p) for p in u_list], np.int32)
-        p_len = bucket_length(int(lengths.max()))
-        cache_len = bucket_length(int(lengths.max()) + sp.max_new_tokens)
-        if cache_len > self.cfg.max_position_embeddings:
-            raise ValueError(f"prompt + max_new_tokens = {int(lengths.max()) + sp.max_new_tokens} "
-                             f"exceeds max_position_embeddings {self.cfg.max_position_embeddings}")
+        need = int(lengths.max()) + sp.max_new_tokens
+        if need > self.context_length:
+            raise ContextLengthError(f"prompt + max_new_tokens = {need} exceeds "
+                                     f"max_position_embeddings {self.context_length}")
+        cache_len = min(bucket_length(need), self.context_length)
+        p_len = min(bucket_length(int(lengths.max())), cache_len)
         u_pad = _pow2(len(u_list))
         toks = np.zeros((u_pad, p_len), np.int32)
         for i, p in enumerate(u_list):
