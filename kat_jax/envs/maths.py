@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from kat_jax.envs.answers import answers_match, extract_answer
+from kat_jax.envs.answers import answers_match, extract_answer, normalize
 from kat_jax.envs.base import Env, EvalResult, Message, Task, ToolSchema
 from kat_jax.jsonl import JsonlError, read_jsonl
 
@@ -81,13 +81,18 @@ class AnswerEnv(Env):
     @classmethod
     def check_task(cls, task: Task, **options: Any) -> tuple[EvalResult, EvalResult]:
         """`env check`: the task graded with its gold answer boxed, then with no answer (each in a
-        fresh environment). ``options`` (sandbox settings) do not apply."""
+        fresh environment); the gold result's ``details["gold_empty"]`` is True when the gold
+        answer is blank (nothing left after normalisation: "", "  ", "$ $"), which `env check`
+        reports as broken (a policy answering \\boxed{} would score 1). ``options`` (sandbox
+        settings) do not apply."""
+        answer = str(task.metadata["answer"])
         results = []
-        for content in (f"The answer is \\boxed{{{task.metadata['answer']}}}.", "I don't know."):
+        for content in (f"The answer is \\boxed{{{answer}}}.", "I don't know."):
             env = cls()
             env.reset(task)
             results.append(env.evaluate([*task.messages, {"role": "assistant", "content": content}]))
             env.close()
+        results[0].details["gold_empty"] = not normalize(answer)
         return results[0], results[1]
 
 

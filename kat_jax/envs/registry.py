@@ -31,7 +31,8 @@ class EnvSpec:
       generated default tasks; a bad line is an error naming ``file:line``).
     check_task: ``check_task(task, backend=..., sandbox_kwargs=...) -> (gold, empty)``: the task
       graded with its gold solution and with an empty one (`env check` wants rewards 1 and 0);
-      None: `env check` does not apply to this environment.
+      ``gold.details["gold_empty"] = True`` says the gold solution itself is blank (the task is
+      then broken whatever the rewards); None: `env check` does not apply to this environment.
     """
 
     factory: Callable[..., Env]
