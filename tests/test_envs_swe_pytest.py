@@ -381,3 +381,48 @@ def test_pytest_style_instance_on_the_docker_backend(tmp_path):
     plain["test_env"] = {"KAT_TEST_RUNNER": "unittest"}
     res = grade_patch(plain, plain["patch"], backend="docker", **kwargs)
     assert res.reward == 1.0 and res.details["runner"].startswith("built-in"), res.details
+
+
+def test_env_check_instances_from_a_repositories_directory(tmp_path, capsys):
+    from kat_jax.cli import main
+
+    repos = tmp_path / "repos"
+    repos.mkdir()
+    good = make_instance(repos, extra=SETUP_FILES, name="calc")
+    empty_gold = {**make_instance(repos, name="nogold"), "patch": ""}
+    lines = tmp_path / "swe.jsonl"
+    rows = [{**good, "repo_path": None, "version": "1"},            # found as repos/calc by `repo`
+            {**empty_gold, "repo_path": "nogold"}]                 # relative to --repos
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps({"example/calc": {"1": {"setup_cmds": ["python gen.py"]}}}))
+    argv = ["env", "check", "--env", "swe", "--instances-from", str(lines), "--repos", str(repos)]
+    assert main([*argv, "--specs", str(specs), "--sandbox-pool", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "example__calc-1" in out and "gold answer empty" in out and "2 tasks, 1 broken" in out
+    close_pools()
+    # Without the specs file, the calc instance's setup is missing: its gold patch fails.
+    assert main(argv) == 1
+    assert "2 tasks, 2 broken" in capsys.readouterr().out
+    assert main(["env", "check", "--env", "maths", "--instances-from", str(lines)]) != 0
+    assert "--instances-from applies to --env swe, not maths" in capsys.readouterr().err
+    assert main(["env", "check", "--env", "swe", "--repos", str(repos)]) != 0
+    assert "--repos needs --instances-from" in capsys.readouterr().err
+    lines.write_text(json.dumps({**good, "repo": "example/absent", "repo_path": None}) + "\n")
+    assert main(argv) != 0
+    assert "swe.jsonl:1: no repo_path and no checkout of 'example/absent'" in capsys.readouterr().err
+
+
+def test_rollout_sandbox_pool_flag_reaches_the_swe_env():
+    import argparse
+
+    from kat_jax.commands.rollout import swe_env_kwargs
+
+    args = argparse.Namespace(env="swe", backend="local", sandbox_image=None, sandbox_pool=3)
+    kwargs = swe_env_kwargs(args)
+    assert kwargs["pool_size"] == 3 and make_env("swe", **kwargs).pool_size == 3
+    with pytest.raises(ValueError, match="--sandbox-pool applies to --env swe"):
+        swe_env_kwargs(argparse.Namespace(env="maths", backend="local", sandbox_image=None,
+                                          sandbox_pool=2))
+    with pytest.raises(ValueError, match="--sandbox-pool must be >= 0"):
+        swe_env_kwargs(argparse.Namespace(**{**vars(args), "sandbox_pool": -1}))

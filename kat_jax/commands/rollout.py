@@ -39,19 +39,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sandbox-image", default=None,
                    help="with --backend docker: the image of tasks without their own `image` "
                    "(default $KAT_JAX_SANDBOX_IMAGE, else kat-jax-sandbox:latest)")
+    p.add_argument("--sandbox-pool", type=int, default=0, metavar="N",
+                   help="--env swe: keep N set-up sandboxes per task warm, so instance setup "
+                   "runs ahead of the episodes and gradings (default 0: none)")
     return p
 
 
 def swe_env_kwargs(args: argparse.Namespace) -> dict:
-    """``make_env`` kwargs from --backend / --sandbox-image (they apply to --env swe only)."""
+    """``make_env`` kwargs from --backend / --sandbox-image / --sandbox-pool (--env swe only)."""
     if args.sandbox_image and args.backend != "docker":
         raise ValueError("--sandbox-image needs --backend docker")
+    if args.sandbox_pool < 0:
+        raise ValueError(f"--sandbox-pool must be >= 0, got {args.sandbox_pool}")
     if args.env != "swe":
         if args.backend != "local":
             raise ValueError(f"--backend applies to --env swe, not {args.env}")
+        if args.sandbox_pool:
+            raise ValueError(f"--sandbox-pool applies to --env swe, not {args.env}")
         return {}
     sandbox = {"image": args.sandbox_image} if args.sandbox_image else {}
-    return {"backend": args.backend, "sandbox_kwargs": sandbox}
+    return {"backend": args.backend, "sandbox_kwargs": sandbox, "pool_size": args.sandbox_pool}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -58,13 +58,15 @@ def checkable_envs() -> list[str]:
 
 
 def check(env_name: str, tasks_file: str | None = None, backend: str = "local",
-          workers: int = 2, sandbox_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+          workers: int = 2, sandbox_kwargs: dict[str, Any] | None = None,
+          tasks: Sequence[Task] | None = None) -> list[dict[str, Any]]:
     """One row per task: gold and empty rewards, statuses, ``ok`` (gold 1, empty 0, no env_error,
     a gold answer that is not empty) and ``reason`` (why not; "" when ok).
 
     The environment's registry entry (kat_jax.envs.registry) reads the tasks and grades each one;
     ``backend`` and ``sandbox_kwargs`` (e.g. ``image``: the docker sandbox image) apply to
-    environments that run sandboxes (``swe``)."""
+    environments that run sandboxes (``swe``). ``tasks`` (already loaded, e.g. SWE-bench instances
+    read with a repositories directory) replaces reading ``tasks_file``."""
     spec = ENVS.get(env_name)
     if spec is None or spec.check_task is None:
         raise ValueError(f"no check for environment {env_name!r} ({', '.join(checkable_envs())})")
@@ -77,7 +79,7 @@ def check(env_name: str, tasks_file: str | None = None, backend: str = "local",
         return _row(task.id, gold, empty, time.monotonic() - t)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        return list(ex.map(one, spec.load_tasks(tasks_file)))
+        return list(ex.map(one, spec.load_tasks(tasks_file) if tasks is None else tasks))
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
