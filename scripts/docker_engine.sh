@@ -85,6 +85,7 @@ else
   command -v debootstrap >/dev/null || apt_install debootstrap
   need_root "debootstrap"
   ROOTFS=$(mktemp -d "${TMPDIR:-/tmp}/kat-jax-rootfs.XXXXXX")
+  chmod 755 "$ROOTFS"   # it becomes the image's / (mktemp makes it 0700: no one but root could enter)
   say "base image $BASE: debootstrap bookworm from $MIRROR into $ROOTFS (a few minutes)"
   debootstrap --variant=minbase --include=python3,python3-pytest,git bookworm "$ROOTFS" "$MIRROR" \
     >"$ROOTFS.log" 2>&1 || fail "debootstrap failed; last lines: $(tail -n 5 "$ROOTFS.log")"
