@@ -38,7 +38,7 @@ on_exit() {
 trap on_exit EXIT
 
 need_root() {
-  [ "$(id -u)" -eq 0 ] || fail "$1 needs root (run this script as root, or do it by hand: docker/README.md)"
+  [ "$(id -u)" -eq 0 ] || fail "$1 needs root (run this script as root, or by hand: docker/README.md)"
 }
 
 apt_install() {
@@ -67,7 +67,8 @@ if ! engine_up; then   # (installing docker.io starts the engine where systemd r
   setsid dockerd --storage-driver=vfs >>"$DOCKERD_LOG" 2>&1 < /dev/null &
   for _ in $(seq 60); do
     engine_up && break
-    kill -0 "$!" 2>/dev/null || fail "dockerd exited; last lines of $DOCKERD_LOG: $(tail -n 5 "$DOCKERD_LOG")"
+    kill -0 "$!" 2>/dev/null \
+      || fail "dockerd exited; last lines of $DOCKERD_LOG: $(tail -n 5 "$DOCKERD_LOG")"
     sleep 1
   done
   engine_up || fail "no answer from dockerd after 60 s; see $DOCKERD_LOG"
@@ -118,8 +119,8 @@ else
   say "sandbox image $IMAGE: building FROM $BASE ($why)"
   # the Dockerfile copies nothing in: no build context (the repository root is large); the
   # builder's output (a deprecation notice for the legacy builder) is shown only when it fails
-  if ! log=$(docker build --quiet --build-arg "BASE=$BASE" --label "kat_jax.build_sha256=$want" \
-               -t "$IMAGE" - < "$DOCKERFILE" 2>&1); then
+  if ! log=$(docker build --quiet --force-rm --build-arg "BASE=$BASE" \
+               --label "kat_jax.build_sha256=$want" -t "$IMAGE" - < "$DOCKERFILE" 2>&1); then
     echo "$log" >&2
     fail "docker build of $IMAGE from $DOCKERFILE failed (output above)"
   fi
