@@ -412,8 +412,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def reap(client: Any = None, older_than_s: float | None = None) -> list[str]:
-    """Removes sandbox containers left by crashed runs: those whose owner process on this host is gone,
-    and (any host) those older than ``older_than_s``. Returns the removed container ids."""
+    """Removes sandbox containers (with their anonymous volumes) left by crashed runs: those whose
+    owner process on this host is gone, and (any host) those older than ``older_than_s``. Returns the
+    removed container ids."""
     client = client if client is not None else _default_client()
     host, now, removed = socket.gethostname(), time.time(), []
     for c in client.containers.list(all=True, filters={"label": LABEL}):
@@ -422,7 +423,7 @@ def reap(client: Any = None, older_than_s: float | None = None) -> list[str]:
         old = older_than_s is not None and now - int(labels.get("kat_jax.created", now)) > older_than_s
         if orphan or old:
             try:
-                c.remove(force=True)
+                c.remove(force=True, v=True)
                 removed.append(c.id)
             except Exception:  # noqa: BLE001
                 pass
