@@ -32,6 +32,8 @@ setup(
         "ml_dtypes>=0.5.0",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        # the SWE grader copies this pytest, read-only, into sandboxes whose python has none
+        "pytest>=8.0",
     ],
     extras_require={
         "test": [

@@ -24,7 +24,7 @@ from kat_jax.envs.swe import grade_patch, load_instances, task_from_instance
 
 INSTANCES = load_instances()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD = "docker build -f docker/Dockerfile.sandbox -t kat-jax-sandbox:latest ."
+BUILD = "docker build -t kat-jax-sandbox:latest - < docker/Dockerfile.sandbox"
 
 
 class ImageNotFound(Exception):
@@ -341,7 +341,7 @@ def test_missing_sandbox_image_error_names_it_and_the_build_command(monkeypatch)
     monkeypatch.setenv(ds.IMAGE_ENV, "my/sandbox:1")
     with pytest.raises(SandboxError) as e:
         DockerSandbox(client=FakeDocker({}))
-    assert "docker build -f docker/Dockerfile.sandbox -t my/sandbox:1 ." in str(e.value)
+    assert "docker build -t my/sandbox:1 - < docker/Dockerfile.sandbox" in str(e.value)
     with pytest.raises(SandboxError) as e:   # a task's own image: built FROM the sandbox image
         DockerSandbox("kat/task-1", client=FakeDocker({}))
     assert "'kat/task-1' not found" in str(e.value) and BUILD in str(e.value)

@@ -65,7 +65,7 @@ EXEC_GRACE_S = 5.0          # how long past its timeout an exec's stream is read
 READONLY_ROOT = "/opt/kat_jax"
 DEFAULT_IMAGE = "kat-jax-sandbox:latest"
 IMAGE_ENV = "KAT_JAX_SANDBOX_IMAGE"
-BUILD_COMMAND = "docker build -f docker/Dockerfile.sandbox -t {image} ."
+BUILD_COMMAND = "docker build -t {image} - < docker/Dockerfile.sandbox"
 
 
 def default_image() -> str:
