@@ -64,25 +64,63 @@ class Generation:
 
 
 def sample_step(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,
-                top_p: jax.Array, top_k: jax.Array):
-    """logits float32[B, V]; keys uint32[B, 2]. Returns (token int32[B], logprob, entropy) of the
-    distribution sampled from: softmax(logits / temperature) restricted to the top_k tokens (0: all)
-    and then to the smallest prefix of them (by probability) holding top_p of the mass."""
+                top_p: jax.Array, top_k: jax.Array, k_bound: int = 0):
+    """Choose the next token of each row without sorting the vocabulary.
+
+    logits float32[B, V]; keys uint32[B, 2] (key data); step int32[] or [B] (folded into each
+    key); temperature, top_p float32[] or [B]; top_k int32[] or [B] (0: off). k_bound (static):
+    an upper bound of top_k over the rows (0: no row uses top-k), the k of `jax.lax.top_k`.
+    Returns (token int32[B], logprob float32[B], entropy float32[B]) of the distribution sampled
+    from: softmax(logits / temperature) restricted to the top_k tokens and then to the smallest
+    set of most probable tokens holding top_p of the mass (ties at the cut are kept). Greedy rows
+    (temperature 0) take the argmax and report the untempered distribution.
+
+    The top-p cut is found by bisection over the bit patterns of non-negative float32 (30 halvings
+    of [0, 1] leave one representable threshold): the smallest t with sum(p > t) < top_p, so the
+    kept set {p >= t} is exactly the set a sort and cumulative sum would keep (up to the summation
+    order of float32). Batches with no top-k, no top-p or no sampled row skip those parts."""
+    b, v = logits.shape
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
+    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (b,))
+    step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))
     greedy = temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, temperature)
-    v = logits.shape[-1]
-    use_k = (top_k > 0) & ~greedy
-    kth = jnp.sort(scaled, axis=-1)[:, v - jnp.clip(top_k, 1, v)][:, None]  # k-th largest
-    keep = jnp.where(use_k, scaled >= kth, True)
-    probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
-    desc = jnp.sort(probs, axis=-1)[:, ::-1]
-    count = jnp.sum((jnp.cumsum(desc, axis=-1) - desc) < top_p, axis=-1)  # tokens top-p keeps
-    cutoff = jnp.take_along_axis(desc, (jnp.maximum(count, 1) - 1)[:, None], axis=-1)
-    keep &= jnp.where((top_p < 1.0) & ~greedy, probs >= cutoff, True)
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    keep = jnp.ones(scaled.shape, bool)
+    if k_bound:
+        kb = min(int(k_bound), v)
+        top_vals = jax.lax.top_k(scaled, kb)[0]  # [B, kb], descending
+        kth = jnp.take_along_axis(top_vals, (jnp.clip(top_k, 1, kb) - 1)[:, None], axis=-1)
+        keep = jnp.where(((top_k > 0) & ~greedy)[:, None], scaled >= kth, True)
+    use_p = (top_p < 1.0) & ~greedy
+
+    def top_p_keep(keep):
+        probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+
+        def halve(_, lo_hi):
+            lo, hi = lo_hi
+            mid = lo + (hi - lo) // 2
+            t = jax.lax.bitcast_convert_type(mid, jnp.float32)[:, None]
+            ok = jnp.sum(jnp.where(probs > t, probs, 0.0), axis=-1) < top_p
+            return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+        one = jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32)
+        lo_hi = (jnp.zeros(b, jnp.int32), jnp.full(b, one, jnp.int32))
+        _, hi = jax.lax.fori_loop(0, 30, halve, lo_hi)
+        cut = jax.lax.bitcast_convert_type(hi, jnp.float32)[:, None]
+        return keep & jnp.where(use_p[:, None], probs >= cut, True)
+
+    keep = jax.lax.cond(jnp.any(use_p), top_p_keep, lambda k: k, keep)
     logp = jax.nn.log_softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(keys)
-    sampled = jax.vmap(jax.random.categorical)(step_keys, logp)
-    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logp):
+        step_keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(
+            keys, step)
+        sampled = jax.vmap(jax.random.categorical)(step_keys, logp).astype(jnp.int32)
+        return jnp.where(greedy, argmax, sampled)
+
+    token = jax.lax.cond(jnp.all(greedy), lambda _: argmax, draw, logp)
     lp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
     ent = -jnp.sum(jnp.where(keep, jnp.exp(logp) * logp, 0.0), axis=-1)
     return token, lp, ent
@@ -116,19 +154,20 @@ class JaxEngine:
             last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
             return head_logits(m, last), cache
 
-        def first(logits, rows, keys, temperature, top_p, top_k):
-            return sample_step(logits[rows], keys, jnp.int32(0), temperature, top_p, top_k)
+        def first(logits, rows, keys, temperature, top_p, top_k, k_bound):
+            return sample_step(logits[rows], keys, jnp.int32(0), temperature, top_p, top_k,
+                               k_bound)
 
-        def step(params, cache, tokens, start, keys, i, temperature, top_p, top_k):
+        def step(params, cache, tokens, start, keys, i, temperature, top_p, top_k, k_bound):
             m = nnx.merge(graphdef, params)
             hidden, cache = m.decode(tokens[:, None], start[:, None], cache, start)
             tok, lp, ent = sample_step(head_logits(m, hidden[:, 0]), keys, i, temperature, top_p,
-                                       top_k)
+                                       top_k, k_bound)
             return cache, tok, lp, ent
 
         self._prefill = jax.jit(prefill, static_argnums=3)
-        self._first = jax.jit(first)
-        self._step = jax.jit(step, donate_argnums=1)
+        self._first = jax.jit(first, static_argnums=6)
+        self._step = jax.jit(step, donate_argnums=1, static_argnums=9)
 
     @property
     def context_length(self) -> int:
@@ -190,7 +229,8 @@ class JaxEngine:
         temp = jnp.float32(sp.temperature)
         top_p = jnp.float32(sp.top_p)
         top_k = jnp.int32(sp.top_k)
-        tok, lp, ent = self._first(logits, jnp.asarray(rows_pad), keys, temp, top_p, top_k)
+        k_bound = min(_pow2(sp.top_k), self.cfg.vocab_size) if sp.top_k else 0
+        tok, lp, ent = self._first(logits, jnp.asarray(rows_pad), keys, temp, top_p, top_k, k_bound)
         start = lens[rows_pad].astype(np.int32)
         stop = set(int(s) for s in sp.stop_tokens)
         out_t, out_lp, out_e = [[] for _ in range(b)], [[] for _ in range(b)], [[] for _ in range(b)]
@@ -210,7 +250,7 @@ class JaxEngine:
             if done.all() or i == sp.max_new_tokens - 1:
                 break
             cache, tok, lp, ent = self._step(self.params, cache, tok, jnp.asarray(start + i), keys,
-                                             jnp.int32(i + 1), temp, top_p, top_k)
+                                             jnp.int32(i + 1), temp, top_p, top_k, k_bound)
             self.stats["decode_steps"] += 1
         self.stats["generated_tokens"] += sum(len(t) for t in out_t)
         gens = [Generation(out_t[r], out_lp[r], out_e[r], reason[r]) for r in range(b)]
