@@ -96,10 +96,10 @@ def test_top_k_one_is_greedy_stop_tokens_and_weights_swap_without_recompiling(en
     s = gen(temperature=0.0, stop_tokens=(stop,))[0]
     first = greedy[0].tokens.index(stop)
     assert s.tokens == greedy[0].tokens[:first + 1] and s.finish_reason == "stop"
-    size = engine._step._cache_size()
+    size = engine._decode._cache_size()
     engine.update_weights(jax.tree.map(lambda x: x * 1.01, engine.params))
     moved = gen(temperature=0.0)
-    assert engine._step._cache_size() == size
+    assert engine._decode._cache_size() == size
     assert [g.logprobs for g in moved] != [g.logprobs for g in greedy]
 
 

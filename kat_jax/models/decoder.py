@@ -69,30 +69,39 @@ class Decoder(nnx.Module):
         x_btd, _ = jax.lax.scan(body, x_btd, layer_state)
         return self.norm(x_btd)
 
-    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
-        """An empty KV cache: k, v [L, B, S, K, H] in the compute dtype."""
+    def init_kv_pool(self, num_blocks: int, block_size: int) -> list[tuple[jax.Array, jax.Array]]:
+        """An empty paged KV cache (kat_jax.ops.paged_attention): per layer (k, v) pools
+        [P, S_blk, K, H] in the compute dtype, one buffer each (block 0 is the trash block)."""
         cfg = self.cfg
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, DTYPE[cfg.dtype]), "v": jnp.zeros(shape, DTYPE[cfg.dtype])}
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        return [(jnp.zeros(shape, DTYPE[cfg.dtype]), jnp.zeros(shape, DTYPE[cfg.dtype]))
+                for _ in range(cfg.num_layers)]
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, cache: dict[str, jax.Array],
-               start: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Causal forward of new tokens int32[B, T] of chains continuing at cache row start[b]
-        (prefill: start 0, T = prompt length; decode: T = 1). Returns (hidden [B, T, D] after the
-        final norm, the updated cache). The same parameters and arithmetic as __call__, so a
-        token's log-prob from here equals its score in the packed-tree forward."""
+    def unstacked_layer_states(self) -> list[nnx.State]:
+        """The state of each layer as its own arrays (slices of the stacked parameters, copied
+        once): the decode path takes these so a step never slices the stacked weights."""
+        _, stacked = nnx.split(self.layers)
+        return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.cfg.num_layers)]
+
+    def paged(self, layers: list[DecoderLayer], tokens: jax.Array, positions: jax.Array,
+              slots: jax.Array, kv_pool: list[tuple[jax.Array, jax.Array]],
+              block_tables: jax.Array) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+        """Causal forward of new tokens int32[B, T] at positions int32[B, T] over a paged KV
+        cache (prefill: T new tokens past a cached prefix; decode: T = 1). `layers`: the layers
+        as separate modules (from unstacked_layer_states), run as a Python loop so each reads its
+        own weight and pool buffers in place (a scan would slice the stacked weights and caches
+        every step); slots int32[B, T]: where each token's keys and values go
+        (kat_jax.ops.paged_attention.token_slots); block_tables int32[B, M]. Returns (hidden
+        [B, T, D] after the final norm, the updated pools). The same parameters and arithmetic as
+        __call__, so a token's log-prob from here equals its score in the packed-tree forward (to
+        float32 rounding)."""
         dtype = DTYPE[self.cfg.dtype]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
-        graphdef, layer_state = nnx.split(self.layers)
-
-        def body(h, xs):
-            state, ck, cv = xs
-            layer = nnx.merge(graphdef, state)
-            h, ck, cv = layer.decode(h, positions, ck, cv, start)
-            return h, (ck, cv)
-
-        x, (ks, vs) = jax.lax.scan(body, x, (layer_state, cache["k"], cache["v"]))
-        return self.norm(x), {"k": ks, "v": vs}
+        new_pool = []
+        for layer, (pool_k, pool_v) in zip(layers, kv_pool):
+            x, pool_k, pool_v = layer.paged(x, positions, pool_k, pool_v, slots, block_tables)
+            new_pool.append((pool_k, pool_v))
+        return self.norm(x), new_pool
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full logits float32[..., V] of hidden [..., D] (decoding, tests; training and scoring use

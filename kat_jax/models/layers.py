@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from kat_jax.models.config import ModelConfig
 from kat_jax.ops.attention import tree_attention
+from kat_jax.ops.paged_attention import paged_attention, paged_write
 
 DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -117,28 +118,22 @@ class Attention(nnx.Module):
         out_btnh = checkpoint_name(out_btnh, "attention_out")
         return self.o_proj(out_btnh)
 
-    def decode(self, x_btd: jax.Array, positions_bt: jax.Array, cache_k_bskh: jax.Array,
-               cache_v_bskh: jax.Array, start_b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Causal attention of new tokens x [B, T, D] (at positions [B, T]) over a KV cache
-        cache_k / cache_v [B, S, K, H]: the new keys and values are written at rows start[b] ..
-        start[b] + T - 1 first, then query t of row b sees cache rows 0 .. start[b] + t. Rows past
-        what was written are never visible (they lie after the query). Returns (out, k, v)."""
+    def paged(self, x_btd: jax.Array, positions_bt: jax.Array, pool_k: jax.Array,
+              pool_v: jax.Array, slots_bt: jax.Array, block_tables: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Causal attention of new tokens x [B, T, D] (at positions [B, T]) over a paged KV cache
+        (kat_jax.ops.paged_attention): the new keys and values are written at slots [B, T] first,
+        then the query at position p of row b sees the row's positions 0 .. p through its block
+        table int32[B, M]. Returns (out [B, T, D], pool_k, pool_v)."""
         q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         if self.q_norm is not None:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh = rope(q_btnh, positions_bt, self.rope_theta)
         k_btkh = rope(k_btkh, positions_bt, self.rope_theta)
-        write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
-        cache_k_bskh = write(cache_k_bskh, k_btkh.astype(cache_k_bskh.dtype), start_b)
-        cache_v_bskh = write(cache_v_bskh, v_btkh.astype(cache_v_bskh.dtype), start_b)
-        b, t = x_btd.shape[:2]
-        s = cache_k_bskh.shape[1]
-        q_index_bt = start_b[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        never_closed_bs = jnp.full((b, s), s + t + 1, jnp.int32)  # rule reduces to k <= q
-        out_btnh = tree_attention(q_btnh, cache_k_bskh.astype(q_btnh.dtype),
-                                  cache_v_bskh.astype(q_btnh.dtype), never_closed_bs,
-                                  q_index=q_index_bt, impl="xla_dense")
-        return self.o_proj(out_btnh), cache_k_bskh, cache_v_bskh
+        pool_k = paged_write(pool_k, k_btkh, slots_bt)
+        pool_v = paged_write(pool_v, v_btkh, slots_bt)
+        out_btnh = paged_attention(q_btnh, pool_k, pool_v, block_tables, positions_bt)
+        return self.o_proj(out_btnh), pool_k, pool_v
 
 
 class MLP(nnx.Module):
@@ -170,9 +165,10 @@ class DecoderLayer(nnx.Module):
                                        schedule)
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
 
-    def decode(self, x, positions, cache_k, cache_v, start):
-        """As __call__ for new tokens over a KV cache (Attention.decode); returns (x, k, v)."""
-        a, cache_k, cache_v = self.self_attn.decode(self.input_layernorm(x), positions, cache_k,
-                                                    cache_v, start)
+    def paged(self, x, positions, pool_k, pool_v, slots, block_tables):
+        """As __call__ for new tokens over a paged KV cache (Attention.paged); returns
+        (x, pool_k, pool_v)."""
+        a, pool_k, pool_v = self.self_attn.paged(self.input_layernorm(x), positions, pool_k,
+                                                 pool_v, slots, block_tables)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), cache_k, cache_v
+        return x + self.mlp(self.post_attention_layernorm(x)), pool_k, pool_v

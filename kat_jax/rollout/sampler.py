@@ -1,6 +1,7 @@
-"""Sampling with a KV cache: a group's prompt is prefilled once, its cache shared by its samples.
+"""The built-in sampler: a paged KV cache with a prefix tree, decode as an on-device loop,
+continuous batching.
 
-    engine = JaxEngine(model)
+    engine = JaxEngine(model)                     # EngineConfig() defaults
     out = engine.generate([prompt_ids], SamplingParams(temperature=1.0, max_new_tokens=64,
                           stop_tokens=(im_end,), seed=0), n=8)   # out[0]: 8 Generations
 
@@ -8,23 +9,47 @@ Per generated token: its log-prob and the entropy of the distribution it was act
 (logits / temperature, restricted by top-k and top-p, renormalised). With temperature 1 and no
 top-k / top-p that is exactly what `kat-jax score` computes for the same tokens (tested to 1e-4 in
 float32), so rollout and trainer see the same numbers. Greedy (temperature 0) picks the argmax and
-reports the log-prob and entropy of the untempered distribution (temperature 1).
+reports the log-prob and entropy of the untempered distribution (temperature 1). Choosing a token
+sorts nothing (sample_step).
 
-Determinism: each sample has its own key, fold_in(key(seed), prompt index * n + sample index), folded
-again with the step; the same seed gives the same tokens whatever else is in the batch.
+Determinism: sample j of prompt i has its own key, fold_in(key(seeds[i]), j) (seeds default to
+params.seed for every prompt), folded again with the index of the token in its generation; the
+same seed gives the same tokens whatever else is in the batch (up to float32 rounding of batched
+matmuls).
 
-Shapes are bucketed (prompt length and cache length to 2^k or 1.5 * 2^k, capped at the context;
-batch to a power of two), so a run compiles a handful of programs. Weights are a jit argument:
-update_weights swaps them without recompiling.
+KV cache (kat_jax.ops.paged_attention, kat_jax.rollout.kv_cache): one preallocated pool of blocks
+of `block_size` tokens per layer, a block table per sequence. A sequence reserves the blocks of its
+prompt + max_new_tokens when it is admitted. With `prefix_cache` (the default) the full blocks of
+every prompt and finished generation go into a radix tree keyed by token ids, so a later call
+whose prompt starts with cached blocks prefills only the rest: an agent's next turn prefills only
+the tokens appended since its last call, and episodes sharing a prompt share its blocks. Identical
+prompts of one admission round (a group's n samples, concurrent episodes of a task) are prefilled
+once; their partial last block is copied. Unused cached blocks are evicted least recently used when
+the pool is full. The last prompt token is always prefilled (its logits choose the first token).
+
+Continuous batching: generate may be called from many threads; a scheduler thread admits waiting
+sequences into the running batch (up to max_batch rows) between chunks of `chunk_steps` decode
+steps, each chunk one device dispatch (a lax.while_loop that stops early when every row is done);
+rows leave when they stop. Compiled shapes are bucketed: batch rows and block-table width to powers
+of two, prefill length to 2^k or 1.5 * 2^k.
+
+Weights are jit arguments: update_weights swaps them without recompiling. Cached prefixes were
+computed with the old weights; on_weight_update "recompute" (default) drops the prefix tree and
+re-prefills the sequences in flight (prompt + what they generated) with the new weights, "keep"
+keeps both (faster, approximate: stale keys and values).
 
 Context: `engine.context_length` is the model's max_position_embeddings; a call whose longest
-prompt + max_new_tokens exceeds it raises ContextLengthError (a ValueError), before any compute.
+prompt + max_new_tokens exceeds it (or the KV pool) raises ContextLengthError (a ValueError),
+before any compute.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import queue
 import threading
+import time
 from typing import Any
 
 import jax
@@ -32,6 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kat_jax.ops.paged_attention import token_slots
+from kat_jax.rollout.kv_cache import BlockAllocator, PrefixCache
 from kat_jax.trees.packing import bucket_length
 
 
@@ -130,44 +157,144 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """JaxEngine settings (see the module docstring).
+
+    max_batch: rows of the running batch (sequences decoded together).
+    chunk_steps: decode steps per device dispatch (rows join and leave between chunks).
+    block_size: tokens per KV block (the granularity of prefix sharing).
+    cache_tokens: KV pool capacity in tokens, the cache's memory budget (None: the larger of the
+        context and 32768).
+    prefix_cache: keep finished sequences' blocks in the radix tree for later calls.
+    on_weight_update: "recompute" or "keep" (cached prefixes and in-flight sequences)."""
+
+    max_batch: int = 32
+    chunk_steps: int = 16
+    block_size: int = 16
+    cache_tokens: int | None = None
+    prefix_cache: bool = True
+    on_weight_update: str = "recompute"
+
+    def __post_init__(self):
+        if min(self.max_batch, self.chunk_steps, self.block_size) < 1 or (
+                self.cache_tokens is not None and self.cache_tokens < self.block_size):
+            raise ValueError(f"invalid engine config {self}")
+        if self.on_weight_update not in ("recompute", "keep"):
+            raise ValueError(f"on_weight_update must be 'recompute' or 'keep', got "
+                             f"{self.on_weight_update!r}")
+
+
+@dataclasses.dataclass
+class _Request:
+    n_left: int
+    gens: list
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Seq:
+    """One sample in flight: prompt, what it generated, its KV blocks (table order)."""
+
+    prompt: list[int]
+    sp: SamplingParams
+    key: np.ndarray  # uint32[2]
+    req: _Request
+    index: int  # its place in req.gens
+    out_t: list[int] = dataclasses.field(default_factory=list)
+    out_lp: list[float] = dataclasses.field(default_factory=list)
+    out_e: list[float] = dataclasses.field(default_factory=list)
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    finish: str | None = None
+
+    def context(self) -> list[int]:
+        """What the next prefill of this sequence reads: the prompt and every generated token."""
+        return self.prompt + self.out_t
+
+    def take(self, tok: int, lp: float, ent: float) -> None:
+        self.out_t.append(tok)
+        self.out_lp.append(lp)
+        self.out_e.append(ent)
+        if tok in self.sp.stop_tokens:
+            self.finish = "stop"
+        elif len(self.out_t) >= self.sp.max_new_tokens:
+            self.finish = "length"
+
+
 class JaxEngine:
     """The built-in policy engine (see the module docstring). Thread-safe: concurrent generate
-    calls run one at a time (use kat_jax.rollout.engine.BatchingEngine to merge them)."""
+    calls are batched continuously by one scheduler thread."""
 
-    def __init__(self, model):
+    def __init__(self, model, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
         self.graphdef, self.params = nnx.split(model)
         self.cfg = model.cfg
-        self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0,
-                      "prefill_calls": 0}
-        self._lock = threading.Lock()
-        graphdef = self.graphdef
+        self._layer_graphdef = nnx.split(model.layers)[0]
+        self._layer_states = model.unstacked_layer_states()
+        self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "decode_steps": 0,
+                      "generated_tokens": 0, "prefill_calls": 0, "decode_calls": 0,
+                      "decode_tokens": 0, "decode_seconds": 0.0}
+        bs = cfg.block_size
+        tokens = cfg.cache_tokens or max(self.context_length, 32768)
+        self.num_blocks = -(-tokens // bs) + 1  # + the trash block
+        self._pool = model.init_kv_pool(self.num_blocks, bs)
+        self._alloc = BlockAllocator(self.num_blocks)
+        self._tree = PrefixCache(self._alloc, bs)
+        self._lock = threading.Lock()  # device state: weights, pool, tree, running rows
+        self._inbox: queue.Queue[list[_Seq]] = queue.Queue()
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._running: list[_Seq] = []
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        graphdef, layer_graphdef = self.graphdef, self._layer_graphdef
 
-        def head_logits(m, h):
-            return m.logits(h)
-
-        def prefill(params, tokens, lengths, cache_len):
+        def forward(params, layer_states, pool, tokens, positions, valid, tables):
             m = nnx.merge(graphdef, params)
-            b, t = tokens.shape
-            cache = m.init_cache(b, cache_len)
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            hidden, cache = m.decode(tokens, positions, cache, jnp.zeros(b, jnp.int32))
-            last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            return head_logits(m, last), cache
+            layers = [nnx.merge(layer_graphdef, s) for s in layer_states]
+            slots = token_slots(tables, positions, valid, bs)
+            hidden, pool = m.paged(layers, tokens, positions, slots, pool, tables)
+            return m, hidden, pool
 
-        def first(logits, rows, keys, temperature, top_p, top_k, k_bound):
-            return sample_step(logits[rows], keys, jnp.int32(0), temperature, top_p, top_k,
-                               k_bound)
+        def prefill(params, layer_states, pool, tokens, positions, valid, tables, last, copy_src,
+                    copy_dst, rows, keys, steps, temperature, top_p, top_k, k_bound):
+            m, hidden, pool = forward(params, layer_states, pool, tokens, positions, valid, tables)
+            h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+            logits = m.logits(h_last)
+            pool = [(k.at[copy_dst].set(k[copy_src]), v.at[copy_dst].set(v[copy_src]))
+                    for k, v in pool]
+            tok, lp, ent = sample_step(logits[rows], keys, steps, temperature, top_p, top_k,
+                                       k_bound)
+            return pool, tok, lp, ent
 
-        def step(params, cache, tokens, start, keys, i, temperature, top_p, top_k, k_bound):
-            m = nnx.merge(graphdef, params)
-            hidden, cache = m.decode(tokens[:, None], start[:, None], cache, start)
-            tok, lp, ent = sample_step(head_logits(m, hidden[:, 0]), keys, i, temperature, top_p,
+        def decode(params, layer_states, pool, tables, tok, pos, keys, step, left, active, stops,
+                   temperature, top_p, top_k, k_bound, n_steps):
+            b = tok.shape[0]
+            out = (jnp.full((b, n_steps), -1, jnp.int32), jnp.zeros((b, n_steps), jnp.float32),
+                   jnp.zeros((b, n_steps), jnp.float32))
+
+            def cond(carry):
+                return (carry[0] < n_steps) & jnp.any(carry[6])
+
+            def body(carry):
+                i, pool, tok, pos, step, left, active, (o_t, o_lp, o_e) = carry
+                m, hidden, pool = forward(params, layer_states, pool, tok[:, None], pos[:, None],
+                                          active[:, None], tables)
+                t, lp, e = sample_step(m.logits(hidden[:, 0]), keys, step, temperature, top_p,
                                        top_k, k_bound)
-            return cache, tok, lp, ent
+                o_t = o_t.at[:, i].set(jnp.where(active, t, -1))
+                o_lp, o_e = o_lp.at[:, i].set(lp), o_e.at[:, i].set(e)
+                ended = jnp.any(t[:, None] == stops, axis=-1) | (left <= 1)
+                inc = active.astype(jnp.int32)
+                return (i + 1, pool, jnp.where(active, t, tok), pos + inc, step + inc, left - inc,
+                        active & ~ended, (o_t, o_lp, o_e))
 
-        self._prefill = jax.jit(prefill, static_argnums=3)
-        self._first = jax.jit(first, static_argnums=6)
-        self._step = jax.jit(step, donate_argnums=1, static_argnums=9)
+            carry = (jnp.int32(0), pool, tok, pos, step, left, active, out)
+            carry = jax.lax.while_loop(cond, body, carry)
+            return carry[1], carry[7], carry[0]
+
+        self._prefill = jax.jit(prefill, donate_argnums=2, static_argnums=16)
+        self._decode = jax.jit(decode, donate_argnums=2, static_argnums=(14, 15))
 
     @property
     def context_length(self) -> int:
@@ -175,90 +302,264 @@ class JaxEngine:
         return self.cfg.max_position_embeddings
 
     def update_weights(self, params) -> None:
-        """New weights of the same structure (e.g. from the trainer): no recompilation."""
+        """New weights of the same structure (e.g. from the trainer): no recompilation. Applied
+        between decode chunks; cached prefixes and in-flight sequences per
+        config.on_weight_update."""
+        model = nnx.merge(self.graphdef, params)
+        layer_states = model.unstacked_layer_states()
         with self._lock:
-            self.params = params
+            self.params, self._layer_states = params, layer_states
+            if self.config.on_weight_update == "recompute":
+                self._tree.clear()
+                for seq in reversed(self._running):  # re-prefilled with the new weights
+                    self._alloc.release(seq.blocks)
+                    seq.blocks = []
+                    self._waiting.appendleft(seq)
+                self._running = []
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                  seeds: list[int] | None = None) -> list[list[Generation]]:
-        """n samples for each prompt (prompt i's samples share one prefill). seeds: one per
+        """n samples for each prompt (identical prompts are prefilled once). seeds: one per
         prompt (default params.seed for all; sample j of prompt i uses fold_in(seed_i, j))."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
         vocab = self.cfg.vocab_size
         for p in prompts:
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"generate: token ids must be in [0, {vocab})")
-        with self._lock:
-            return self._generate(prompts, params, n, seeds)
-
-    def _generate(self, prompts, sp: SamplingParams, n, seeds):
-        # unique prompts are prefilled once
-        keys_of = [tuple(int(t) for t in p) for p in prompts]
-        uniq: dict[tuple, int] = {}
-        for key in keys_of:
-            uniq.setdefault(key, len(uniq))
-        u_list = list(uniq)
-        lengths = np.array([len(p) for p in u_list], np.int32)
-        need = int(lengths.max()) + sp.max_new_tokens
+        need = max(len(p) for p in prompts) + params.max_new_tokens
         if need > self.context_length:
             raise ContextLengthError(f"prompt + max_new_tokens = {need} exceeds "
                                      f"max_position_embeddings {self.context_length}")
-        cache_len = min(bucket_length(need), self.context_length)
-        p_len = min(bucket_length(int(lengths.max())), cache_len)
-        u_pad = _pow2(len(u_list))
-        toks = np.zeros((u_pad, p_len), np.int32)
-        for i, p in enumerate(u_list):
-            toks[i, :len(p)] = p
-        lens = np.ones(u_pad, np.int32)
-        lens[:len(u_list)] = lengths
-        logits, cache = self._prefill(self.params, jnp.asarray(toks), jnp.asarray(lens), cache_len)
-        self.stats["prefill_tokens"] += int(lengths.sum())
+        if self._blocks_for(need) > self.num_blocks - 1:
+            raise ContextLengthError(f"prompt + max_new_tokens = {need} exceeds the KV pool "
+                                     f"({self.num_blocks - 1} blocks of {self.config.block_size})")
+        seeds = [params.seed] * len(prompts) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError("generate: one seed per prompt")
+        req = _Request(len(prompts) * n, [None] * (len(prompts) * n))
+        seqs = []
+        for i, p in enumerate(prompts):
+            for j in range(n):
+                key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seeds[i]),
+                                                                        j)))
+                seqs.append(_Seq([int(t) for t in p], params, key, req, i * n + j))
+        self._start()
+        self._inbox.put(seqs)
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return [req.gens[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    # -- the scheduler thread ------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name="jax-engine")
+                self._thread.start()
+
+    def _blocks_for(self, positions: int) -> int:
+        """Blocks holding positions 0 .. positions - 2 (the last sampled token is never fed)."""
+        return -(-max(positions - 1, 1) // self.config.block_size)
+
+    def _loop(self) -> None:
+        while True:
+            if not self._waiting and not self._running:
+                self._waiting.extend(self._inbox.get())
+            while True:
+                try:
+                    self._waiting.extend(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            with self._lock:
+                try:
+                    self._admit()
+                    if self._running:
+                        self._decode_chunk()
+                except BaseException as e:  # noqa: BLE001 - handed to every caller in flight
+                    self._fail_all(e)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """A device program failed (the donated pool may be gone): every request in flight gets
+        the error and the cache starts empty."""
+        for seq in [*self._running, *self._waiting]:
+            seq.req.error = error
+            seq.req.done.set()
+        self._running, self._waiting = [], collections.deque()
+        self._pool = nnx.merge(self.graphdef, self.params).init_kv_pool(self.num_blocks,
+                                                                         self.config.block_size)
+        self._alloc = BlockAllocator(self.num_blocks)
+        self._tree = PrefixCache(self._alloc, self.config.block_size)
+
+    def _reserve(self, n: int) -> list[int] | None:
+        blocks = self._alloc.alloc(n)
+        if blocks is None and self._tree.evict(n - len(self._alloc.free)):
+            blocks = self._alloc.alloc(n)
+        return blocks
+
+    def _admit(self) -> None:
+        """Move waiting sequences into the running batch (one prefill for all of them)."""
+        cfg, bs = self.config, self.config.block_size
+        leaders: list[tuple[_Seq, int]] = []  # (sequence, prefix length taken from the cache)
+        followers: list[tuple[_Seq, _Seq]] = []
+        by_prompt: dict[tuple[int, ...], _Seq] = {}
+        rows_free = cfg.max_batch - len(self._running)
+        while self._waiting and len(leaders) + len(followers) < rows_free:
+            seq = self._waiting[0]
+            ctx = seq.context()
+            total = self._blocks_for(len(seq.prompt) + seq.sp.max_new_tokens)
+            leader = by_prompt.get(tuple(ctx)) if not seq.out_t else None
+            if leader is not None:
+                shared = leader.blocks[:len(ctx) // bs]
+                own = self._reserve(total - len(shared))
+                if own is None:
+                    break
+                self._alloc.retain(shared)
+                seq.blocks = shared + own
+                followers.append((seq, leader))
+            else:
+                matched = self._tree.match(ctx[:-1]) if cfg.prefix_cache else []
+                own = self._reserve(total - len(matched))
+                if own is None:
+                    self._alloc.release(matched)
+                    break
+                seq.blocks = matched + own
+                leaders.append((seq, len(matched) * bs))
+                if not seq.out_t:
+                    by_prompt[tuple(ctx)] = seq
+            self._waiting.popleft()
+        if not leaders:
+            return
+        self._prefill_rows(leaders, followers)
+
+    def _prefill_rows(self, leaders, followers) -> None:
+        bs = self.config.block_size
+        b = _pow2(len(leaders))
+        t = min(bucket_length(max(len(s.context()) - c for s, c in leaders)), self.context_length)
+        m = _pow2(max(len(s.blocks) for s, _ in leaders + followers))
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.zeros((b, t), np.int32)
+        valid = np.zeros((b, t), bool)
+        tables = np.zeros((b, m), np.int32)
+        last = np.zeros(b, np.int32)
+        for r, (seq, c) in enumerate(leaders):
+            ctx = seq.context()
+            tokens[r, :len(ctx) - c] = ctx[c:]
+            positions[r] = c + np.arange(t)
+            valid[r, :len(ctx) - c] = True
+            tables[r, :len(seq.blocks)] = seq.blocks
+            last[r] = len(ctx) - c - 1
+            self.stats["prefill_tokens"] += len(ctx) - c
+            self.stats["cached_tokens"] += c
+        row_of = {id(seq): r for r, (seq, _) in enumerate(leaders)}
+        copies = [(leader.blocks[len(seq.prompt) // bs], seq.blocks[len(seq.prompt) // bs])
+                  for seq, leader in followers if len(seq.prompt) % bs]
+        n_copy = _pow2(len(copies))
+        src = np.zeros(n_copy, np.int32)
+        dst = np.zeros(n_copy, np.int32)
+        for i, (s, d) in enumerate(copies):
+            src[i], dst[i] = s, d
+        seqs = [s for s, _ in leaders] + [s for s, _ in followers]
+        rows = [row_of[id(s)] for s, _ in leaders] + [row_of[id(ld)] for _, ld in followers]
+        arrays = self._row_arrays(seqs)
+        rows_pad = np.zeros(len(arrays["keys"]), np.int32)
+        rows_pad[:len(rows)] = rows
+        self._pool, tok, lp, ent = self._prefill(
+            self.params, self._layer_states, self._pool, tokens, positions, valid, tables, last,
+            src, dst, rows_pad, arrays["keys"], arrays["step"], arrays["temperature"],
+            arrays["top_p"], arrays["top_k"], arrays["k_bound"])
         self.stats["prefill_calls"] += 1
-        # rows: prompt i, sample j -> its unique prompt's cache row
-        rows = np.array([uniq[key] for key in keys_of for _ in range(n)], np.int32)
-        b = len(rows)
-        b_pad = _pow2(b)
-        rows_pad = np.concatenate([rows, np.full(b_pad - b, rows[0], np.int32)])
-        seeds = [sp.seed] * len(prompts) if seeds is None else list(seeds)
-        keys = np.stack([jax.random.key_data(jax.random.fold_in(jax.random.key(seeds[i]), j))
-                         for i in range(len(prompts)) for j in range(n)]
-                        + [jax.random.key_data(jax.random.key(0))] * (b_pad - b))
-        keys = jnp.asarray(keys)
-        cache = jax.tree.map(lambda c: jnp.take(c, jnp.asarray(rows_pad), axis=1), cache)
-        temp = jnp.float32(sp.temperature)
-        top_p = jnp.float32(sp.top_p)
-        top_k = jnp.int32(sp.top_k)
-        k_bound = min(_pow2(sp.top_k), self.cfg.vocab_size) if sp.top_k else 0
-        tok, lp, ent = self._first(logits, jnp.asarray(rows_pad), keys, temp, top_p, top_k, k_bound)
-        start = lens[rows_pad].astype(np.int32)
-        stop = set(int(s) for s in sp.stop_tokens)
-        out_t, out_lp, out_e = [[] for _ in range(b)], [[] for _ in range(b)], [[] for _ in range(b)]
-        done = np.zeros(b, bool)
-        reason = ["length"] * b
-        for i in range(sp.max_new_tokens):
-            t_np, lp_np, e_np = jax.device_get((tok, lp, ent))
-            for r in range(b):
-                if done[r]:
-                    continue
-                out_t[r].append(int(t_np[r]))
-                out_lp[r].append(float(lp_np[r]))
-                out_e[r].append(float(e_np[r]))
-                if int(t_np[r]) in stop:
-                    done[r] = True
-                    reason[r] = "stop"
-            if done.all() or i == sp.max_new_tokens - 1:
-                break
-            cache, tok, lp, ent = self._step(self.params, cache, tok, jnp.asarray(start + i), keys,
-                                             jnp.int32(i + 1), temp, top_p, top_k, k_bound)
-            self.stats["decode_steps"] += 1
-        self.stats["generated_tokens"] += sum(len(t) for t in out_t)
-        gens = [Generation(out_t[r], out_lp[r], out_e[r], reason[r]) for r in range(b)]
-        return [gens[i * n:(i + 1) * n] for i in range(len(prompts))]
+        tok, lp, ent = jax.device_get((tok, lp, ent))
+        if self.config.prefix_cache:
+            for seq, _ in leaders:  # the prompt's full blocks: shared from now on
+                self._tree.insert(seq.context(), seq.blocks)
+        for r, seq in enumerate(seqs):
+            seq.take(int(tok[r]), float(lp[r]), float(ent[r]))
+            if seq.finish is None:
+                self._running.append(seq)
+            else:
+                self._retire(seq)
+
+    def _row_arrays(self, seqs: list[_Seq]) -> dict[str, Any]:
+        """Per-row sampling inputs of seqs, padded to a power of two rows."""
+        b = _pow2(len(seqs))
+        keys = np.zeros((b, 2), np.uint32)
+        temp = np.ones(b, np.float32)
+        top_p = np.ones(b, np.float32)
+        top_k = np.zeros(b, np.int32)
+        step = np.zeros(b, np.int32)
+        for r, seq in enumerate(seqs):
+            keys[r], temp[r], top_p[r], top_k[r] = (seq.key, seq.sp.temperature, seq.sp.top_p,
+                                                    seq.sp.top_k)
+            step[r] = len(seq.out_t)
+        k_max = int(top_k.max())
+        k_bound = min(_pow2(k_max), self.cfg.vocab_size) if k_max else 0
+        return {"keys": keys, "temperature": temp, "top_p": top_p, "top_k": top_k,
+                "step": step, "k_bound": k_bound}
+
+    def _decode_chunk(self) -> None:
+        seqs = self._running
+        arrays = self._row_arrays(seqs)
+        b = len(arrays["keys"])
+        m = _pow2(max(len(s.blocks) for s in seqs))
+        n_stop = _pow2(max(len(s.sp.stop_tokens) for s in seqs) or 1)
+        tables = np.zeros((b, m), np.int32)
+        tok = np.zeros(b, np.int32)
+        pos = np.zeros(b, np.int32)
+        left = np.zeros(b, np.int32)
+        active = np.zeros(b, bool)
+        stops = np.full((b, n_stop), -1, np.int32)
+        for r, seq in enumerate(seqs):
+            tables[r, :len(seq.blocks)] = seq.blocks
+            tok[r] = seq.out_t[-1]
+            pos[r] = len(seq.prompt) + len(seq.out_t) - 1
+            left[r] = seq.sp.max_new_tokens - len(seq.out_t)
+            active[r] = True
+            stops[r, :len(seq.sp.stop_tokens)] = seq.sp.stop_tokens
+        t0 = time.perf_counter()
+        self._pool, (o_t, o_lp, o_e), steps = self._decode(
+            self.params, self._layer_states, self._pool, tables, tok, pos, arrays["keys"],
+            arrays["step"], left, active, stops, arrays["temperature"], arrays["top_p"],
+            arrays["top_k"], arrays["k_bound"], self.config.chunk_steps)
+        o_t, o_lp, o_e, steps = jax.device_get((o_t, o_lp, o_e, steps))
+        self.stats["decode_seconds"] += time.perf_counter() - t0
+        self.stats["decode_calls"] += 1
+        self.stats["decode_steps"] += int(steps)
+        self.stats["decode_tokens"] += int((o_t >= 0).sum())
+        running = []
+        for r, seq in enumerate(seqs):
+            for i in range(int(steps)):
+                if o_t[r, i] < 0:
+                    break
+                seq.take(int(o_t[r, i]), float(o_lp[r, i]), float(o_e[r, i]))
+            if seq.finish is None:
+                running.append(seq)
+            else:
+                self._retire(seq)
+        self._running = running
+
+    def _retire(self, seq: _Seq) -> None:
+        """A finished sequence: its computed blocks go into the prefix tree, its result to the
+        caller."""
+        if self.config.prefix_cache:
+            self._tree.insert(seq.context()[:-1], seq.blocks)
+        self._alloc.release(seq.blocks)
+        seq.blocks = []
+        self.stats["generated_tokens"] += len(seq.out_t)
+        req = seq.req
+        req.gens[seq.index] = Generation(seq.out_t, seq.out_lp, seq.out_e, seq.finish)
+        req.n_left -= 1
+        if req.n_left == 0:
+            req.done.set()
 
 
-def engine_from_checkpoint(spec: str, **overrides: Any) -> JaxEngine:
+def engine_from_checkpoint(spec: str, config: EngineConfig | None = None,
+                           **overrides: Any) -> JaxEngine:
     from kat_jax.models.checkpoint import load_model
 
     model, _ = load_model(spec, **overrides)
-    return JaxEngine(model)
+    return JaxEngine(model, config)

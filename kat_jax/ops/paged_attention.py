@@ -1,0 +1,70 @@
+"""Attention over a paged KV cache: keys and values live in fixed-size blocks of one preallocated
+pool, and each sequence's block table lists its blocks in order (as vLLM's PagedAttention).
+
+    pool_k, pool_v: [P, S_blk, K, H]     P blocks of S_blk token slots, per layer
+    block_tables:   int32[B, M]          block m of row b holds the row's positions
+                                         m * S_blk .. (m + 1) * S_blk - 1
+    slots:          int32[B, T]          flat slot (block * S_blk + offset) of each new token
+
+Block 0 is the trash block: never given to a sequence; table padding points at it and the writes
+of padding tokens land in it (token_slots), so padding never touches a live block.
+
+paged_write stores new keys / values at their slots (a scatter: in place when the pool is donated
+or a loop carry). paged_attention is the XLA gather path: a row's blocks are gathered into
+[B, M * S_blk, K, H] (one layer at a time, so the temporary is one layer's live KV, never the
+pool) and attended densely as kat_jax.ops.dense does (float32 scores and softmax, scale H^-0.5);
+query (b, t) at position q_pos[b, t] sees the row's positions 0 .. q_pos[b, t]. Exact: the same
+arithmetic as the dense path over the same keys.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kat_jax.ops.tree_mask import MASK_VALUE
+
+TRASH_BLOCK = 0
+
+
+def token_slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array,
+                block_size: int) -> jax.Array:
+    """int32[B, T] flat pool slots of tokens at positions int32[B, T] of each row; tokens with
+    valid False (padding) get a slot of the trash block."""
+    m = block_tables.shape[1]
+    block = jnp.take_along_axis(block_tables, jnp.clip(positions // block_size, 0, m - 1), axis=1)
+    slot = block * block_size + positions % block_size
+    return jnp.where(valid, slot, TRASH_BLOCK * block_size + positions % block_size)
+
+
+def paged_write(pool: jax.Array, new_btkh: jax.Array, slots_bt: jax.Array) -> jax.Array:
+    """pool [P, S_blk, K, H] with new[b, t] written at flat slot slots[b, t]."""
+    p, s, k, h = pool.shape
+    flat = pool.reshape(p * s, k, h).at[slots_bt.reshape(-1)].set(
+        new_btkh.reshape(-1, k, h).astype(pool.dtype))
+    return flat.reshape(p, s, k, h)
+
+
+def paged_attention(q_btnh: jax.Array, pool_k: jax.Array, pool_v: jax.Array,
+                    block_tables: jax.Array, q_pos: jax.Array,
+                    scale: float | None = None) -> jax.Array:
+    """[B, T, N, H] attention of queries q (at positions q_pos int32[B, T]) over their rows' cached
+    positions 0 .. q_pos (gather path; see the module docstring)."""
+    b, t, n, h = q_btnh.shape
+    _, s_blk, kv_heads, _ = pool_k.shape
+    if n % kv_heads:
+        raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kv_heads})")
+    g = n // kv_heads
+    scale = h ** -0.5 if scale is None else scale
+    s = block_tables.shape[1] * s_blk
+    k_bskh = pool_k[block_tables].reshape(b, s, kv_heads, h).astype(q_btnh.dtype)
+    v_bskh = pool_v[block_tables].reshape(b, s, kv_heads, h).astype(q_btnh.dtype)
+    qg = q_btnh.reshape(b, t, kv_heads, g, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    visible = jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v_bskh.dtype), v_bskh,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
