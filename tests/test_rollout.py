@@ -199,6 +199,7 @@ def test_openai_server_and_client_return_the_engines_tokens(engine):
 def test_rollout_command_writes_lines_that_training_reads(tmp_path):
     from kat_jax.cli import main
     from kat_jax.data.sources import JsonlGroups
+    from kat_jax.rollout.runner import run_rollout_cmd
 
     out = tmp_path / "r.jsonl"
     assert main(["rollout", "--checkpoint", "preset:tiny", "--env", "calculator", "--max-tasks",
@@ -206,6 +207,11 @@ def test_rollout_command_writes_lines_that_training_reads(tmp_path):
                  "--output", str(out)]) == 0
     src = JsonlGroups([str(out)], "rollouts")
     assert len(src) == 2 and src.num_records == 4  # grouped by task
+    summary = run_rollout_cmd("preset:tiny", "calculator", str(tmp_path / "s.jsonl"),
+                              samples_per_task=2, max_new_tokens=8, max_turns=2, max_tasks=1)
+    # a group's two samples share their prompt: prefilled once, fewer tokens than the records'
+    assert 0 < summary["prefill_tokens"] <= summary["distinct_tokens"]
+    assert summary["decode_tokens_per_s"] > 0 and summary["generated_tokens"] > 0
 
 
 def test_batching_engine_merges_concurrent_requests():

@@ -9,9 +9,11 @@
 A request that does not fit the context raises kat_jax.rollout.sampler.ContextLengthError (the
 agent loop makes it the episode's status, context_limit).
 
-  JaxEngine       (kat_jax.rollout.sampler) the built-in KV-cache sampler.
-  BatchingEngine  wraps an engine: concurrent generate calls (many episodes at once) are merged
-                  into one batch per round, so sandbox latency overlaps generation.
+  JaxEngine       (kat_jax.rollout.sampler) the built-in sampler: paged KV cache with a prefix
+                  tree, continuous batching of concurrent calls (needs no wrapper).
+  BatchingEngine  wraps an engine that serves one call at a time: concurrent generate calls
+                  (many episodes at once) are merged into one batch per round, so sandbox
+                  latency overlaps generation.
   OpenAIEngine    a client of OpenAI-compatible /v1/completions servers that take prompts as token
                   ids and return token ids and log-probs (`kat-jax serve`, vLLM, sglang-jax).
 """

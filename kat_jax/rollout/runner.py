@@ -5,7 +5,9 @@ Line: a rollout record (kat_jax.data.records): {"id", "group" (the task), "task_
 "logprobs" and "entropies" (per token, null where not generated), "tags" (per token: null,
 "tool_call" or "tool_result"), "reward", "status", "passed", "turns", "tool_calls"}. The output
 is written atomically at the end; the last stdout line is a JSON summary (success rate, mean
-reward, mean turns, tool calls per turn, statuses, the model's context and the token budget used).
+reward, mean turns, tool calls per turn, statuses, the model's context and the token budget used,
+and the sampler's work: prefill_tokens vs distinct_tokens (the prefix cache's saving),
+cached_tokens, generated_tokens, decode_tokens_per_s).
 
 The token budget (max_tokens) defaults to the checkpoint's context and is clamped to it; an episode
 that runs out of context is recorded with status context_limit (kat_jax.rollout.agent), so one long
@@ -89,6 +91,31 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "statuses": statuses}
 
 
+def distinct_tokens(records: list[dict[str, Any]]) -> int:
+    """Tokens of the records' prefix trie: each shared prefix counted once (what an ideal prefix
+    cache would prefill, give or take the generated tokens it never feeds)."""
+    nodes: dict[tuple[int, int], int] = {}
+    for r in records:
+        node = 0
+        for t in r["tokens"]:
+            node = nodes.setdefault((node, t), len(nodes) + 1)
+    return len(nodes)
+
+
+def sampling_summary(stats: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sampler's work: tokens prefilled vs the distinct tokens of the trajectories, tokens
+    taken from the prefix cache, generated tokens and decode tokens/s (decode chunks only)."""
+    distinct = distinct_tokens(records)
+    prefill = stats.get("prefill_tokens", 0)
+    seconds = stats.get("decode_seconds", 0.0)
+    return {"prefill_tokens": prefill, "distinct_tokens": distinct,
+            "prefill_over_distinct": round(prefill / max(distinct, 1), 3),
+            "cached_tokens": stats.get("cached_tokens"),
+            "generated_tokens": stats.get("generated_tokens"),
+            "decode_tokens_per_s": round(stats.get("decode_tokens", 0) / seconds, 1)
+            if seconds else None}
+
+
 def run_rollout_cmd(checkpoint: str, env_name: str, output: str, tasks_file: str | None = None,
                     samples_per_task: int = 4, temperature: float = 1.0, seed: int = 0,
                     max_turns: int = 8, max_tokens: int | None = None,
@@ -97,7 +124,6 @@ def run_rollout_cmd(checkpoint: str, env_name: str, output: str, tasks_file: str
                     tokenizer: str | None = None,
                     env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     from kat_jax.rollout.agent import token_budget
-    from kat_jax.rollout.engine import BatchingEngine
     from kat_jax.rollout.sampler import SamplingParams, engine_from_checkpoint
 
     check_output_file(output)
@@ -105,12 +131,11 @@ def run_rollout_cmd(checkpoint: str, env_name: str, output: str, tasks_file: str
     if max_tasks is not None:
         tasks = tasks[:max_tasks]
     tok = tokenizer_for_checkpoint(checkpoint, tokenizer)
-    engine = BatchingEngine(engine_from_checkpoint(checkpoint))
+    engine = engine_from_checkpoint(checkpoint)  # batches the concurrent episodes continuously
     sp = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     records = run_rollouts(engine, env_name, tasks, tok, samples_per_task, sp, max_turns,
                            max_tokens, concurrency=concurrency, seed=seed, env_kwargs=env_kwargs)
     write_rollouts(output, records)
     return {**summarize(records), "output": output, "context": engine.context_length,
             "max_tokens": token_budget(max_tokens, engine.context_length),
-            "prefill_tokens": engine.stats.get("prefill_tokens"),
-            "generated_tokens": engine.stats.get("generated_tokens")}
+            **sampling_summary(engine.stats, records)}

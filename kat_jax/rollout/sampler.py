@@ -226,6 +226,8 @@ class JaxEngine:
     """The built-in policy engine (see the module docstring). Thread-safe: concurrent generate
     calls are batched continuously by one scheduler thread."""
 
+    continuous_batching = True  # servers call it concurrently, without a BatchingEngine
+
     def __init__(self, model, config: EngineConfig | None = None):
         self.config = cfg = config or EngineConfig()
         self.graphdef, self.params = nnx.split(model)

@@ -4,7 +4,9 @@ POST /v1/completions {"prompt": [ids] or [[ids], ...], "max_tokens", "temperatur
 "top_k", "n", "seed", "stop_token_ids"} -> {"choices": [{"index", "text", "token_ids",
 "logprobs": {"tokens": ["token_id:N", ...], "token_logprobs": [...], "entropies": [...]},
 "finish_reason": "stop" | "length"}], "usage": {...}}. GET /v1/models lists the one model.
-Concurrent requests are merged into batches (BatchingEngine). Binds to 127.0.0.1 by default.
+Concurrent requests are batched: continuously by the built-in JaxEngine (its prefix cache shares
+prompts across requests), merged per round by BatchingEngine for other engines.
+Binds to 127.0.0.1 by default.
 Bad requests get HTTP 400 with a message naming the field.
 """
 
@@ -45,7 +47,8 @@ def _params(body: dict) -> tuple[list[list[int]], SamplingParams, int]:
 
 def make_server(engine, host: str = "127.0.0.1", port: int = 0, model_name: str = "kat_jax",
                 tokenizer=None) -> ThreadingHTTPServer:
-    batching = engine if isinstance(engine, BatchingEngine) else BatchingEngine(engine)
+    batching = engine if getattr(engine, "continuous_batching", False) or isinstance(
+        engine, BatchingEngine) else BatchingEngine(engine)
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt, *args):  # quiet
