@@ -68,7 +68,7 @@ _RESULTS: dict = {}
 def _step(setup, cfg, drop=()):
     """loss and gradient norm of one train step under cfg's loss keys (each distinct setting
     compiled and run once per session)."""
-    key = (cfg.loss.to_json(), tuple(drop))
+    key = (cfg.stage, cfg.loss.to_json(), cfg.train.log_entropy, tuple(drop))
     if key not in _RESULTS:
         _RESULTS[key] = _run_step(setup, cfg, drop)
     return _RESULTS[key]
@@ -172,6 +172,29 @@ def test_the_policy_loss_matches_a_numpy_ppo_written_from_the_definition(setup):
     want = per_token[mask].sum() / mask.sum()
     got = _step(setup, _rl_config(old_logprobs="record", tis_cap=cap, kl_coef=beta))[0]
     np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+def test_log_entropy_key_adds_or_removes_the_entropy_computation(setup):
+    """train.log_entropy=False: no entropy is computed (no `entropy` metric, the compiled step
+    differs) and the loss and gradient are unchanged; True logs it on every stage, sft too."""
+    on = _step(setup, _rl_config(), drop=("old_logprobs", "ref_logprobs"))
+    cfg = _rl_config()
+    cfg.train.log_entropy = False
+    off = _step(setup, cfg, drop=("old_logprobs", "ref_logprobs"))
+    assert "entropy" in on[2] and on[2]["entropy"] > 0 and "entropy" not in off[2]
+    np.testing.assert_allclose(off[:2], on[:2], rtol=1e-6)
+    sft = stage_config("sft", "tiny")
+    assert "entropy" in _step(setup, sft)[2]
+    sft.train.log_entropy = False
+    assert "entropy" not in _step(setup, sft)[2]
+
+
+def test_log_entropy_off_with_an_entropy_bonus_fails_at_start():
+    cfg = _rl_config(entropy_coef=0.1)
+    cfg.train.log_entropy = False
+    with pytest.raises(ConfigError, match=r"train.log_entropy: False skips the entropy, which "
+                                          r"the entropy bonus \(loss.entropy_coef=0.1\) needs"):
+        build.validate(cfg)
 
 
 @pytest.mark.parametrize("stage,key,value,match", [

@@ -17,8 +17,9 @@ the names are registered in one place, kat_jax.ops.attention_impls.ATTENTION_IMP
   pallas           flash-attention kernels in Pallas (kat_jax.ops.pallas): Triton on GPU, Mosaic on
                    TPU, interpreted on CPU (slow; for tests). Same block classification as
                    xla_block_sparse, schedule in-kernel. Decode (q_index) falls back to xla_dense.
-  auto             by platform (`resolve_attention_impl`): pallas on GPU and TPU (xla_block_sparse
-                   where the kernels do not take the head dim), xla_block_sparse on CPU.
+  auto             by platform and shape (`resolve_attention_impl`): pallas on GPU and TPU
+                   (where the kernels take the head dim); elsewhere xla_block_sparse, except for
+                   short rows, where block sparsity cannot pay (`dense_is_cheaper`): xla_dense.
 
 Under a mesh, the Pallas kernel runs inside shard_map over batch rows and heads
 (`sharded_tree_attention`); `tree_attention` does that by itself when a mesh is set with
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from kat_jax.ops.attention_impls import ATTENTION_IMPLS, attention_impl_names
+from kat_jax.ops.block_sparse import PAIRS_PER_STEP
 from kat_jax.ops.dense import xla_dense_attention
 from kat_jax.ops.tree_mask import (
     BATCH_MESH_AXES,
@@ -50,7 +52,7 @@ from kat_jax.ops.tree_mask import (
 
 # Re-exported: the dispatcher is where callers look for the attention API.
 __all__ = ["ATTENTION_IMPLS", "BATCH_MESH_AXES", "HEAD_MESH_AXES", "MASK_VALUE", "PALLAS_HEAD_DIMS",
-           "attention_impl_names", "effective_block_size", "mesh_platform",
+           "attention_impl_names", "dense_is_cheaper", "effective_block_size", "mesh_platform",
            "resolve_attention_impl", "sharded_tree_attention", "tree_attention", "tree_visible",
            "xla_dense_attention"]
 
@@ -58,17 +60,36 @@ __all__ = ["ATTENTION_IMPLS", "BATCH_MESH_AXES", "HEAD_MESH_AXES", "MASK_VALUE",
 PALLAS_HEAD_DIMS = (64, 128, 256)
 
 
-def resolve_attention_impl(name: str, platform: str | None = None,
-                           head_dim: int | None = None) -> str:
-    """Map a config name to a concrete implementation for a platform ('cpu', 'gpu'/'cuda', 'tpu';
-    default: JAX's default backend, i.e. the platform of the devices a mesh is made of).
+def dense_is_cheaper(row_len: int, block_size: int) -> bool:
+    """True when rows of row_len tokens are too short for block-sparse attention to pay: the row
+    has nb <= 4 blocks (block = effective_block_size(block_size, row_len)), so its nb^2 block
+    pairs, all of which the dense path scores, are no more than the PAIRS_PER_STEP (16) pairs
+    that one step of the block-sparse scan scores whatever the tree. Measured on CPU (2 cores,
+    4/2 heads of 64, block 128, forward and forward + backward): block-sparse / dense time is
+    ~14x at 128 tokens, ~5x at 256, ~1.4x at 512 (4 blocks), ~0.5-0.7x at 1024, ~0.2-0.4x from
+    1536 up."""
+    nb = -(-int(row_len) // effective_block_size(block_size, row_len))
+    return nb * nb <= PAIRS_PER_STEP
 
-    auto: pallas on GPU and TPU when head_dim is one of PALLAS_HEAD_DIMS (or not given),
-    otherwise xla_block_sparse (CPU: the Pallas kernels would only run interpreted)."""
+
+def resolve_attention_impl(name: str, platform: str | None = None,
+                           head_dim: int | None = None, row_len: int | None = None,
+                           block_size: int = 128) -> str:
+    """Map a config name to a concrete implementation for a platform ('cpu', 'gpu'/'cuda', 'tpu';
+    default: JAX's default backend, i.e. the platform of the devices a mesh is made of) and, when
+    row_len is given, for rows of that many tokens attended in blocks of block_size.
+
+    auto: pallas on GPU and TPU when head_dim is one of PALLAS_HEAD_DIMS (or not given);
+    otherwise (CPU, where the Pallas kernels would only run interpreted) xla_block_sparse, or
+    xla_dense when the rows are short (`dense_is_cheaper(row_len, block_size)`). A rule on
+    shapes only, so the host (which builds block schedules only for the block-sparse paths) and
+    the compiled step agree."""
     if name == "auto":
         if current_platform(platform) in ("gpu", "cuda", "tpu") and (
                 head_dim is None or head_dim in PALLAS_HEAD_DIMS):
             return "pallas"
+        if row_len is not None and dense_is_cheaper(row_len, block_size):
+            return "xla_dense"
         return "xla_block_sparse"
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {name!r}; known: {list(attention_impl_names())}")
@@ -89,7 +110,8 @@ def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Ar
     When the resolved impl is pallas and a mesh is set (jax.set_mesh) with axes named in
     BATCH_MESH_AXES / HEAD_MESH_AXES that are not already manual, the kernel runs inside
     shard_map over them (a custom call cannot be partitioned by GSPMD)."""
-    name = resolve_attention_impl(impl, head_dim=q.shape[-1])
+    name = resolve_attention_impl(impl, head_dim=q.shape[-1], row_len=q.shape[1],
+                                  block_size=block_size)
     if name == "pallas" and q_index is None:
         mesh = jax.sharding.get_abstract_mesh()
         free = () if mesh.empty else tuple(a for a in mesh.axis_names

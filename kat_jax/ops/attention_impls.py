@@ -3,7 +3,8 @@
 ModelConfig validates `model.attention_impl` against `attention_impl_names()`, the command line
 offers the same names, and the dispatcher (kat_jax.ops.attention.tree_attention) calls the
 implementation registered under the resolved name. 'auto' is not an implementation: the
-dispatcher resolves it per platform (kat_jax.ops.attention.resolve_attention_impl).
+dispatcher resolves it per platform and row length
+(kat_jax.ops.attention.resolve_attention_impl).
 
 Every implementation has one signature:
 

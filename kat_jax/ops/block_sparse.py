@@ -53,6 +53,9 @@ import numpy as np
 from kat_jax.ops.tree_mask import MASK_VALUE
 
 KIND_SKIP, KIND_PARTIAL, KIND_FULL = 0, 1, 2
+# Block pairs scored per step of the scan (the default pairs_per_step): the least work a row with
+# any visible pair costs is this many block pairs.
+PAIRS_PER_STEP = 16
 
 
 def _next_pow2(n: int) -> int:
@@ -270,7 +273,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def xla_block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Array,
                                q_index: jax.Array | None = None, scale: float | None = None, *,
                                schedule: dict[str, jax.Array] | None = None,
-                               block_size: int = 128, pairs_per_step: int = 16) -> jax.Array:
+                               block_size: int = 128,
+                               pairs_per_step: int = PAIRS_PER_STEP) -> jax.Array:
     """Tree attention over the block pairs of `schedule` (see module docstring). Jittable; the
     schedule may be traced (its P is the only static part). `pairs_per_step` (static) pairs are
     scored per scan step."""

@@ -121,6 +121,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "current, or loss.tis_cap=0", lc.tis_cap)
     if lc.kl_type != defaults["kl_type"] and lc.kl_coef == 0:
         _fail("loss.kl_type", "acts only with loss.kl_coef > 0", lc.kl_type)
+    if not train.log_entropy and lc.entropy_coef > 0:
+        _fail("train.log_entropy", "False skips the entropy, which the entropy bonus "
+              f"(loss.entropy_coef={lc.entropy_coef}) needs; set train.log_entropy=True or "
+              "loss.entropy_coef=0", train.log_entropy)
     if lc.count_pruned_in_denominator:
         _fail("loss.count_pruned_in_denominator", "needs pruned tokens in the batches, and "
               "pruning is not on the training path yet (no batch of this run is pruned)",
@@ -152,7 +156,8 @@ def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
                               kl_coef=lc.kl_coef, kl_type=lc.kl_type,
                               entropy_coef=lc.entropy_coef, old_policy=lc.old_logprobs)
     return LossSpec(stage=cfg.stage, agg_mode=lc.agg_mode, temperature=lc.temperature,
-                    count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy)
+                    count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy,
+                    entropy=cfg.train.log_entropy)
 
 
 def batch_fields(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], dict[str, str]]:

@@ -19,6 +19,10 @@ Every stage config has the same keys; the stage changes the data kind and the lo
   train.steps / microbatches / checkpoint_every / log_every / eval_every / eval_batches
   train.keep_checkpoints / max_consecutive_skips / seed / async_checkpointing
   train.profile_start / profile_steps  a jax.profiler trace window (profile_steps 0 = off)
+  train.log_entropy          compute the policy's entropy at the loss tokens and log its mean as
+                             the `entropy` metric (every stage); False: the step computes no
+                             entropy (a cheaper log-prob pass), which loss.entropy_coef > 0 needs
+                             (then an error)
   train.stop_at_step         stop after this step as on preemption (checkpoint, exit 143; -1 = off)
   train.step_timeout_s       exit (75, with every thread's stack) when no step completes for this
                              long, so a stuck host fails a multi-host job instead of hanging it
@@ -90,7 +94,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         steps=40, microbatches=1, checkpoint_every=20, log_every=5, eval_every=0, eval_batches=2,
         keep_checkpoints=3, max_consecutive_skips=10, seed=0, async_checkpointing=True,
         profile_start=-1, profile_steps=0, stop_at_step=-1,
-        step_timeout_s=3600.0))
+        step_timeout_s=3600.0, log_entropy=True))
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=4, schedule="cosine", final_lr_ratio=0.1, b1=0.9,
         b2=0.95, eps=1e-8, weight_decay=0.01, grad_clip=1.0))

@@ -104,6 +104,10 @@ class LossSpec:
     temperature: float = 1.0
     count_pruned_in_denominator: bool = False
     policy: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    # Compute the policy's entropy (config train.log_entropy): the `entropy` metric of every
+    # stage and the entropy bonus (policy.entropy_coef > 0 needs it). False: the step's log-prob
+    # pass computes no entropy and the losses get None.
+    entropy: bool = True
 
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
@@ -136,16 +140,20 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
         metrics["kl"] = aggregate(kl, mask, "token-mean")
     if cfg.entropy_coef and entropy is not None:
         per_token = per_token - cfg.entropy_coef * entropy
-    if entropy is not None:
-        metrics["entropy"] = aggregate(entropy, mask, "token-mean")
+    metrics.update(_entropy_metric(entropy, mask))
     metrics["clip_fraction"] = aggregate(clipped, mask, "token-mean")
     num, den = aggregate(per_token, mask, agg_mode, denom_mask)
     return num, den, metrics
 
 
 # ---------------------------------------------------------------------------------------------
-# stage losses: (spec, logp [N, L], entropy [N, L], batch: StepBatch with [N, ...] fields)
-#   -> (num, den, metrics)
+# stage losses: (spec, logp [N, L], entropy [N, L] or None, batch: StepBatch with [N, ...]
+# fields) -> (num, den, metrics); metrics hold "entropy" (mean over the loss tokens) when the
+# entropy is given
+
+
+def _entropy_metric(entropy: jax.Array | None, mask: jax.Array) -> dict:
+    return {} if entropy is None else {"entropy": aggregate(entropy, mask, "token-mean")}
 
 
 def _denominator_extra(spec: LossSpec, batch: StepBatch) -> jax.Array | None:
@@ -158,23 +166,28 @@ def _denominator_extra(spec: LossSpec, batch: StepBatch) -> jax.Array | None:
     return batch.pruned
 
 
-def mid_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):
+def mid_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array | None,
+             batch: StepBatch):
     """Next-token LM on every (kept) token with a prediction. Pruned tokens (a subset of the
     trainable ones) are what count_pruned_in_denominator adds to the denominators."""
     first = jnp.arange(batch.valid.shape[1]) == 0
     mask = batch.valid & ~first[None, :]
     extra = _denominator_extra(spec, batch)
-    return (*lm_loss(logp, mask, spec.agg_mode, None if extra is None else mask | extra), {})
+    return (*lm_loss(logp, mask, spec.agg_mode, None if extra is None else mask | extra),
+            _entropy_metric(entropy, mask))
 
 
-def sft_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):
+def sft_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array | None,
+             batch: StepBatch):
     """Next-token LM on trainable tokens."""
     extra = _denominator_extra(spec, batch)
     dmask = None if extra is None else batch.trainable | extra
-    return (*lm_loss(logp, batch.trainable, spec.agg_mode, dmask), {})
+    return (*lm_loss(logp, batch.trainable, spec.agg_mode, dmask),
+            _entropy_metric(entropy, batch.trainable))
 
 
-def ppo_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):
+def ppo_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array | None,
+             batch: StepBatch):
     """The clipped policy loss on trainable tokens. The ratio's old policy is policy.old_policy's:
     the behaviour policy (batch.behaviour_logprobs: the sampling policy is the old policy, no
     importance weight), the record's (batch.old_logprobs; the truncated importance weight
@@ -199,6 +212,8 @@ def ppo_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBat
         old, rollout = batch.behaviour_logprobs, None
     if cfg.kl_coef and batch.ref_logprobs is None:
         raise ValueError("loss.kl_coef > 0 needs reference log-probs (StepBatch.ref_logprobs)")
+    if cfg.entropy_coef and entropy is None:
+        raise ValueError("loss.entropy_coef > 0 needs the entropy (train.log_entropy=True)")
     extra = _denominator_extra(spec, batch)
     dmask = None if extra is None else batch.trainable | extra
     return policy_loss(logp, old, batch.advantage, batch.trainable, cfg, spec.agg_mode,
@@ -206,7 +221,7 @@ def ppo_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBat
                        denom_mask=dmask)
 
 
-StageLossFn = Callable[[LossSpec, jax.Array, jax.Array, StepBatch],
+StageLossFn = Callable[[LossSpec, jax.Array, jax.Array | None, StepBatch],
                        tuple[jax.Array, jax.Array, dict]]
 
 
@@ -241,9 +256,11 @@ def register_stage(name: str, loss: StageLossFn, data_kind: str, policy: bool = 
     STAGE_KIND[name] = data_kind
 
 
-def stage_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array, batch: StepBatch):
-    """The loss of spec.stage from per-trajectory views logp, entropy [N, L] and the batch's
-    per-trajectory fields ([N, ...]). Returns (num, den, metrics).
+def stage_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array | None,
+             batch: StepBatch):
+    """The loss of spec.stage from per-trajectory views logp, entropy [N, L] (entropy None when
+    spec.entropy is False) and the batch's per-trajectory fields ([N, ...]). Returns (num, den,
+    metrics); metrics["entropy"] is the mean entropy over the loss tokens when it is given.
 
     count_pruned_in_denominator: tokens removed by pruning still count in the denominators (the
     loss is then the unpruned loss with pruned terms set to 0); default False."""

@@ -35,29 +35,35 @@ from kat_jax.trees.packing import gather_per_trajectory
 
 
 def forward_logprobs(model, rows: StepBatch, temperature: float = 1.0,
-                     constrain: Callable[[jax.Array], jax.Array] | None = None):
+                     constrain: Callable[[jax.Array], jax.Array] | None = None,
+                     entropy: bool = True):
     """(logp, entropy) float32[B, T] of every row token under `model` (token 0 of a tree: 0): one
-    forward over rows [B, T] (rows.tokens etc.; trajectory fields unused). The train, eval and
-    scoring steps all run this."""
+    forward over rows [B, T] (rows.tokens etc.; trajectory fields unused). entropy=False: the
+    entropy is not computed and comes back None. The train, eval and scoring steps all run
+    this."""
     tokens_bt = rows.tokens if constrain is None else constrain(rows.tokens)
     sched = None if rows.schedule is None else rows.schedule.as_dict()
     hidden_btd = model(tokens_bt, rows.positions, rows.subtree_end, sched)
     return tree_logprobs(hidden_btd, model.head_kernel(), tokens_bt, rows.parent,
-                         model.cfg.vocab_chunk_size, temperature)
+                         model.cfg.vocab_chunk_size, temperature, entropy)
 
 
 def microbatch_loss(graphdef: nnx.GraphDef, params: dict, mb: StepBatch, spec: LossSpec,
                     constrain: Callable[[jax.Array], jax.Array] | None = None):
-    """(num, den, metrics) of one microbatch (fields [S, ...])."""
+    """(num, den, metrics) of one microbatch (fields [S, ...]). The entropy is computed only when
+    spec.entropy asks for it (else the loss sees None)."""
     model = nnx.merge(graphdef, params)
     s, r, t = mb.tokens.shape
-    logp_bt, ent_bt = forward_logprobs(model, merge_leading(mb), spec.temperature, constrain)
-    # per-trajectory views: traj_index is shard-local, so gather per shard, then merge shards
-    logp_snl = jax.vmap(gather_per_trajectory)(logp_bt.reshape(s, r, t), mb.traj_index)
-    ent_snl = jax.vmap(gather_per_trajectory)(ent_bt.reshape(s, r, t), mb.traj_index)
+    logp_bt, ent_bt = forward_logprobs(model, merge_leading(mb), spec.temperature, constrain,
+                                       spec.entropy)
     n, length = mb.traj_index.shape[1:]
-    return stage_loss(spec, logp_snl.reshape(s * n, length), ent_snl.reshape(s * n, length),
-                      merge_leading(mb))
+
+    def per_trajectory(values_bt):  # traj_index is shard-local: gather per shard, merge shards
+        snl = jax.vmap(gather_per_trajectory)(values_bt.reshape(s, r, t), mb.traj_index)
+        return snl.reshape(s * n, length)
+
+    ent = None if ent_bt is None else per_trajectory(ent_bt)
+    return stage_loss(spec, per_trajectory(logp_bt), ent, merge_leading(mb))
 
 
 def _sum_metrics(a: dict, b: dict) -> dict:
