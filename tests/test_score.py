@@ -1,4 +1,5 @@
-"""`kat-jax score` equals transformers' log-probs and entropies; bad input is rejected by line."""
+"""`kat-jax score` equals transformers' log-probs and entropies; bad input is rejected by line; only
+the rows needed are computed, and --no-entropies gives the same log-probs without entropies."""
 
 import json
 
@@ -129,7 +130,60 @@ def test_score_splits_trees_larger_than_a_row(hf_dirs, tmp_path, capsys):
                  "--batch-tokens", "128"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows"] == 2  # the tree (174 tokens) was split over 128-token rows
+    assert summary["computed_rows"] == 2 and summary["calls"] == 2  # one 128-token row per call
     assert 24 + 150 < summary["computed_tokens"] < summary["total_tokens"]  # context repeated
     for s, line in zip(seqs, out.read_text().splitlines()):
         lp, _ = _hf_logprobs_entropies(hf, np.asarray(s))
         np.testing.assert_allclose(json.loads(line)["logprobs"], lp, atol=1e-4, rtol=0)
+
+
+def _grpo_records(rng, groups, prompt, completion, samples=4, vocab=500):
+    from kat_jax.training.scoring import ScoreRecord
+
+    recs = []
+    for g in range(groups):
+        p = rng.integers(0, vocab, prompt)
+        recs += [ScoreRecord(f"{g}-{i}", np.concatenate([p, rng.integers(0, vocab, completion)]))
+                 for i in range(samples)]
+    return recs
+
+
+def test_only_the_rows_needed_are_computed_and_rows_fit_the_groups():
+    """A group of 96 tree tokens with room for two 96-token rows per call: one row computed (the
+    call is not padded to two); three groups at two rows per call: two calls, three rows. Rows
+    are the bucket with least padding (96 = one group), not the --batch-tokens row (two groups
+    in 256 tokens, a quarter padding). Log-probs equal the per-sequence computation."""
+    from kat_jax.models.config import get_preset
+    from kat_jax.models.decoder import init_model
+    from kat_jax.training.scoring import score_records
+
+    model = init_model(get_preset("tiny", attention_impl="xla_dense"), seed=0)
+    rng = np.random.default_rng(0)
+    one = _grpo_records(rng, 1, 32, 16)  # 32 + 4 x 16 = 96 tree tokens
+    res, summary = score_records(model, one, 256)
+    assert (summary["row_len"], summary["rows"], summary["computed_rows"], summary["calls"]) == \
+        (96, 1, 1, 1)
+    three = _grpo_records(rng, 3, 32, 16)
+    res3, summary = score_records(model, three, 256)
+    assert (summary["row_len"], summary["rows"], summary["computed_rows"], summary["calls"]) == \
+        (96, 3, 3, 2)
+    alone, _ = score_records(model, [three[5]], 256)  # a sequence on its own: a chain
+    np.testing.assert_allclose(res3[5][0], alone[0][0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(res3[5][1], alone[0][1], atol=1e-5, rtol=0)
+
+
+def test_no_entropies_gives_the_same_logprobs_and_no_entropies(tmp_path, capsys):
+    from importlib.resources import files
+
+    sample = files("kat_jax") / "assets" / "sample_tokens.jsonl"
+    outs = {}
+    for flag in ([], ["--no-entropies"]):
+        out = tmp_path / f"o{len(flag)}.jsonl"
+        assert main(["score", "--checkpoint", "preset:tiny", "--input", str(sample),
+                     "--output", str(out), *flag]) == 0
+        outs[len(flag)] = [json.loads(line) for line in out.read_text().splitlines()]
+    capsys.readouterr()
+    for full, lean in zip(outs[0], outs[1]):
+        assert set(full) == {"id", "logprobs", "entropies"} and set(lean) == {"id", "logprobs"}
+        assert lean["id"] == full["id"]
+        np.testing.assert_allclose(lean["logprobs"], full["logprobs"], atol=1e-6, rtol=0)

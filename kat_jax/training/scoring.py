@@ -3,45 +3,53 @@
 Input JSONL, one sequence per line: {"id": ..., "tokens": [int, ...]}.
 Output JSONL, same order: {"id": ..., "logprobs": [...], "entropies": [...]}, each of len(tokens) - 1:
 logprobs[i - 1] = log p(tokens[i] | tokens[:i]) and entropies[i - 1] = the entropy of that
-next-token distribution, for i >= 1 (natural log, float32 arithmetic).
+next-token distribution, for i >= 1 (natural log, float32 arithmetic; written with 9 significant
+digits, which read back as the same float32; non-finite values as null). With --no-entropies
+(entropies=False) the entropies are not computed and the lines have no "entropies" key.
 
 The whole input is validated before any compute; an error names the file and line, and no output
 file is left behind (the output is written to a temporary file renamed into place at the end).
 
 All sequences are merged into one prefix trie (a prefix shared by several sequences is computed once,
-see kat_jax.trees) and packed into rows of bucket_length(max(longest sequence, min(--batch-tokens,
-tree tokens))) tokens, --batch-tokens // row_len rows per forward call. computed_tokens in the
-summary counts the tokens laid out in rows (distinct prefixes, plus repeated context when a tree had
-to be split);
-reuse_ratio = 1 - computed_tokens / total_tokens. Ids may be any JSON value (null included) and are
-echoed back unchanged.
+see kat_jax.trees) and packed into rows of choose_row_len(trie, --batch-tokens) tokens (the
+bucketed length with the least padding), --batch-tokens // row_len rows per forward call; only the
+rows needed are computed (the last call holds the rest). computed_tokens in the summary counts the
+tokens laid out in rows (distinct prefixes, plus repeated context when a tree had to be split);
+reuse_ratio = 1 - computed_tokens / total_tokens; rows = rows the layout needs, computed_rows =
+rows the forward calls computed (equal), calls = forward calls, attention_impl = the attention
+implementation `auto` resolved to for these rows. Ids may be any JSON value (null included) and
+are echoed back unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kat_jax.atomic_io import check_output_file, write_jsonl_atomic
+from kat_jax.atomic_io import atomic_file, check_output_file
 from kat_jax.jsonl import read_jsonl
 from kat_jax.models.decoder import Decoder
+from kat_jax.ops.attention import resolve_attention_impl
 from kat_jax.training.step import forward_logprobs
 from kat_jax.trees.batch import StepBatch
 from kat_jax.trees.packing import (
+    assign_rows,
     bucket_length,
-    gather_per_trajectory,
+    make_pieces,
     pack_trie,
     schedule_length,
 )
 from kat_jax.trees.trajectory import Trajectory
-from kat_jax.trees.trie import build_trie
+from kat_jax.trees.trie import Trie, build_trie
 
 
 class InputError(ValueError):
@@ -66,13 +74,17 @@ def read_score_input(path: str, vocab_size: int, max_len: int) -> list[ScoreReco
             raise InputError(f"{where}: missing key 'tokens'")
         if not isinstance(toks, list) or not toks:
             raise InputError(f"{where}: 'tokens' must be a non-empty list of token ids")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
+        if not all(type(t) is int for t in toks):  # JSON true / false are bools, not ints
             raise InputError(f"{where}: 'tokens' must hold integers only")
-        for j, t in enumerate(toks):  # Python ints: no overflow for huge ids
-            if not 0 <= t < vocab_size:
-                raise InputError(f"{where}: token id {t} at index {j} is outside the "
-                                 f"vocabulary [0, {vocab_size})")
-        arr = np.asarray(toks, np.int32)
+        try:
+            arr = np.asarray(toks, np.int64)
+        except OverflowError:  # beyond int64: certainly outside the vocabulary
+            arr = None
+        if arr is None or not ((arr >= 0) & (arr < vocab_size)).all():
+            j, t = next((j, t) for j, t in enumerate(toks) if not 0 <= t < vocab_size)
+            raise InputError(f"{where}: token id {t} at index {j} is outside the "
+                             f"vocabulary [0, {vocab_size})")
+        arr = arr.astype(np.int32)
         if len(arr) > max_len:
             raise InputError(f"{where}: {len(arr)} tokens exceed the model's maximum of "
                              f"{max_len} (max_position_embeddings)")
@@ -80,52 +92,104 @@ def read_score_input(path: str, vocab_size: int, max_len: int) -> list[ScoreReco
     return records
 
 
-def make_score_fn(model: Decoder):
-    """jitted (state, rows: StepBatch [B, T]) -> (logp, entropy) float32[B, T]: the train step's
-    forward (kat_jax.training.step.forward_logprobs)."""
+@partial(jax.jit, static_argnames=("graphdef", "entropies"))
+def _score(graphdef: nnx.GraphDef, state, rows: StepBatch, entropies: bool):
+    return forward_logprobs(nnx.merge(graphdef, state), rows, entropy=entropies)
+
+
+def make_score_fn(model: Decoder, entropies: bool = True):
+    """(score, state): score(state, rows: StepBatch [B, T]) -> (logp, entropy or None)
+    float32[B, T], the train step's forward (kat_jax.training.step.forward_logprobs) jitted once
+    per model structure and shape (calls for another model of the same structure reuse the
+    compiled program); entropies=False computes none."""
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def score(state, rows: StepBatch):
-        return forward_logprobs(nnx.merge(graphdef, state), rows)
-
-    return score, state
+    return partial(_score, graphdef, entropies=entropies), state
 
 
-def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
-                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
-    """Per record: (logprobs, entropies) float32[len - 1]; plus a summary dict.
+def choose_row_len(trie: Trie, batch_tokens: int) -> int:
+    """The row length that lays the trie out in the fewest padded tokens (rows x row length; ties:
+    the shorter), among the buckets (kat_jax.trees.packing.bucket_length) from the longest
+    sequence's up to the longest sequence's or min(batch_tokens, tree tokens), whichever is
+    longer. E.g. GRPO groups of 1536 tree tokens get 1536-token rows, one group each, where
+    4096-token rows would hold two groups and a quarter of padding."""
+    longest = max(len(t) for t in trie.trajectories)
+    row_len = high = bucket_length(max(longest, min(batch_tokens, trie.tree_tokens)))
+    best = None
+    b = bucket_length(longest)
+    while b <= high:
+        cost = b * len(assign_rows([p.size for p in make_pieces(trie, b)], b))
+        if best is None or cost < best:
+            best, row_len = cost, b
+        b = bucket_length(b + 1)
+    return row_len
 
-    All sequences go into one prefix trie, so a prefix shared by several sequences is computed once;
-    rows are bucket_length(max(longest sequence, min(batch_tokens, tree tokens))) tokens,
-    batch_tokens // row_len rows per call (at least one), one compiled shape per run. The rows and
-    their attention schedule are packed exactly as for training (kat_jax.trees.packing)."""
-    score, state = make_score_fn(model)
+
+def _calls(num_rows: int, per_call: int) -> list[slice]:
+    """Row slices of the forward calls: per_call rows each, the last one the rest (no empty row is
+    ever computed; at most two compiled shapes per run)."""
+    return [slice(r, min(r + per_call, num_rows)) for r in range(0, num_rows, per_call)]
+
+
+def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int,
+                  entropies: bool = True,
+                  on_result: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None
+                  ) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], dict[str, Any]]:
+    """Per record: (logprobs, entropies) float32[len - 1] (entropies None when entropies=False:
+    then they are not computed); plus a summary dict.
+
+    All sequences go into one prefix trie, so a prefix shared by several sequences is computed
+    once; rows are choose_row_len(trie, batch_tokens) tokens, packed exactly as for training
+    (kat_jax.trees.packing), and only the rows needed are computed: forward calls of
+    batch_tokens // row_len rows (at least one), the last call holding the rest. Attention is
+    the model's (`auto` resolves by platform and row length, kat_jax.ops.attention); the block
+    schedule is built only when the resolved implementation reads one.
+
+    Host work overlaps device work: call k + 1 is dispatched (JAX dispatch is asynchronous)
+    before call k's results are fetched, and on_result(index, logprobs, entropies) is called for
+    each record as soon as all the rows holding its tokens are back (in completion order, not
+    record order), while the next call runs."""
+    cfg = model.cfg
+    score, state = make_score_fn(model, entropies)
     trajs = [Trajectory(r.tokens, id=r.id) for r in records]
-    longest = max(len(t) for t in trajs)
     trie = build_trie(trajs)
-    # Rows of batch_tokens, shrunk when everything fits in less; never shorter than a sequence.
-    row_len = bucket_length(max(longest, min(batch_tokens, trie.tree_tokens)))
+    row_len = choose_row_len(trie, batch_tokens)
     per_call = max(1, batch_tokens // row_len)
-    # every call: per_call rows (the last padded), one fixed schedule length
-    pairs = schedule_length(row_len, model.cfg.attention_block_size)
-    packed = pack_trie(trie, row_len, rows_multiple=per_call,
-                       attention_block_size=model.cfg.attention_block_size, schedule_pairs=pairs)
-    rows = packed.batch
-    n_calls = rows.num_rows // per_call
-    logp = np.zeros((n_calls * per_call, row_len), np.float32)
-    ent = np.zeros_like(logp)
-    for c in range(n_calls):
-        sl = slice(c * per_call, (c + 1) * per_call)
-        call = jax.tree.map(lambda x, sl=sl: jnp.asarray(x[sl]),
-                            rows.replace(traj_index=None, valid=None, trainable=None,
-                                         advantage=None))
-        logp[sl], ent[sl] = jax.device_get(score(state, call))
-    lp_traj = gather_per_trajectory(logp, rows.traj_index)
-    en_traj = gather_per_trajectory(ent, rows.traj_index)
-    results = [(lp_traj[k, 1:len(t)], en_traj[k, 1:len(t)]) for k, t in enumerate(trajs)]
-    nonfinite = sum(int(np.sum(~np.isfinite(lp)) + np.sum(~np.isfinite(en)))
-                    for lp, en in results)
+    attention = resolve_attention_impl(cfg.attention_impl, head_dim=cfg.head_dim,
+                                       row_len=row_len, block_size=cfg.attention_block_size)
+    block = None if attention == "xla_dense" else cfg.attention_block_size
+    packed = pack_trie(trie, row_len, attention_block_size=block,
+                       schedule_pairs=block and schedule_length(row_len, block))
+    rows = packed.batch.replace(traj_index=None, valid=None, trainable=None, advantage=None)
+    traj_index = packed.batch.traj_index
+    calls = _calls(packed.num_rows, per_call)
+    # the call after which each record is complete: the call of the last row holding its tokens
+    last_row = np.max(traj_index, axis=1) // row_len
+    done_after = np.searchsorted([c.stop for c in calls], last_row, side="right")
+    logp = np.zeros((packed.num_rows, row_len), np.float32)
+    ent = np.zeros_like(logp) if entropies else None
+    results: list = [None] * len(trajs)
+    nonfinite = 0
+
+    def dispatch(sl: slice):
+        return score(state, jax.device_put(jax.tree.map(lambda x: x[sl], rows)))
+
+    pending = dispatch(calls[0])
+    for c, sl in enumerate(calls):
+        running, pending = pending, dispatch(calls[c + 1]) if c + 1 < len(calls) else None
+        lp_c, en_c = jax.device_get(running)
+        logp[sl] = lp_c
+        if entropies:
+            ent[sl] = en_c
+        for k in np.flatnonzero(done_after == c):
+            idx = traj_index[k, 1:len(trajs[k])]
+            lp_k = logp.reshape(-1)[idx]
+            en_k = ent.reshape(-1)[idx] if entropies else None
+            nonfinite += int(np.sum(~np.isfinite(lp_k)))
+            if entropies:
+                nonfinite += int(np.sum(~np.isfinite(en_k)))
+            results[k] = (lp_k, en_k)
+            if on_result is not None:
+                on_result(int(k), lp_k, en_k)
     total = packed.total_tokens
     summary = {
         "sequences": len(trajs),
@@ -133,26 +197,39 @@ def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int
         "computed_tokens": packed.laid_out_tokens,
         "reuse_ratio": 0.0 if total == 0 else 1.0 - packed.laid_out_tokens / total,
         "rows": packed.used_rows,
+        "computed_rows": sum(c.stop - c.start for c in calls),
+        "calls": len(calls),
         "row_len": row_len,
+        "attention_impl": attention,
         "nonfinite_values": nonfinite,
     }
     return results, summary
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
+def format_score_line(record_id: Any, logprobs: np.ndarray, entropies: np.ndarray | None) -> str:
+    """One output line (no newline): {"id", "logprobs", "entropies"} (no "entropies" key when
+    they are None). Values are float32 written with 9 significant digits (they read back as the
+    same float32); non-finite values are null."""
+    line = '{"id": ' + json.dumps(record_id) + ', "logprobs": ' + _float_list(logprobs)
+    if entropies is not None:
+        line += ', "entropies": ' + _float_list(entropies)
+    return line + "}"
 
 
-def write_score_output(path: str, records: list[ScoreRecord],
-                       results: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write JSONL atomically (temporary file in the same directory, then rename)."""
-    write_jsonl_atomic(path, ({"id": rec.id, "logprobs": [_finite(x) for x in lp.tolist()],
-                               "entropies": [_finite(x) for x in en.tolist()]}
-                              for rec, (lp, en) in zip(records, results)))
+def _float_list(values: np.ndarray) -> str:
+    if np.isfinite(values).all():
+        return "[" + ", ".join([f"{x:.9g}" for x in values.tolist()]) + "]"
+    return "[" + ", ".join([f"{x:.9g}" if math.isfinite(x) else "null"
+                            for x in values.tolist()]) + "]"
 
 
 def run_score(checkpoint: str, input_path: str, output_path: str, batch_tokens: int = 4096,
-              dtype: str | None = None, attention_impl: str | None = None) -> dict[str, Any]:
+              dtype: str | None = None, attention_impl: str | None = None,
+              entropies: bool = True) -> dict[str, Any]:
+    """Score input_path into output_path (see the module docstring); returns the summary. Lines
+    are formatted as their records complete, while the next forward call runs, and written in
+    input order as soon as every line before them is (into the temporary file that is renamed
+    into place at the end)."""
     from kat_jax.models.checkpoint import load_model, load_model_config
 
     overrides = {}
@@ -168,8 +245,18 @@ def run_score(checkpoint: str, input_path: str, output_path: str, batch_tokens: 
         raise InputError(f"{input_path}: no sequences")
     check_output_file(output_path)
     model, cfg = load_model(checkpoint, **overrides)
-    results, summary = score_records(model, records, batch_tokens)
-    write_score_output(output_path, records, results)
+    lines: list[str | None] = [None] * len(records)
+    written = 0
+    with atomic_file(output_path) as out:
+        def keep(k: int, logprobs: np.ndarray, ents: np.ndarray | None) -> None:
+            nonlocal written
+            lines[k] = format_score_line(records[k].id, logprobs, ents)
+            while written < len(lines) and lines[written] is not None:
+                out.write(lines[written] + "\n")
+                lines[written] = ""  # written: keep no copy
+                written += 1
+
+        _, summary = score_records(model, records, batch_tokens, entropies, on_result=keep)
     if summary["nonfinite_values"]:
         print(f"warning: {summary['nonfinite_values']} non-finite values written as null "
               f"(check the checkpoint and --dtype)", file=sys.stderr)
