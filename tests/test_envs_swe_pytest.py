@@ -185,23 +185,15 @@ def run_runner(cwd, ids, unittest=False, pytest_dir=""):
     return json.loads(line)
 
 
-OUTCOME_TESTS = """
+# Tests both runners handle (TestCase last: the built-in collector's version adds a method to it).
+PLAIN_OUTCOMES = """
 import unittest
-import pytest
 
 def test_pass():
     pass
 
 def test_fail():
     assert 1 == 2
-
-@pytest.mark.skip(reason="no")
-def test_skip():
-    pass
-
-@pytest.mark.xfail(reason="known")
-def test_xfail():
-    assert False
 
 class TestSetupError:
     def setup_method(self, method):
@@ -213,6 +205,15 @@ class TestSetupError:
 class TestCase(unittest.TestCase):
     def test_ok(self):
         self.assertEqual(1, 1)
+"""
+OUTCOME_TESTS = "import pytest\n" + PLAIN_OUTCOMES + """
+@pytest.mark.skip(reason="no")
+def test_skip():
+    pass
+
+@pytest.mark.xfail(reason="known")
+def test_xfail():
+    assert False
 
 @pytest.mark.parametrize("x", [1, 2])
 def test_p(x):
@@ -240,19 +241,7 @@ def test_runner_outcomes_with_pytest(tmp_path):
 
 
 def test_runner_outcomes_with_the_builtin_collector(tmp_path):
-    plain = OUTCOME_TESTS.replace("import pytest\n", "").split("@pytest.mark.skip")[0]
-    plain += """
-class TestSetupError:
-    def setup_method(self, method):
-        raise RuntimeError("setup broke")
-
-    def test_x(self):
-        pass
-
-class TestCase(unittest.TestCase):
-    def test_ok(self):
-        self.assertEqual(1, 1)
-
+    plain = PLAIN_OUTCOMES + """
     @unittest.skip("no")
     def test_skipped(self):
         pass

@@ -81,6 +81,7 @@ SPEC_KEYS = ("pre_install", "install", "pip_packages", "setup_cmds", "eval_comma
 _bundle_lock = threading.Lock()
 _pools_lock = threading.Lock()
 _POOLS: dict[Any, SandboxPool] = {}
+_BUNDLE: str | None = None     # pytest_bundle's directory, made once per process
 
 
 def _as_list(x: Any) -> list[str]:
@@ -315,9 +316,6 @@ def pytest_bundle() -> str:
         return _BUNDLE
 
 
-_BUNDLE: str | None = None
-
-
 def grade_patch(inst: dict[str, Any], diff: str, backend: str = "local", timeout: float = 600.0,
                 pool_size: int = 0, **sandbox_kwargs: Any) -> EvalResult:
     """Applies ``diff`` then ``test_patch`` on the set-up ``base_commit`` in a fresh sandbox and runs
@@ -406,8 +404,9 @@ def check_task(task: Task, backend: str = "local", sandbox_kwargs: dict[str, Any
     result's ``gold_empty`` says whether the gold patch is blank)."""
     inst = task.metadata["instance"]
     kwargs = dict(sandbox_kwargs or {})
-    gold = grade_patch(inst, inst.get("patch") or "", backend, **kwargs)
-    gold.details["gold_empty"] = not (inst.get("patch") or "").strip()
+    patch = inst.get("patch") or ""
+    gold = grade_patch(inst, patch, backend, **kwargs)
+    gold.details["gold_empty"] = not patch.strip()
     return gold, grade_patch(inst, "", backend, **kwargs)
 
 
