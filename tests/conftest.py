@@ -86,42 +86,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _install_move_to(server_mod, objects) -> None:
-    """gcsfs renames with POST .../o/SRC/moveTo/o/DST, which the emulator lacks (a 501 costs ~30 s
-    of gcsfs retries before it falls back to copy + delete): emulate it as copy + delete."""
-
-    def move_to(request, response, storage, *a, **kw):
-        p = request.params
-        try:
-            obj = objects._copy(request.base_url, storage, p["bucket_name"], p["object_id"],
-                                p["bucket_name"], p["dest_object_id"])
-        except objects.NotFound:
-            response.status = 404
-            return
-        objects._delete(storage, p["bucket_name"], p["object_id"])
-        response.json(obj)
-
-    route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
-             r"(?P<dest_object_id>.*[^/]+)$", {"POST": move_to})
-    server_mod.HANDLERS = (route,) + tuple(h for h in server_mod.HANDLERS if h[0] != route[0])
-
-
 @pytest.fixture(scope="session")
 def gcs_emulator():
-    import logging
-
     pytest.importorskip("gcsfs", reason="the gcs extra (gcsfs) is not installed")
-    server_mod = pytest.importorskip("gcp_storage_emulator.server")
-    from gcp_storage_emulator.handlers import objects
+    pytest.importorskip("gcp_storage_emulator.server")
+    import subprocess
+    import sys
+    import urllib.request
 
-    _install_move_to(server_mod, objects)
-    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
-    url = f"http://127.0.0.1:{_free_port()}"
-    host, port = url.rsplit(":", 1)
-    srv = server_mod.create_server("127.0.0.1", int(port), in_memory=True,
-                                   default_bucket="test-bucket")
-    srv.start()
-    srv._api._httpd.handle_error = lambda *a: None  # clients hanging up early (read-ahead)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                          "gcs_emulator_main.py"), str(port)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        pytest.fail("the Cloud Storage emulator (tests/gcs_emulator_main.py) did not start")
+
+    class Emulator:
+        def wipe(self, keep_buckets=False):
+            q = "?keep-buckets=1" if keep_buckets else ""
+            no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with no_proxy.open(f"{url}/wipe{q}", timeout=60) as r:
+                assert r.status == 200
+
+    srv = Emulator()
     env = {
         "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore's gcs driver
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",  # tensorstore: a fixed token, no credentials
@@ -147,7 +136,11 @@ def gcs_emulator():
     try:
         yield srv
     finally:
-        srv.stop()
+        proc.stdin.close()  # the emulator exits when its stdin closes
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         fsspec.config.conf["gs"] = old_conf
         gcsfs.GCSFileSystem.clear_instance_cache()
         for k, v in old.items():

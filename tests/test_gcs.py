@@ -1,4 +1,5 @@
-"""gs:// paths end to end against a Cloud Storage emulator on 127.0.0.1 (tests/conftest.py): the
+"""gs:// paths end to end against a Cloud Storage emulator on 127.0.0.1 (tests/conftest.py,
+tests/gcs_emulator_main.py): the
 storage helpers, and a training run whose workdir and data are on gs://, stopped and resumed
 there, logging the losses of the same run on a local disk; its model loads from gs://."""
 
@@ -17,9 +18,8 @@ DATA = os.path.join(ROOT, "kat_jax", "assets", "data", "mid_tool_use.jsonl")
 FAST = ["--config.data.row_len=64", "--config.data.rows=2", "--config.data.trajectories=8",
         "--config.train.log_every=1", "--config.train.checkpoint_every=2",
         "--config.train.steps=4", "--config.optimizer.warmup_steps=1", "--config.data.shards=2",
-        # the emulator serves one request at a time and does not implement GCS generations fully:
-        # an asynchronous save racing other uploads once failed there ("Malformed
-        # StorageGeneration"); saves are synchronous here (asynchronous ones are tested locally)
+        # the emulator serves one request at a time: synchronous saves keep this test short
+        # (asynchronous ones are tested locally)
         "--config.train.async_checkpointing=false"]
 
 
