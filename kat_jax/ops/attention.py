@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 
 from kat_jax.ops.attention_impls import ATTENTION_IMPLS, attention_impl_names
-from kat_jax.ops.block_sparse import PAIRS_PER_STEP
 from kat_jax.ops.dense import xla_dense_attention
 from kat_jax.ops.tree_mask import (
     BATCH_MESH_AXES,
@@ -51,7 +50,8 @@ from kat_jax.ops.tree_mask import (
 )
 
 # Re-exported: the dispatcher is where callers look for the attention API.
-__all__ = ["ATTENTION_IMPLS", "BATCH_MESH_AXES", "HEAD_MESH_AXES", "MASK_VALUE", "PALLAS_HEAD_DIMS",
+__all__ = ["ATTENTION_IMPLS", "BATCH_MESH_AXES", "DENSE_MAX_BLOCKS", "HEAD_MESH_AXES", "MASK_VALUE",
+           "PALLAS_HEAD_DIMS",
            "attention_impl_names", "dense_is_cheaper", "effective_block_size", "mesh_platform",
            "resolve_attention_impl", "sharded_tree_attention", "tree_attention", "tree_visible",
            "xla_dense_attention"]
@@ -60,16 +60,22 @@ __all__ = ["ATTENTION_IMPLS", "BATCH_MESH_AXES", "HEAD_MESH_AXES", "MASK_VALUE",
 PALLAS_HEAD_DIMS = (64, 128, 256)
 
 
+# Rows of at most this many attention blocks take the dense path under `auto` (dense_is_cheaper).
+DENSE_MAX_BLOCKS = 4
+
+
 def dense_is_cheaper(row_len: int, block_size: int) -> bool:
-    """True when rows of row_len tokens are too short for block-sparse attention to pay: the row
-    has nb <= 4 blocks (block = effective_block_size(block_size, row_len)), so its nb^2 block
-    pairs, all of which the dense path scores, are no more than the PAIRS_PER_STEP (16) pairs
-    that one step of the block-sparse scan scores whatever the tree. Measured on CPU (2 cores,
-    4/2 heads of 64, block 128, forward and forward + backward): block-sparse / dense time is
-    ~14x at 128 tokens, ~5x at 256, ~1.4x at 512 (4 blocks), ~0.5-0.7x at 1024, ~0.2-0.4x from
-    1536 up."""
+    """True when rows of row_len tokens are too short for block-sparse attention to pay: at most
+    DENSE_MAX_BLOCKS blocks (block = effective_block_size(block_size, row_len)). The dense path
+    scores all nb^2 block pairs; the block-sparse scan scores the visible ones, nb (nb + 1) / 2
+    for a causal chain, rounded up to its step of PAIRS_PER_STEP pairs, each ~1.5x the dense
+    cost per pair (gathers, online-softmax rescaling, scatters), so it saves work only beyond a
+    few blocks. Measured on CPU (2 cores, 4 / 2 heads of 64, block 128, causal chains, forward
+    and forward + backward), block-sparse / dense time: ~5x at 128 tokens (1 block), ~2x at 256,
+    ~1x at 512 (4 blocks), ~0.6-0.7x at 1024, lower beyond and for trees (fewer visible
+    pairs)."""
     nb = -(-int(row_len) // effective_block_size(block_size, row_len))
-    return nb * nb <= PAIRS_PER_STEP
+    return nb <= DENSE_MAX_BLOCKS
 
 
 def resolve_attention_impl(name: str, platform: str | None = None,

@@ -15,17 +15,18 @@ with kind-0 entries that are skipped (fully masked).
 
 `xla_block_sparse_attention` is flash-style with a `jax.custom_vjp`:
   forward   a loop over chunks of C = `pairs_per_step` pairs (P padded to a multiple of C with
-            kind-0 pairs). Per step it gathers the chunk's Q and K/V blocks, scores them
-            ([B, C, bs, K, G, bs]), masks them (element mask only for kind 1) and updates running
-            online-softmax statistics of the chunk's q blocks: max m and sum l [B, nb, bs, K, G],
-            weighted values acc [B, nb, bs, K, G, H]. Pairs of one q block within a chunk are
+            kind-0 pairs). Blocks are held head-major ([B, nb, K, G, bs, H]). Per step it
+            gathers the chunk's Q and K/V blocks, scores them ([B, C, K, G, bs, bs]), masks them
+            (element mask only for kind 1) and updates running online-softmax statistics of the
+            chunk's q blocks: max m and sum l [B, nb, K, G, bs], weighted values acc
+            [B, nb, K, G, bs, H]. Pairs of one q block within a chunk are
             merged with chunk-local segment max / sum, then the q block's m, l, acc are rescaled
             and written back (only touched q blocks are read or written). out = acc / l; the
             residual is lse = m + log(l).
   backward  delta = sum(dout * out) per query and head, then a scan over the same chunks that
             recomputes the scores, p = exp(s - lse), and scatter-adds dV += p^T dO,
             dQ += dS K * scale, dK += dS^T Q * scale (dS = p * (dO V^T - delta)) into float32
-            [B, nb, bs, ...] buffers; dK / dV sum over the G query heads of a kv head. No autodiff
+            [B, nb, K, ...] buffers; dK / dV sum over the G query heads of a kv head. No autodiff
             runs through the scans; subtree_end and the schedule get no gradient.
   The loops stop after the last chunk holding a live pair in any row of the batch (the rest is
   the schedule's padding), with a trip count reduced over the whole batch (uniform under SPMD).
@@ -53,9 +54,11 @@ import numpy as np
 from kat_jax.ops.tree_mask import MASK_VALUE
 
 KIND_SKIP, KIND_PARTIAL, KIND_FULL = 0, 1, 2
-# Block pairs scored per step of the scan (the default pairs_per_step): the least work a row with
-# any visible pair costs is this many block pairs.
-PAIRS_PER_STEP = 16
+# Block pairs scored per step of the scan (the default pairs_per_step). Small: a row's last step
+# is padded to it (a 1536-token GRPO tree has 50 live pairs: 52 scored in steps of 4, 64 in steps
+# of 16, ~25% slower), and longer rows lose nothing (CPU, forward and forward + backward,
+# 1.5k-8k-token rows: steps of 4 were as fast as or faster than 2, 8 and 16).
+PAIRS_PER_STEP = 4
 
 
 def _next_pow2(n: int) -> int:
@@ -140,15 +143,16 @@ def _segment_ids(q_block: jax.Array) -> jax.Array:
 
 
 def _chunk_scores(q, k, end, scale, q_block, k_block, kind):
-    """Scores of one chunk of pairs. q: [B, nb, bs, K, G, H], k: [B, nb, bs, K, H], end: [B, nb, bs],
-    q_block / k_block / kind: int32[B, C]. Returns the gathered blocks, the float32 scores
-    [B, C, bs, K, G, bs] (not masked) and the visibility mask [B, C, bs, 1, 1, bs]."""
-    bs = q.shape[2]
+    """Scores of one chunk of pairs, blocks head-major (see _flash_fwd_impl). q: [B, nb, K, G, bs,
+    H], k: [B, nb, K, bs, H], end: [B, nb, bs], q_block / k_block / kind: int32[B, C]. Returns
+    the gathered blocks, the float32 scores [B, C, K, G, bs, bs] (not masked; the matmul writes
+    them in this order, no transpose) and the visibility mask [B, C, 1, 1, bs, bs]."""
+    bs = q.shape[4]
     rows = jnp.arange(q.shape[0])[:, None]
-    qp = q[rows, q_block]                                                 # [B, C, bs, K, G, H]
-    kp = k[rows, k_block]                                                 # [B, C, bs, K, H]
+    qp = q[rows, q_block]                                                 # [B, C, K, G, bs, H]
+    kp = k[rows, k_block]                                                 # [B, C, K, bs, H]
     endp = end[rows, k_block]                                             # [B, C, bs]
-    s = jnp.einsum("bcqkgh,bcskh->bcqkgs", qp, kp, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bckgqh,bcksh->bckgqs", qp, kp, preferred_element_type=jnp.float32) * scale
     offs = jnp.arange(bs, dtype=jnp.int32)
     q_pos = (q_block * bs)[..., None] + offs                              # [B, C, bs]
     k_pos = (k_block * bs)[..., None] + offs
@@ -156,7 +160,7 @@ def _chunk_scores(q, k, end, scale, q_block, k_block, kind):
             & (q_pos[..., :, None] < endp[..., None, :]))                 # [B, C, bs_q, bs_k]
     kind = kind[..., None, None]
     visible = (kind == KIND_FULL) | ((kind == KIND_PARTIAL) & elem)
-    return qp, kp, s, visible[:, :, :, None, None, :]
+    return qp, kp, s, visible[:, :, None, None]
 
 
 def _chunked(x: jax.Array, c: int) -> jax.Array:
@@ -188,28 +192,29 @@ def _scan_inputs(q_block, k_block, kind, c):
 
 
 def _flash_fwd_impl(q, k, v, end, scale, q_block, k_block, kind, c):
-    """Blocked inputs (see _chunk_scores; v like k). Returns out [B, nb, bs, K, G, H] in q's dtype
-    and lse float32 [B, nb, bs, K, G]."""
-    b, nb, bs, kv_heads, g, h = q.shape
+    """Blocked inputs, head-major within a block: q [B, nb, K, G, bs, H], k and v [B, nb, K, bs,
+    H], end [B, nb, bs]. Returns out [B, nb, K, G, bs, H] in q's dtype and lse float32
+    [B, nb, K, G, bs]."""
+    b, nb, kv_heads, g, bs, h = q.shape
     rows = jnp.arange(b)[:, None]
 
     def step(carry, chunk):
         m, denom, acc = carry
         qb, kb, kd = chunk                                                # int32[B, C] each
         _, _, s, visible = _chunk_scores(q, k, end, scale, qb, kb, kd)
-        vp = v[rows, kb]                                                  # [B, C, bs, K, H]
+        vp = v[rows, kb]                                                  # [B, C, K, bs, H]
         seg = _segment_ids(qb)
-        pair_max = jnp.where(visible, s, MASK_VALUE).max(axis=-1)         # [B, C, bs, K, G]
-        chunk_max = jax.ops.segment_max(pair_max.reshape(b * c, bs, kv_heads, g), seg,
+        pair_max = jnp.where(visible, s, MASK_VALUE).max(axis=-1)         # [B, C, K, G, bs]
+        chunk_max = jax.ops.segment_max(pair_max.reshape(b * c, kv_heads, g, bs), seg,
                                         num_segments=b * c)[seg].reshape(pair_max.shape)
-        m_old = m[rows, qb]                                               # [B, C, bs, K, G]
+        m_old = m[rows, qb]                                               # [B, C, K, G, bs]
         m_new = jnp.maximum(m_old, chunk_max)
-        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)        # [B, C, bs, K, G, bs]
-        pv = jnp.einsum("bcqkgs,bcskh->bcqkgh", p.astype(v.dtype), vp,
+        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)        # [B, C, K, G, bs, bs]
+        pv = jnp.einsum("bckgqs,bcksh->bckgqh", p.astype(v.dtype), vp,
                         preferred_element_type=jnp.float32)
-        p_sum = jax.ops.segment_sum(p.sum(axis=-1).reshape(b * c, bs, kv_heads, g), seg,
+        p_sum = jax.ops.segment_sum(p.sum(axis=-1).reshape(b * c, kv_heads, g, bs), seg,
                                     num_segments=b * c)[seg].reshape(m_old.shape)
-        pv_sum = jax.ops.segment_sum(pv.reshape(b * c, bs, kv_heads, g, h), seg,
+        pv_sum = jax.ops.segment_sum(pv.reshape(b * c, kv_heads, g, bs, h), seg,
                                      num_segments=b * c)[seg].reshape(pv.shape)
         alpha = jnp.exp(m_old - m_new)                                    # 1 where the max held
         denom_new = denom[rows, qb] * alpha + p_sum
@@ -218,9 +223,9 @@ def _flash_fwd_impl(q, k, v, end, scale, q_block, k_block, kind, c):
         return (m.at[rows, qb].set(m_new), denom.at[rows, qb].set(denom_new),
                 acc.at[rows, qb].set(acc_new)), None
 
-    init = (jnp.full((b, nb, bs, kv_heads, g), MASK_VALUE, jnp.float32),
-            jnp.zeros((b, nb, bs, kv_heads, g), jnp.float32),
-            jnp.zeros((b, nb, bs, kv_heads, g, h), jnp.float32))
+    init = (jnp.full((b, nb, kv_heads, g, bs), MASK_VALUE, jnp.float32),
+            jnp.zeros((b, nb, kv_heads, g, bs), jnp.float32),
+            jnp.zeros((b, nb, kv_heads, g, bs, h), jnp.float32))
     m, denom, acc = _run_live_chunks(step, init, _scan_inputs(q_block, k_block, kind, c))
     seen = denom > 0                                                        # else: sees no key
     out = acc / jnp.where(seen, denom, 1.0)[..., None]
@@ -240,23 +245,22 @@ def _flash_fwd(q, k, v, end, scale, q_block, k_block, kind, c):
 
 def _flash_bwd(c, res, dout):
     q, k, v, end, scale, q_block, k_block, kind, out, lse = res
-    b, nb, bs, kv_heads, g, h = q.shape
-    rows = jnp.arange(b)[:, None]
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, nb, bs, K, G]
+    rows = jnp.arange(q.shape[0])[:, None]
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, nb, K, G, bs]
 
     def step(carry, chunk):
         dq, dk, dv = carry
         qb, kb, kd = chunk
         qp, kp, s, visible = _chunk_scores(q, k, end, scale, qb, kb, kd)
         vp = v[rows, kb]
-        dop = dout[rows, qb]                                              # [B, C, bs, K, G, H]
+        dop = dout[rows, qb]                                              # [B, C, K, G, bs, H]
         p = jnp.where(visible, jnp.exp(s - lse[rows, qb][..., None]), 0.0)
-        dv_p = jnp.einsum("bcqkgs,bcqkgh->bcskh", p.astype(dout.dtype), dop,
+        dv_p = jnp.einsum("bckgqs,bckgqh->bcksh", p.astype(dout.dtype), dop,
                           preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bcqkgh,bcskh->bcqkgs", dop, vp, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bckgqh,bcksh->bckgqs", dop, vp, preferred_element_type=jnp.float32)
         ds = (p * (dp - delta[rows, qb][..., None])).astype(q.dtype)
-        dq_p = jnp.einsum("bcqkgs,bcskh->bcqkgh", ds, kp, preferred_element_type=jnp.float32)
-        dk_p = jnp.einsum("bcqkgs,bcqkgh->bcskh", ds, qp, preferred_element_type=jnp.float32)
+        dq_p = jnp.einsum("bckgqs,bcksh->bckgqh", ds, kp, preferred_element_type=jnp.float32)
+        dk_p = jnp.einsum("bckgqs,bckgqh->bcksh", ds, qp, preferred_element_type=jnp.float32)
         return (dq.at[rows, qb].add(dq_p * scale), dk.at[rows, kb].add(dk_p * scale),
                 dv.at[rows, kb].add(dv_p)), None
 
@@ -314,7 +318,10 @@ def xla_block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree
     if p_pad != p:                                                        # kind-0 pairs (0, 0)
         sched = [jnp.pad(x, ((0, 0), (0, p_pad - p))) for x in sched]
 
-    out = _flash(q.reshape(b, nb, bs, kv_heads, g, h), k.reshape(b, nb, bs, kv_heads, h),
-                 v.reshape(b, nb, bs, kv_heads, h), subtree_end.reshape(b, nb, bs),
-                 jnp.asarray(scale, jnp.float32), *sched, c)
-    return out.reshape(b, t_pad, n, h)[:, :t]
+    # blocks head-major ([B, nb, K, G, bs, H]): the per-pair matmuls write their results in
+    # place; with tokens before heads XLA:CPU transposes every step's scores (~1.5x slower)
+    out = _flash(q.reshape(b, nb, bs, kv_heads, g, h).transpose(0, 1, 3, 4, 2, 5),
+                 k.reshape(b, nb, bs, kv_heads, h).transpose(0, 1, 3, 2, 4),
+                 v.reshape(b, nb, bs, kv_heads, h).transpose(0, 1, 3, 2, 4),
+                 subtree_end.reshape(b, nb, bs), jnp.asarray(scale, jnp.float32), *sched, c)
+    return out.transpose(0, 1, 4, 2, 3, 5).reshape(b, t_pad, n, h)[:, :t]

@@ -76,8 +76,8 @@ def empty_rows(num_rows: int, row_len: int, pad_id: int = 0) -> dict[str, np.nda
 
 def schedule_length(row_len: int, block_size: int) -> int:
     """A fixed schedule length for rows of row_len tokens: every lower-triangular block pair,
-    rounded up to a multiple of 16 (the block-sparse scan's chunk); entries past a row's own pairs
-    are skipped padding. Fixed shapes: the train step compiles once."""
+    rounded up to a multiple of 16 (and so of the block-sparse scan's step); entries past a row's
+    own pairs are skipped padding. Fixed shapes: the train step compiles once."""
     from kat_jax.ops.attention import effective_block_size
 
     nb = -(-row_len // effective_block_size(block_size, row_len))
@@ -253,12 +253,11 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
               num_traj: int | None = None, traj_len: int | None = None,
               pad_id: int = 0, attention_block_size: int | None = None,
               schedule_pairs: int | None = None, keep: np.ndarray | None = None,
-              fields: tuple[str, ...] | None = None, rows_multiple: int = 1) -> PackedTrees:
+              fields: tuple[str, ...] | None = None) -> PackedTrees:
     """Lay a trie out in rows of `row_len` tokens (see the module docstring) as a StepBatch.
 
     num_rows / num_traj / traj_len: pad to these sizes (fixed shapes under jit); errors when the
-    content needs more. Defaults: as many rows as needed (rounded up to a multiple of
-    rows_multiple, e.g. whole forward calls of a fixed row count); N = number of trajectories;
+    content needs more. Defaults: as many rows as needed; N = number of trajectories;
     L = bucket_length(longest trajectory). attention_block_size: also build the block-sparse
     attention schedule of the rows (`attention_schedule`, padded to schedule_pairs when given).
     keep: bool[num_nodes] from the pruner (closed under ancestors): pruned nodes are not laid out,
@@ -271,7 +270,7 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     children, sub, _ = structure
     pieces = make_pieces(trie, row_len, structure)
     groups = assign_rows([p.size for p in pieces], row_len)
-    n_rows = -(-len(groups) // rows_multiple) * rows_multiple if num_rows is None else num_rows
+    n_rows = len(groups) if num_rows is None else num_rows
     if len(groups) > n_rows:
         raise ValueError(f"the trajectories need {len(groups)} rows of {row_len} tokens; only "
                          f"{n_rows} allowed")
