@@ -158,7 +158,7 @@ def score_records(model: Decoder, records: list[ScoreRecord], batch_tokens: int,
                                        row_len=row_len, block_size=cfg.attention_block_size)
     block = None if attention == "xla_dense" else cfg.attention_block_size
     packed = pack_trie(trie, row_len, attention_block_size=block,
-                       schedule_pairs=block and schedule_length(row_len, block))
+                       schedule_pairs=None if block is None else schedule_length(row_len, block))
     rows = packed.batch.replace(traj_index=None, valid=None, trainable=None, advantage=None)
     traj_index = packed.batch.traj_index
     calls = _calls(packed.num_rows, per_call)
