@@ -6,6 +6,7 @@
     kat-jax export-hf  kat_jax checkpoint -> Hugging Face directory (config.json + safetensors)
     kat-jax prune      what an entropy-pruning token budget keeps of groups of rollouts
     kat-jax rollout    sample agent trajectories in an environment (JSONL for prune / score / training)
+    kat-jax eval       pass@k of a checkpoint on an environment's test tasks (E.json + E.md)
     kat-jax serve      the built-in sampler as an OpenAI-compatible /v1/completions endpoint
     kat-jax env check  every bundled (or given) environment task scores 1 with its gold answer, 0 without
     kat-jax presets    list the model presets
@@ -26,6 +27,7 @@ import sys
 from kat_jax.commands import (
     compile_check,
     env,
+    eval,
     export_hf,
     import_hf,
     presets,
@@ -36,7 +38,8 @@ from kat_jax.commands import (
     train,
 )
 
-COMMANDS = (train, score, import_hf, export_hf, prune, rollout, serve, env, compile_check, presets)
+COMMANDS = (train, score, import_hf, export_hf, prune, rollout, eval, serve, env, compile_check,
+            presets)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,11 @@
 Small enough for a tiny model to learn by RL on CPU: questions are generated from a seed (two to three
 integers, ``+ - *``, and exact divisions at higher levels). The tool evaluates expressions safely with
 ``ast`` (numbers, ``+ - * / // % **`` with bounded exponents, parentheses; nothing else, no ``eval``).
+
+Default tasks: 100 generated ones. Train/test split (`kat-jax eval`, registry.task_split): about
+20% of the tasks are "test", chosen by a hash of the question; without a tasks file the split
+partitions a pool of SPLIT_POOL = 400 generated tasks (the default 100 among them): 76 test, 324
+train.
 """
 
 from __future__ import annotations
@@ -104,12 +109,27 @@ def generate_tasks(n: int = 200, seed: int = 0, level: int = 1) -> list[Task]:
     return tasks
 
 
-def load_tasks(path: str | None = None) -> list[Task]:
-    """Tasks from JSONL ``{"id", "question", "answer"}`` (maths.read_answer_tasks), or 100
-    generated ones (levels 1-3)."""
-    if path is None:
-        return [t for level in (1, 2, 3) for t in generate_tasks(34 if level < 3 else 32, 0, level)]
-    return read_answer_tasks(path)
+def load_tasks(path: str | None = None, n: int = 100) -> list[Task]:
+    """Tasks from JSONL ``{"id", "question", "answer"}`` (maths.read_answer_tasks), or ``n``
+    generated ones (seed 0; levels 1, 2, 3 get ceil(n/3), ceil(n/3) and the rest: 34, 34, 32 of
+    the default 100). Generation is a prefix per level: the tasks of a smaller ``n`` are among
+    those of a larger one, with the same ids."""
+    if path is not None:
+        return read_answer_tasks(path)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    per_level = -(-n // 3)
+    sizes = (per_level, per_level, n - 2 * per_level)
+    return [t for level, size in zip((1, 2, 3), sizes) for t in generate_tasks(size, 0, level)]
+
+
+SPLIT_POOL = 400  # generated tasks behind the train/test split: 80 or so are test (at least 64)
+
+
+def split_pool() -> list[Task]:
+    """The generated tasks that the train/test split (kat_jax.envs.registry.task_split) partitions
+    when no tasks file is given: ``load_tasks(None, SPLIT_POOL)``, the default 100 among them."""
+    return load_tasks(None, SPLIT_POOL)
 
 
 class CalculatorEnv(AnswerEnv):
