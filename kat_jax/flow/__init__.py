@@ -1,0 +1,10 @@
+"""flow: where agents and the trainer meet.
+
+Owns the trajectory manager (manager): per-call records of agent sessions -> trajectories rebuilt
+by longest token prefix, grouped by task, finished with the episode outcome and handed out as
+rollout records (kat_jax.data.records) with per-group advantages (GRPO, Dr.GRPO, RLOO).
+
+May import: kat_jax.data, kat_jax.trees and the root utilities. The manager itself stays free of
+kat_jax.rollout, kat_jax.training and jax: agents hand it plain token lists, the trainer reads plain
+record dicts (tests/test_import_layers.py checks the layers).
+"""
