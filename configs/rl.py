@@ -2,13 +2,55 @@
 
     kat-jax train --config configs/rl.py:VARIANT --workdir DIR [--config.train.steps=20 ...]
 
-Variants: tiny (CPU, bundled data), qwen3_0_6b, qwen3_8b, kat_dev_32b (pods; set
---config.model.checkpoint to a Hugging Face or kat_jax directory and --config.data.train_files).
-Keys are documented in kat_jax/training/defaults.py.
+Offline variants (train on data.train_files, rollouts sampled elsewhere): tiny (CPU, bundled
+data), qwen3_0_6b, qwen3_8b, kat_dev_32b (pods; set --config.model.checkpoint to a Hugging Face
+or kat_jax directory and --config.data.train_files).
+
+Online variants (the loop samples from the model it trains: kat_jax.flow.online; rl.* keys):
+  tiny_calculator   the calculator environment on CPU (tiny model; after an SFT stage in the
+                    quickstart)
+  tiny_maths        the maths environment on CPU
+  qwen3_8b_swe      SWE tasks in docker sandboxes, Qwen3-8B shapes (pods; compile-checked)
+  kat_dev_32b_swe   SWE tasks, KAT-Dev-32B (Qwen3-32B) shapes (pods; compile-checked)
+Keys are documented in kat_jax/training/defaults.py and kat_jax/flow/online.py.
 """
 
 from kat_jax.training.defaults import stage_config
 
+ONLINE = {
+    "tiny_calculator": ("tiny", "calculator"),
+    "tiny_maths": ("tiny", "maths"),
+    "qwen3_8b_swe": ("qwen3_8b", "swe"),
+    "kat_dev_32b_swe": ("kat_dev_32b", "swe"),
+}
+
 
 def get_config(variant: str = "tiny"):
-    return stage_config("rl", variant)
+    if variant not in ONLINE:
+        return stage_config("rl", variant)
+    size, env = ONLINE[variant]
+    c = stage_config("rl", size)
+    if "rl" not in c:
+        from kat_jax.flow.online import rl_config
+
+        c.rl = rl_config()
+    c.data.train_files = ""
+    c.rl.env = env
+    # the PPO ratio's old policy: the trainer's own log-probs before the round's first update
+    # (the clip acts from the second minibatch on); the behaviour log-probs of the sampler
+    # correct the rest through the truncated importance weight
+    c.loss.update(dict(old_logprobs="record", tis_cap=2.0))
+    if size == "tiny":
+        # the byte tokenizer's calculator prompt (system, tool schema, question) is ~790 tokens
+        c.data.update(dict(rows=4, row_len=1280, trajectories=16))
+        c.train.update(dict(steps=16, checkpoint_every=8, log_every=1))
+        c.rl.update(dict(groups_per_round=4, group_size=4, minibatches=2, max_turns=2,
+                         max_new_tokens=48, concurrency=8))
+        c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=0))
+        if env == "maths":
+            c.rl.max_turns = 1
+    else:
+        c.rl.update(dict(groups_per_round=32, group_size=8, minibatches=4, max_turns=50,
+                         max_new_tokens=4096, concurrency=64, split="all"))
+        c.train.update(dict(steps=500, checkpoint_every=20))
+    return c

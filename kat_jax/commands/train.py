@@ -26,6 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    import kat_jax.flow.online  # noqa: F401  (registers the online rl loop with the trainer)
     from kat_jax.training import config_lib
     from kat_jax.training.trainer import PREEMPTED_EXIT, Preempted, TrainingError, run_train
 

@@ -18,8 +18,10 @@ whose checkpoint reached train.steps is skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,6 +63,41 @@ __all__ = ["PREEMPTED_EXIT", "Preempted", "TrainingError", "run_train", "train_s
 
 class Preempted(RuntimeError):
     """SIGTERM (preemption) or train.stop_at_step: a checkpoint was saved; running again resumes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRunner:
+    """A way of training a stage besides the data-fed loop below, registered by a layer above
+    (kat_jax.flow registers the online rl loop): `applies(cfg)` says whether it takes the
+    config, `validate(cfg)` checks its keys (ConfigError naming the key), `run(cfg, workdir)`
+    trains and returns the summary."""
+
+    name: str
+    applies: Callable[[ml_collections.ConfigDict], bool]
+    validate: Callable[[ml_collections.ConfigDict], None]
+    run: Callable[[ml_collections.ConfigDict, str], dict]
+
+
+STAGE_RUNNERS: list[StageRunner] = []
+
+
+def register_stage_runner(runner: StageRunner) -> None:
+    STAGE_RUNNERS[:] = [r for r in STAGE_RUNNERS if r.name != runner.name] + [runner]
+
+
+def stage_runner(cfg: ml_collections.ConfigDict) -> StageRunner | None:
+    """The registered runner that takes cfg (its keys checked), or None for the data-fed loop.
+    Every runner validates cfg, so a key only a runner reads is checked whichever runs."""
+    for r in STAGE_RUNNERS:
+        r.validate(cfg)
+    for r in STAGE_RUNNERS:
+        if r.applies(cfg):
+            return r
+    if "rl" in cfg and cfg.rl.get("env"):
+        raise config_lib.ConfigError(
+            "--config.rl.env: the online rl loop is not registered; it lives in kat_jax.flow "
+            "(import kat_jax.flow.online, as `kat-jax train` does)")
+    return None
 
 
 class DataFeed:
@@ -123,7 +160,14 @@ class DataFeed:
 def train_stage(cfg: ml_collections.ConfigDict, workdir: str,
                 sources: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one stage in workdir. sources: what preflight(cfg) returned (a pipeline has checked
-    every stage first); default: preflight here."""
+    every stage first); default: preflight here. A stage a registered runner claims (e.g. the
+    rl stage with rl.env set: the online loop kat_jax.flow.online) is run by it."""
+    runner = stage_runner(cfg)
+    if runner is not None:
+        if sources is None:
+            preflight(cfg)
+        maybe_initialize_distributed(cfg)
+        return runner.run(cfg, workdir)
     # --- setup: config, data sources, model, mesh, state
     sources = preflight(cfg) if sources is None else sources
     maybe_initialize_distributed(cfg)
@@ -232,6 +276,7 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sources = {}
     for name in names:  # every stage's keys and data, before the first one trains
         try:
+            stage_runner(cfg[name])  # its checks
             sources[name] = preflight(cfg[name])
         except (config_lib.ConfigError, TrainingError, ValueError, FileNotFoundError) as e:
             raise type(e)(str(e).replace("--config.", f"--config.{name}.")) from None

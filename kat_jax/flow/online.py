@@ -1,0 +1,504 @@
+"""Online agentic RL: rollout -> trajectory manager -> trees -> old / reference log-probs ->
+minibatch updates -> weight sync, repeated (synchronous, on-policy).
+
+    kat-jax train --config configs/rl.py:tiny_calculator --workdir DIR
+
+The rl stage runs this loop when `rl.env` names an environment (kat_jax.envs); with rl.env ''
+it trains offline on data.train_files (kat_jax.training.trainer). One round:
+
+ 1. Rollout. rl.groups_per_round tasks of the environment's rl.split (the next ones of a
+    per-epoch shuffle of the tasks, seeded by train.seed), rl.group_size episodes each, run by the
+    existing agent loop (kat_jax.rollout.agent.run_episode) with rl.concurrency episodes at a
+    time, against the in-process sampler (kat_jax.rollout.sampler.JaxEngine) holding the current
+    parameters: the trainer's arrays are handed to it on device (update_weights: no host copy, no
+    recompilation).
+ 2. The trajectory manager (kat_jax.flow.TrajectoryManager) receives one record per model call
+    (the engine the agents use reports each call: prompt ids, generated ids, behaviour log-probs,
+    entropies, policy version) and each episode's outcome, rebuilds the trajectories by token
+    prefix, groups them by task and computes the advantages (loss.advantage_estimator, default
+    GRPO). A group with an env_error episode is masked (counted). Agents never see the trainer:
+    the loop talks to the sampler and the manager through their APIs only.
+ 3. Trees. The round's groups, split into rl.minibatches parts in order, go through the data
+    pipeline (kat_jax.data.pipeline: packed prefix trees, the train step's fixed shapes); a part
+    that needs more than one step batch trains as several steps (logged as `round_steps`).
+ 4. Old and reference log-probs. Before the first update of the round, one forward (no
+    gradient) per step batch with the current parameters gives the PPO ratio's old policy
+    (loss.old_logprobs=record: StepBatch.old_logprobs; the behaviour log-probs stay separate for
+    the truncated importance weight loss.tis_cap), and, when a reference is configured
+    (loss.kl_coef > 0), one with the frozen reference parameters (rl.reference: '' = the stage's
+    starting checkpoint model.checkpoint) gives StepBatch.ref_logprobs; `kl_ref`, the mean k3 KL of
+    the current policy to the reference on the trained tokens, is logged every round then.
+ 5. rl.epochs passes of the minibatches, one optimizer step each (from the second on, the ratio
+    differs from 1 and the clip acts: clip_fraction is real).
+
+Steps: train.steps counts optimizer steps. Checkpoints are taken at round ends only (every round
+that crosses a train.checkpoint_every boundary, and the last); the manager holds nothing between
+rounds (synchronous), so resuming restarts at the next round: the rollouts of a round depend only
+on the parameters, train.seed and the round index, so a resumed run logs the same losses as one
+that never stopped (tested with rl.concurrency 1; concurrent episodes batch differently and agree
+up to float rounding). SIGTERM and train.stop_at_step act at the end of the round that reaches
+them.
+
+Metrics of a round (on its last step): reward, pass_rate, status_<name> counts, turns,
+tool_calls_per_turn, generated_tokens, trajectory / tree tokens of the round, masked_groups,
+rollout_time_s, logprob_time_s, train_time_s, policy_version (the round index), kl_ref, and
+old_behaviour_max_abs: the largest difference between the trainer's old-policy log-probs and the
+sampler's behaviour log-probs of the same tokens under the same parameters (0 up to float
+rounding: anything larger means the two disagree).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kat_jax import storage
+from kat_jax.multihost import StopRequests
+from kat_jax.training import config_lib
+from kat_jax.training.build import (
+    TrainingError,
+    batch_shardings,
+    data_shards,
+    hf_dir,
+    init_or_restore_state,
+    initial_params,
+    jit_train_step,
+    model_config_for,
+    tokenizer_for,
+    train_step_setup,
+)
+from kat_jax.training.checkpointing import Checkpoints, export_model, model_exported
+from kat_jax.training.progress import StepLogger
+from kat_jax.training.sharding import local_shard_ids, make_mesh
+from kat_jax.training.step import forward_logprobs
+from kat_jax.trees.batch import merge_leading
+from kat_jax.trees.packing import gather_per_trajectory
+
+log = logging.getLogger(__name__)
+
+RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, group_size=4,
+                   minibatches=1, epochs=1, max_turns=4, max_tokens=0, max_new_tokens=64,
+                   temperature=1.0, concurrency=8, reference="")
+
+
+def rl_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(RL_DEFAULTS))
+
+
+def is_online(cfg) -> bool:
+    return "rl" in cfg and bool(cfg.rl.env)
+
+
+def _fail(key: str, rule: str, value: Any) -> None:
+    raise config_lib.ConfigError(f"--config.{key}: {rule} (got {value!r})")
+
+
+def validate_online(cfg) -> None:
+    """The rl.* keys: an error naming the key when one is bad or could not act."""
+    from kat_jax.envs import ENVS
+
+    if "rl" not in cfg:
+        return
+    rl = cfg.rl
+    if not rl.env:
+        for key, default in RL_DEFAULTS.items():
+            if key != "env" and rl[key] != default:
+                _fail(f"rl.{key}", "acts only in the online loop (set rl.env to an environment)",
+                      rl[key])
+        return
+    if cfg.stage != "rl":
+        _fail("rl.env", f"the online loop is the rl stage's; stage is {cfg.stage!r}", rl.env)
+    if rl.env not in ENVS:
+        _fail("rl.env", f"unknown environment; known: {sorted(ENVS)}", rl.env)
+    if rl.tasks_file and not storage.exists(rl.tasks_file):
+        _fail("rl.tasks_file", "no such file", rl.tasks_file)
+    if cfg.data.train_files:
+        _fail("data.train_files", "is not read by the online loop (rl.env is set); set it to ''",
+              cfg.data.train_files)
+    for key, default in (("shuffle", True), ("seed", 0), ("epochs", -1), ("eval_files", "")):
+        if cfg.data[key] != default:
+            _fail(f"data.{key}", "is not read by the online loop (rl.env is set: the tasks come "
+                  "from the environment, in an order seeded by train.seed); leave it at "
+                  f"{default!r}", cfg.data[key])
+    for key, low in (("groups_per_round", 1), ("group_size", 1), ("minibatches", 1),
+                     ("epochs", 1), ("max_turns", 1), ("max_new_tokens", 1), ("concurrency", 1)):
+        if rl[key] < low:
+            _fail(f"rl.{key}", f"must be >= {low}", rl[key])
+    if rl.groups_per_round % rl.minibatches:
+        _fail("rl.minibatches", f"must divide rl.groups_per_round={rl.groups_per_round}",
+              rl.minibatches)
+    if rl.max_tokens < 0 or rl.max_tokens > cfg.data.row_len:
+        _fail("rl.max_tokens", f"must be in [0, data.row_len={cfg.data.row_len}] (0 = "
+              "data.row_len): a longer trajectory could not be laid out in a row", rl.max_tokens)
+    if rl.temperature != cfg.loss.temperature:
+        _fail("rl.temperature", f"must equal loss.temperature={cfg.loss.temperature}: the "
+              "behaviour log-probs are taken at the sampling temperature", rl.temperature)
+    if rl.split not in ("train", "test", "all"):
+        _fail("rl.split", "must be train, test or all", rl.split)
+    if rl.reference and cfg.loss.kl_coef == 0:
+        _fail("rl.reference", "acts only with loss.kl_coef > 0", rl.reference)
+    if rl.epochs > 1 and cfg.loss.old_logprobs == "current":
+        _fail("rl.epochs", "with loss.old_logprobs=current every pass has ratio 1; use record",
+              rl.epochs)
+
+
+# ---------------------------------------------------------------------------------------------
+# rollouts through the manager
+
+
+class _ReportingEngine:
+    """What the agents call: the sampler, with every call reported to the manager under the
+    calling thread's session (agents never import the trainer or the manager)."""
+
+    def __init__(self, engine, manager, version: int):
+        self.engine, self.manager, self.version = engine, manager, version
+        self.local = threading.local()
+        self.context_length = engine.context_length
+
+    def generate(self, prompts, params, n=1, seeds=None):
+        out = self.engine.generate(prompts, params, n=n, seeds=seeds)
+        session = self.local.session
+        for prompt, gens in zip(prompts, out):
+            for g in gens:
+                self.manager.add_call(session, list(prompt), list(g.tokens), list(g.logprobs),
+                                      list(g.entropies), self.version)
+        return out
+
+
+def _task_order(num_tasks: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.RandomState((seed * 7919 + epoch) % (2**31)).permutation(num_tasks)
+
+
+def round_tasks(tasks: list, groups: int, seed: int, round_index: int) -> list:
+    """The tasks of a round: the next `groups` of a per-epoch shuffle of all tasks."""
+    out, start = [], round_index * groups
+    for k in range(start, start + groups):
+        epoch, i = divmod(k, len(tasks))
+        out.append(tasks[int(_task_order(len(tasks), seed, epoch)[i])])
+    return out
+
+
+def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str):
+    """Episodes of one round through a fresh manager: (groups of records in task order, episode
+    records, manager stats)."""
+    from kat_jax.envs import make_env
+    from kat_jax.flow.manager import TrajectoryManager
+    from kat_jax.rollout.agent import run_episode
+    from kat_jax.rollout.sampler import SamplingParams
+
+    rl = cfg.rl
+    manager = TrajectoryManager(estimator=advantage)
+    eng = _ReportingEngine(engine, manager, round_index)
+    sp = SamplingParams(temperature=rl.temperature, max_new_tokens=rl.max_new_tokens,
+                        seed=cfg.train.seed)
+    jobs = [(t, s) for t in tasks for s in range(rl.group_size)]
+    seed = (cfg.train.seed * 1_000_003 + round_index) % (2**31)
+
+    def one(job):
+        task, sample = job
+        session = f"r{round_index}/{task.id}#{sample}"
+        manager.start_session(session, group=task.id, task_id=task.id)
+        eng.local.session = session
+        env = make_env(rl.env)
+        try:
+            rec = run_episode(eng, env, task, tokenizer, sp, max_turns=rl.max_turns,
+                              max_tokens=rl.max_tokens or cfg.data.row_len, seed=seed,
+                              sample=sample)
+        except Exception as e:  # a crashed environment masks its group; the loop goes on
+            log.warning("episode %s failed: %s", session, e)
+            manager.finish_session(session, reward=0.0, status="env_error", passed=False,
+                                   turns=0, tool_calls=0)
+            return None
+        finally:
+            env.close()
+        if rec["turns"] == 0 and rec["status"] in ("max_tokens", "context_limit"):
+            raise TrainingError(
+                f"rl.max_tokens / data.row_len: the prompt of task {task.id} "
+                f"({rec.get('prompt_tokens', len(rec['tokens']))} tokens) leaves no room for a "
+                f"generated token within the episode's token budget "
+                f"{rl.max_tokens or cfg.data.row_len}; raise data.row_len (and rl.max_tokens)")
+        manager.finish_session(session, reward=rec["reward"], status=rec["status"],
+                               passed=rec.get("passed"), turns=rec["turns"],
+                               tool_calls=rec["tool_calls"])
+        return rec
+
+    with ThreadPoolExecutor(max_workers=rl.concurrency) as ex:
+        episodes = [r for r in ex.map(one, jobs) if r is not None]
+    groups = manager.pop_groups(rl.group_size)
+    order = {t.id: i for i, t in enumerate(tasks)}  # completion order varies with threads
+    groups.sort(key=lambda g: order.get(g[0].get("group"), len(order)))
+    return groups, episodes, manager.stats
+
+
+class RecordGroups:
+    """An in-memory source of rollout groups for kat_jax.data.pipeline (kind "rollouts")."""
+
+    kind = "rollouts"
+
+    def __init__(self, groups: list[list[dict]], where: str):
+        from kat_jax.data.sources import VALIDATORS
+
+        self.groups = []
+        for gi, g in enumerate(groups):
+            items = []
+            for ri, rec in enumerate(g):
+                w = f"{where}:group {gi}:record {ri}"
+                VALIDATORS["rollouts"](rec, w)
+                items.append((rec, w))
+            self.groups.append(items)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int):
+        return self.groups[i]
+
+
+def make_logprob_fn(graphdef, temperature: float, constrain):
+    """(params, batch [M, S, ...]) -> per-trajectory log-probs [M, S, N, L] (no gradient)."""
+
+    def one(params, mb):
+        model = nnx.merge(graphdef, params)
+        s, r, t = mb.tokens.shape
+        logp_bt, _ = forward_logprobs(model, merge_leading(mb), temperature, constrain,
+                                      entropy=False)
+        return jax.vmap(gather_per_trajectory)(logp_bt.reshape(s, r, t), mb.traj_index)
+
+    def fn(params, batch):
+        return jax.lax.map(lambda mb: one(params, mb), batch)
+
+    return fn
+
+
+def _k3(logp: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float | None:
+    lr = np.clip(logp - ref, -20, 20)
+    k3 = np.exp(-lr) + lr - 1.0
+    n = mask.sum()
+    return float((k3 * mask).sum() / n) if n else None
+
+
+class _RoundState:
+    """The checkpointed loop position (the orbax 'data' item): rounds done."""
+
+    def __init__(self):
+        self.rounds = 0
+
+    def get_state(self) -> dict:
+        return {"rounds": self.rounds}
+
+    def set_state(self, state: dict) -> None:
+        self.rounds = int(state["rounds"])
+
+
+def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train the rl stage online (see the module docstring)."""
+    from kat_jax.data.pipeline import BatchShape, make_step_iterator
+    from kat_jax.rollout.sampler import EngineConfig, JaxEngine
+
+    validate_online(cfg)
+    if jax.process_count() > 1:
+        raise TrainingError("rl.env: the online loop runs on one host in this version")
+    workdir = storage.absolute(workdir)
+    storage.makedirs(workdir)
+    rl = cfg.rl
+    model_cfg, tokenizer = model_config_for(cfg), tokenizer_for(cfg)
+    tasks = _load_tasks(rl)
+    if rl.groups_per_round > len(tasks):
+        _fail("rl.groups_per_round", f"exceeds the {len(tasks)} tasks of {rl.env} "
+              f"(split {rl.split})", rl.groups_per_round)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    shards = data_shards(cfg, mesh)
+    shard_ids = local_shard_ids(mesh, shards)
+    shape = BatchShape(cfg.data.rows, cfg.data.row_len, cfg.data.trajectories,
+                       model_cfg.attention_block_size, ("behaviour_logprobs",))
+    config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
+    model_cfg.save_json(os.path.join(workdir, "model_config.json"))
+    setup = train_step_setup(cfg, mesh, model_cfg)
+    position = _RoundState()
+    ckpts = Checkpoints(workdir, cfg.train, position)
+    state, start = init_or_restore_state(setup, cfg, model_cfg, ckpts.restore)
+    if start >= cfg.train.steps and model_exported(workdir):
+        ckpts.close()
+        return {"workdir": workdir, "step": start, "status": "already finished"}
+    reference = None
+    if cfg.loss.kl_coef > 0:
+        ref_cfg = cfg.copy_and_resolve_references()
+        if rl.reference:
+            with ref_cfg.unlocked():
+                ref_cfg.model.checkpoint = rl.reference
+        reference = initial_params(ref_cfg, model_cfg, setup.p_shard)
+    engine = JaxEngine(_sampler_model(model_cfg, state["params"]),
+                       EngineConfig(max_batch=max(8, rl.concurrency)))
+    logprob_fn = jax.jit(make_logprob_fn(setup.graphdef, cfg.loss.temperature, setup.constrain))
+    jit_step = None
+    advantage = cfg.loss.get("advantage_estimator", "grpo")
+    stop, logger = StopRequests(), StepLogger(cfg, workdir, start, model_cfg)
+    step = start
+    record_old = cfg.loss.old_logprobs == "record"
+    per_part = rl.groups_per_round // rl.minibatches
+    try:
+        while step < cfg.train.steps:
+            r = position.rounds
+            t0 = time.perf_counter()
+            engine.update_weights(state["params"])
+            groups, episodes, mstats = run_round(
+                engine, cfg,
+                round_tasks(tasks, rl.groups_per_round, cfg.train.seed, r), tokenizer, r,
+                advantage)
+            t1 = time.perf_counter()
+            batches = []
+            for p in range(rl.minibatches):
+                part = groups[p * per_part:(p + 1) * per_part]
+                if not part:
+                    continue
+                it = make_step_iterator(RecordGroups(part, f"round {r}"), "rl", tokenizer, shape,
+                                        model_cfg.vocab_size, cfg.train.microbatches,
+                                        len(shard_ids), shuffle=False, epochs=1,
+                                        shard_ids=shard_ids, num_shards=shards)
+                batches += list(it)
+            kl_ref, drift = None, []
+            full = []
+            for batch, stats in batches:
+                extra = {}
+                if record_old:
+                    extra["old_logprobs"] = np.asarray(logprob_fn(state["params"], batch))
+                    gen = np.asarray(batch.trainable)
+                    if gen.any():  # the sampler's numbers vs the trainer's, same parameters
+                        drift.append(float(np.abs(extra["old_logprobs"] - np.asarray(
+                            batch.behaviour_logprobs))[gen].max()))
+                if reference is not None:
+                    extra["ref_logprobs"] = np.asarray(logprob_fn(reference, batch))
+                full.append((batch.replace(**extra), stats))
+            if reference is not None and full:
+                cur = [np.asarray(logprob_fn(state["params"], b)) if not record_old
+                       else b.old_logprobs for b, _ in full]
+                kls = [_k3(c, b.ref_logprobs, b.trainable) for c, (b, _) in zip(cur, full)]
+                kls = [k for k in kls if k is not None]
+                kl_ref = float(np.mean(kls)) if kls else None
+            t2 = time.perf_counter()
+            round_metrics = _round_metrics(episodes, mstats, r, t1 - t0, t2 - t1)
+            round_metrics["kl_ref"] = kl_ref
+            round_metrics["old_behaviour_max_abs"] = max(drift) if drift else None
+            round_metrics["round_steps"] = len(full) * rl.epochs
+            if not full:
+                log.warning("round %d: no trainable group (all masked or empty)", r)
+            for epoch in range(rl.epochs):
+                for i, (batch, stats) in enumerate(full):
+                    if step >= cfg.train.steps:
+                        break
+                    if jit_step is None:
+                        jit_step = jit_train_step(setup, batch_shardings(batch, mesh))
+                    with jax.set_mesh(mesh):
+                        state, metrics = jit_step(state, batch)
+                    step += 1
+                    last = epoch == rl.epochs - 1 and i == len(full) - 1
+                    if last or step >= cfg.train.steps:
+                        jax.block_until_ready(state)
+                        round_metrics["train_time_s"] = time.perf_counter() - t2
+                        metrics = {**metrics, **{k: v for k, v in round_metrics.items()
+                                                 if v is not None}}
+                    logger.step(step, stats, metrics)
+            position.rounds = r + 1
+            crossed = step // cfg.train.checkpoint_every > (step - len(full) * rl.epochs) // \
+                cfg.train.checkpoint_every
+            if stop.requested(step) or (cfg.train.stop_at_step >= 0
+                                        and step >= cfg.train.stop_at_step):
+                ckpts.save(step, state, force=True)
+                ckpts.wait()
+                from kat_jax.training.trainer import Preempted
+
+                why = "SIGTERM" if stop.signal is not None else "train.stop_at_step"
+                raise Preempted(f"{why} at step {step} (end of round {r}): checkpoint saved in "
+                                f"{ckpts.dir}; run the same command again to resume")
+            if crossed and step < cfg.train.steps:
+                ckpts.save(step, state)
+        if ckpts.latest_step() != step:
+            ckpts.save(step, state, force=True)
+        ckpts.wait()
+        export_model(workdir, state["params"], model_cfg, hf_dir(cfg))
+    finally:
+        stop.close()
+        try:
+            ckpts.close()
+        finally:
+            logger.close()
+    totals = logger.host_totals()
+    return {"workdir": workdir, "step": int(step), "stage": cfg.stage, "rounds": position.rounds,
+            "loss": logger.logged.get("loss"), "reward": logger.logged.get("reward"),
+            "mesh": dict(mesh.shape), "total_tokens": totals["total_tokens"],
+            "computed_tokens": totals["computed_tokens"]}
+
+
+def _sampler_model(model_cfg, params):
+    """A model object for the sampler with the trainer's parameters (its arrays, on device)."""
+    from kat_jax.models.decoder import init_model
+
+    model = nnx.eval_shape(lambda: init_model(model_cfg, 0))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
+
+
+def _load_tasks(rl) -> list:
+    """The environment's tasks of rl.split ("all": every task, for environments without a
+    train/test split, e.g. swe)."""
+    from kat_jax.envs import ENVS, load_env_tasks
+
+    if rl.split != "all" and ENVS[rl.env].test_fraction is None:
+        _fail("rl.split", f"environment {rl.env!r} has no train/test split; set rl.split=all",
+              rl.split)
+    try:
+        tasks = load_env_tasks(rl.env, rl.tasks_file or None,
+                               split=None if rl.split == "all" else rl.split)
+    except (ValueError, OSError) as e:
+        key = "rl.tasks_file" if rl.tasks_file else "rl.env"
+        raise config_lib.ConfigError(f"--config.{key}: {e}") from None
+    if not tasks:
+        _fail("rl.split", f"environment {rl.env!r} has no tasks in this split", rl.split)
+    return tasks
+
+
+def _round_metrics(episodes: list[dict], mstats: dict, round_index: int, rollout_s: float,
+                   logprob_s: float) -> dict[str, Any]:
+    n = max(len(episodes), 1)
+    turns = sum(e["turns"] for e in episodes)
+    m: dict[str, Any] = {
+        "reward": sum(e["reward"] for e in episodes) / n,
+        "pass_rate": sum(bool(e.get("passed")) for e in episodes) / n,
+        "turns": turns / n,
+        "tool_calls_per_turn": sum(e["tool_calls"] for e in episodes) / max(turns, 1),
+        "generated_tokens": float(sum(sum(x is not None for x in e["logprobs"])
+                                      for e in episodes)),
+        "episodes": float(len(episodes)),
+        "rollout_time_s": rollout_s, "logprob_time_s": logprob_s,
+        "policy_version": float(round_index),
+        "masked_groups": float(mstats.get("masked_groups", 0)),
+    }
+    counts: dict[str, int] = {}
+    for e in episodes:
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    for k, v in counts.items():
+        m[f"status_{k}"] = float(v)
+    return m
+
+
+def _register() -> None:
+    from kat_jax.training.trainer import StageRunner, register_stage_runner
+
+    register_stage_runner(StageRunner("online_rl", is_online, validate_online, online_stage))
+
+
+_register()
+
+__all__ = ["RL_DEFAULTS", "is_online", "online_stage", "rl_config", "validate_online",
+           "round_tasks", "RecordGroups", "make_logprob_fn"]
