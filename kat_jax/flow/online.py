@@ -7,7 +7,9 @@ The rl stage runs this loop when `rl.env` names an environment (kat_jax.envs); w
 it trains offline on data.train_files (kat_jax.training.trainer). One round:
 
  1. Rollout. rl.groups_per_round tasks of the environment's rl.split (the next ones of a
-    per-epoch shuffle of the tasks, seeded by train.seed), rl.group_size episodes each, run by the
+    per-epoch shuffle of the tasks, seeded by train.seed), rl.group_size episodes each (at most
+    rl.max_turns turns of at most rl.max_new_tokens tokens, rl.max_tokens per trajectory, 0 =
+    data.row_len; sampled at rl.temperature = loss.temperature), run by the
     existing agent loop (kat_jax.rollout.agent.run_episode) with rl.concurrency episodes at a
     time, against the in-process sampler (kat_jax.rollout.sampler.JaxEngine) holding the current
     parameters: the trainer's arrays are handed to it on device (update_weights: no host copy, no
@@ -18,6 +20,11 @@ it trains offline on data.train_files (kat_jax.training.trainer). One round:
     prefix, groups them by task and computes the advantages (loss.advantage_estimator, default
     GRPO). A group with an env_error episode is masked (counted). Agents never see the trainer:
     the loop talks to the sampler and the manager through their APIs only.
+ DAPO's dynamic sampling (rl.dynamic_sampling): groups whose rewards are all equal (and masked
+    ones) are dropped and more tasks drawn until the round has rl.groups_per_round groups, at
+    most rl.max_draws draws (then an error: the tasks cannot fill a round). Its overlong
+    filtering (rl.overlong_filter): trajectories that ran out of tokens are dropped after the
+    advantages were computed.
  3. Trees. The round's groups, split into rl.minibatches parts in order, go through the data
     pipeline (kat_jax.data.pipeline: packed prefix trees, the train step's fixed shapes); a part
     that needs more than one step batch trains as several steps (logged as `round_steps`).
@@ -39,7 +46,8 @@ that never stopped (tested with rl.concurrency 1; concurrent episodes batch diff
 up to float rounding). SIGTERM and train.stop_at_step act at the end of the round that reaches
 them.
 
-Metrics of a round (on its last step): reward, pass_rate, status_<name> counts, turns,
+Metrics of a round (on its last step): reward, pass_rate, status_<name> counts, turns, draws,
+dropped_uniform_groups, overlong_filtered,
 tool_calls_per_turn, generated_tokens, trajectory / tree tokens of the round, masked_groups,
 rollout_time_s, logprob_time_s, train_time_s, policy_version (the round index), kl_ref, and
 old_behaviour_max_abs: the largest difference between the trainer's old-policy log-probs and the
@@ -87,7 +95,8 @@ log = logging.getLogger(__name__)
 
 RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, group_size=4,
                    minibatches=1, epochs=1, max_turns=4, max_tokens=0, max_new_tokens=64,
-                   temperature=1.0, concurrency=8, reference="")
+                   temperature=1.0, concurrency=8, reference="", dynamic_sampling=False,
+                   max_draws=4, overlong_filter=False)
 
 
 def rl_config() -> ml_collections.ConfigDict:
@@ -144,6 +153,13 @@ def validate_online(cfg) -> None:
               "behaviour log-probs are taken at the sampling temperature", rl.temperature)
     if rl.split not in ("train", "test", "all"):
         _fail("rl.split", "must be train, test or all", rl.split)
+    if rl.max_draws < 1:
+        _fail("rl.max_draws", "must be >= 1", rl.max_draws)
+    if rl.max_draws != RL_DEFAULTS["max_draws"] and not rl.dynamic_sampling:
+        _fail("rl.max_draws", "acts only with rl.dynamic_sampling=True", rl.max_draws)
+    if rl.dynamic_sampling and rl.group_size < 2:
+        _fail("rl.dynamic_sampling", "needs rl.group_size >= 2 (a group of one never has "
+              "rewards that differ)", rl.dynamic_sampling)
     if rl.reference and cfg.loss.kl_coef == 0:
         _fail("rl.reference", "acts only with loss.kl_coef > 0", rl.reference)
     if rl.epochs > 1 and cfg.loss.old_logprobs == "current":
@@ -178,18 +194,26 @@ def _task_order(num_tasks: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.RandomState((seed * 7919 + epoch) % (2**31)).permutation(num_tasks)
 
 
-def round_tasks(tasks: list, groups: int, seed: int, round_index: int) -> list:
-    """The tasks of a round: the next `groups` of a per-epoch shuffle of all tasks."""
-    out, start = [], round_index * groups
-    for k in range(start, start + groups):
+def draw_tasks(tasks: list, seed: int, start: int, n: int) -> list:
+    """Tasks start .. start + n - 1 of the stream that walks the tasks in a fresh shuffle each
+    epoch (seeded by `seed` and the epoch)."""
+    out = []
+    for k in range(start, start + n):
         epoch, i = divmod(k, len(tasks))
         out.append(tasks[int(_task_order(len(tasks), seed, epoch)[i])])
     return out
 
 
-def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str):
-    """Episodes of one round through a fresh manager: (groups of records in task order, episode
-    records, manager stats)."""
+def round_tasks(tasks: list, groups: int, seed: int, round_index: int) -> list:
+    """The tasks of a round without dynamic sampling: the round's `groups` of the stream."""
+    return draw_tasks(tasks, seed, round_index * groups, groups)
+
+
+def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
+              seed: int | None = None):
+    """Episodes of `tasks` through a fresh manager: (groups of records in task order, episode
+    records, manager stats). seed: the episodes' sampling seed (default: from train.seed and
+    the round)."""
     from kat_jax.envs import make_env
     from kat_jax.flow.manager import TrajectoryManager
     from kat_jax.rollout.agent import run_episode
@@ -201,7 +225,8 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str):
     sp = SamplingParams(temperature=rl.temperature, max_new_tokens=rl.max_new_tokens,
                         seed=cfg.train.seed)
     jobs = [(t, s) for t in tasks for s in range(rl.group_size)]
-    seed = (cfg.train.seed * 1_000_003 + round_index) % (2**31)
+    if seed is None:
+        seed = (cfg.train.seed * 1_000_003 + round_index) % (2**31)
 
     def one(job):
         task, sample = job
@@ -287,16 +312,70 @@ def _k3(logp: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float | None:
 
 
 class _RoundState:
-    """The checkpointed loop position (the orbax 'data' item): rounds done."""
+    """The checkpointed loop position (the orbax 'data' item): rounds done, tasks drawn."""
 
     def __init__(self):
         self.rounds = 0
+        self.drawn = 0
 
     def get_state(self) -> dict:
-        return {"rounds": self.rounds}
+        return {"rounds": self.rounds, "drawn": self.drawn}
 
     def set_state(self, state: dict) -> None:
-        self.rounds = int(state["rounds"])
+        self.rounds, self.drawn = int(state["rounds"]), int(state["drawn"])
+
+
+def _varied(group: list[dict]) -> bool:
+    """The group can teach something: not masked, and its rewards are not all equal."""
+    if any(r.get("status") == "env_error" for r in group):
+        return False
+    return len({r.get("reward") for r in group}) > 1
+
+
+def collect_groups(engine, cfg, tasks, tokenizer, position: _RoundState, advantage: str):
+    """The round's groups: one draw of rl.groups_per_round tasks, or with rl.dynamic_sampling
+    (DAPO) as many draws as it takes (at most rl.max_draws) to collect rl.groups_per_round
+    groups whose rewards differ (the others are dropped and counted). rl.overlong_filter drops
+    the trajectories that ran out of tokens (status max_tokens / context_limit) after the
+    advantages were computed, so they neither teach nor shift their group's baseline (DAPO's
+    overlong filtering). Returns (groups, episodes, stats)."""
+    rl = cfg.rl
+    want = rl.groups_per_round
+    groups, episodes = [], []
+    stats = {"masked_groups": 0, "dropped_uniform_groups": 0, "overlong_filtered": 0,
+             "draws": 0}
+    while len(groups) < want:
+        if stats["draws"] >= (rl.max_draws if rl.dynamic_sampling else 1):
+            raise TrainingError(
+                f"rl.dynamic_sampling: after {stats['draws']} draws (rl.max_draws) only "
+                f"{len(groups)} of rl.groups_per_round={want} groups had rewards that differ; "
+                "the tasks are too easy or too hard for the policy (raise rl.max_draws or "
+                "rl.group_size, or turn dynamic sampling off)")
+        n = want - len(groups)
+        start = position.drawn
+        drawn = draw_tasks(tasks, cfg.train.seed, start, n)
+        position.drawn += n
+        got, eps, ms = run_round(engine, cfg, drawn, tokenizer, position.rounds, advantage,
+                                 seed=(cfg.train.seed * 1_000_003 + start) % (2**31))
+        stats["draws"] += 1
+        stats["masked_groups"] += ms.get("masked_groups", 0)
+        episodes += eps
+        if rl.dynamic_sampling:
+            keep = [g for g in got if _varied(g)]
+            stats["dropped_uniform_groups"] += len(got) - len(keep)
+            got = keep
+        groups += got
+        if not rl.dynamic_sampling:
+            break
+    if rl.overlong_filter:
+        out = []
+        for g in groups:
+            kept = [r for r in g if r.get("status") not in ("max_tokens", "context_limit")]
+            stats["overlong_filtered"] += len(g) - len(kept)
+            if kept:
+                out.append(kept)
+        groups = out
+    return groups, episodes, stats
 
 
 def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -350,10 +429,8 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             r = position.rounds
             t0 = time.perf_counter()
             engine.update_weights(state["params"])
-            groups, episodes, mstats = run_round(
-                engine, cfg,
-                round_tasks(tasks, rl.groups_per_round, cfg.train.seed, r), tokenizer, r,
-                advantage)
+            groups, episodes, mstats = collect_groups(engine, cfg, tasks, tokenizer, position,
+                                                      advantage)
             t1 = time.perf_counter()
             batches = []
             for p in range(rl.minibatches):
@@ -482,8 +559,9 @@ def _round_metrics(episodes: list[dict], mstats: dict, round_index: int, rollout
         "episodes": float(len(episodes)),
         "rollout_time_s": rollout_s, "logprob_time_s": logprob_s,
         "policy_version": float(round_index),
-        "masked_groups": float(mstats.get("masked_groups", 0)),
     }
+    for k, v in mstats.items():
+        m[k] = float(v)
     counts: dict[str, int] = {}
     for e in episodes:
         counts[e["status"]] = counts.get(e["status"], 0) + 1
