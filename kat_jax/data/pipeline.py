@@ -50,6 +50,9 @@ class BatchShape:
     trajectories: int  # N trajectory slots per shard batch
     block_size: int  # attention block size (for the schedule)
     fields: tuple[str, ...] = ()  # optional StepBatch fields every batch carries
+    # Pruning on the training path (config prune.*; None = off): each group's trie goes through
+    # the entropy pruner (kat_jax.trees.pruning) under prune.budget tokens before packing
+    prune: Any = None
 
     @property
     def num_pairs(self) -> int:
@@ -165,7 +168,7 @@ class RolloutConverter(RecordConverter):
                     per_token[f] = values
             is_teacher = bool(obj.get("teacher", False))
             t = Trajectory(np.asarray(obj["tokens"]), trainable=gen & (not is_teacher),
-                           tags=tag_array(obj),
+                           tags=tag_array(obj), entropies=per_token_array(obj, "entropies"),
                            reward=obj.get("reward"), advantage=obj.get("advantage"),
                            group_id=obj.get("group"), id=obj.get("id", where), **per_token)
             out.append(self._checked(t, where))
@@ -221,6 +224,7 @@ class TreeBatcher:
         self.exhausted = False
         self._skip = 0
         self.counters = {"dropped_overlong": 0, "excluded_env_error": 0, "packed": 0}
+        self._kept: dict[int, int] = {}  # id(trajectory) -> tokens the pruner keeps
 
     def get_state(self) -> dict:
         """{"grain": iterator state before the first waiting group, "skip": trajectories of that
@@ -259,6 +263,8 @@ class TreeBatcher:
                             self.shape.row_len)
             else:
                 trajs.append(t)
+        if self.shape.prune is not None and trajs:
+            self._prune_group(trajs)
         skip, self._skip = self._skip, 0  # restored mid-group: its first `skip` were packed
         # A group with more trajectories than a shard batch holds is split (in order).
         n = self.shape.trajectories
@@ -266,12 +272,58 @@ class TreeBatcher:
         self.pending[:0] = parts[1:]
         return parts[0]
 
+    def _prune_group(self, trajs: list[Trajectory]) -> None:
+        """Per trajectory of one group, the length of the prefix the pruner keeps under
+        prune.budget (self._kept, by object id). A budget that cannot hold the group's shared
+        prompt would keep nothing of it: an error naming the key."""
+        from kat_jax.trees.pruning import node_arrays, prune_trie
+
+        cfg = self.shape.prune
+        trie = build_trie(trajs)
+        roots = [n for n in range(trie.num_nodes) if trie.node_parent[n] < 0]
+        if len(roots) == 1 and trie.node_len[roots[0]] > cfg.budget:
+            raise ValueError(f"--config.prune.budget={cfg.budget} is below the shared prompt of "
+                             f"group {trajs[0].group_id!r} ({int(trie.node_len[roots[0]])} "
+                             "tokens): nothing of it could be trained; raise prune.budget")
+        pad = 1 << max(4, (trie.num_nodes - 1).bit_length())  # a few compiled pruner sizes
+        nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results, pad_to=pad)
+        keep = prune_trie(trie, cfg, nodes=nodes)
+        for k, t in enumerate(trajs):
+            n_kept = 0
+            for n in trie.traj_path[k]:
+                if not keep[n]:
+                    break
+                n_kept += int(trie.node_len[n])
+            self._kept[id(t)] = n_kept
+
+    def _keep_mask(self, trie) -> np.ndarray | None:
+        """The combined trie's keep mask from each trajectory's kept prefix (closed under
+        ancestors: a node is kept when a trajectory through it keeps all of its tokens)."""
+        if self.shape.prune is None:
+            return None
+        keep = np.zeros(trie.num_nodes, bool)
+        for k, t in enumerate(trie.trajectories):
+            kept = self._kept[id(t)]
+            for n in trie.traj_path[k]:
+                if trie.node_depth[n] + trie.node_len[n] > kept:
+                    break
+                keep[n] = True
+        return keep
+
+    def _group_tokens(self, group: list[Trajectory]) -> int:
+        """Tokens the group costs in rows (after pruning)."""
+        trie = build_trie(group)
+        keep = self._keep_mask(trie)
+        return trie.tree_tokens if keep is None else int(trie.node_len[keep].sum())
+
     def _pack(self, trajs: list[Trajectory]) -> PackedTrees:
         s = self.shape
-        return pack_trie(build_trie(trajs), s.row_len, num_rows=s.rows, num_traj=s.trajectories,
+        trie = build_trie(trajs)
+        keep = self._keep_mask(trie)
+        return pack_trie(trie, s.row_len, num_rows=s.rows, num_traj=s.trajectories,
                          traj_len=s.row_len, pad_id=self.pad_id,
                          attention_block_size=s.block_size, schedule_pairs=s.num_pairs,
-                         fields=s.fields)
+                         keep=keep, fields=s.fields)
 
     def next_batch(self) -> tuple[StepBatch, dict[str, int]] | None:
         """One shard batch and its token statistics; None when the data is exhausted."""
@@ -285,7 +337,7 @@ class TreeBatcher:
             group = item[0]
             if not group:
                 continue
-            g_tokens = build_trie(group).tree_tokens
+            g_tokens = self._group_tokens(group)
             if taken and (n_traj + len(group) > s.trajectories
                           or tokens + g_tokens > s.rows * s.row_len):
                 self.pending.insert(0, item)
@@ -311,8 +363,12 @@ class TreeBatcher:
                 else:
                     self.pending.insert(0, taken.pop())
         self.counters["packed"] += len(trajs)
+        for t in trajs:
+            self._kept.pop(id(t), None)
+        unpruned = build_trie(trajs).tree_tokens if s.prune is not None else tb.tree_tokens
         stats = {"total_tokens": tb.total_tokens, "computed_tokens": tb.laid_out_tokens,
-                 "tree_tokens": tb.tree_tokens, "trajectories": len(trajs)}
+                 "tree_tokens": unpruned, "kept_tokens": tb.tree_tokens,
+                 "trajectories": len(trajs)}
         return tb.batch, stats
 
     def empty_batch(self) -> StepBatch:
@@ -378,7 +434,7 @@ class StepIterator:
 
     def __next__(self) -> tuple[StepBatch, dict[str, int]]:
         shards, stats = [], {"total_tokens": 0, "computed_tokens": 0, "tree_tokens": 0,
-                             "trajectories": 0}
+                             "kept_tokens": 0, "trajectories": 0}
         got_any = False
         for _ in range(self.m):
             for b, counted in zip(self.batchers, self._counted):
