@@ -179,14 +179,19 @@ class _ReportingEngine:
         self.engine, self.manager, self.version = engine, manager, version
         self.local = threading.local()
         self.context_length = engine.context_length
+        self.manager_s = 0.0  # time spent in the manager (all threads)
+        self._lock = threading.Lock()
 
     def generate(self, prompts, params, n=1, seeds=None):
         out = self.engine.generate(prompts, params, n=n, seeds=seeds)
         session = self.local.session
-        for prompt, gens in zip(prompts, out):
-            for g in gens:
-                self.manager.add_call(session, list(prompt), list(g.tokens), list(g.logprobs),
-                                      list(g.entropies), self.version)
+        t = time.perf_counter()
+        with self._lock:
+            for prompt, gens in zip(prompts, out):
+                for g in gens:
+                    self.manager.add_call(session, list(prompt), list(g.tokens),
+                                          list(g.logprobs), list(g.entropies), self.version)
+            self.manager_s += time.perf_counter() - t
         return out
 
 
@@ -231,7 +236,8 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
     def one(job):
         task, sample = job
         session = f"r{round_index}/{task.id}#{sample}"
-        manager.start_session(session, group=task.id, task_id=task.id)
+        with eng._lock:  # the manager is not thread-safe; the agents' threads share it
+            manager.start_session(session, group=task.id, task_id=task.id)
         eng.local.session = session
         env = make_env(rl.env)
         try:
@@ -240,8 +246,9 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
                               sample=sample)
         except Exception as e:  # a crashed environment masks its group; the loop goes on
             log.warning("episode %s failed: %s", session, e)
-            manager.finish_session(session, reward=0.0, status="env_error", passed=False,
-                                   turns=0, tool_calls=0)
+            with eng._lock:
+                manager.finish_session(session, reward=0.0, status="env_error", passed=False,
+                                       turns=0, tool_calls=0)
             return None
         finally:
             env.close()
@@ -251,14 +258,17 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
                 f"({rec.get('prompt_tokens', len(rec['tokens']))} tokens) leaves no room for a "
                 f"generated token within the episode's token budget "
                 f"{rl.max_tokens or cfg.data.row_len}; raise data.row_len (and rl.max_tokens)")
-        manager.finish_session(session, reward=rec["reward"], status=rec["status"],
-                               passed=rec.get("passed"), turns=rec["turns"],
-                               tool_calls=rec["tool_calls"])
+        with eng._lock:
+            manager.finish_session(session, reward=rec["reward"], status=rec["status"],
+                                   passed=rec.get("passed"), turns=rec["turns"],
+                                   tool_calls=rec["tool_calls"])
         return rec
 
     with ThreadPoolExecutor(max_workers=rl.concurrency) as ex:
         episodes = [r for r in ex.map(one, jobs) if r is not None]
+    t = time.perf_counter()
     groups = manager.pop_groups(rl.group_size)
+    manager.stats["manager_time_s"] = eng.manager_s + time.perf_counter() - t
     order = {t.id: i for i, t in enumerate(tasks)}  # completion order varies with threads
     groups.sort(key=lambda g: order.get(g[0].get("group"), len(order)))
     return groups, episodes, manager.stats
@@ -359,6 +369,7 @@ def collect_groups(engine, cfg, tasks, tokenizer, position: _RoundState, advanta
                                  seed=(cfg.train.seed * 1_000_003 + start) % (2**31))
         stats["draws"] += 1
         stats["masked_groups"] += ms.get("masked_groups", 0)
+        stats["manager_time_s"] = stats.get("manager_time_s", 0.0) + ms.get("manager_time_s", 0.0)
         episodes += eps
         if rl.dynamic_sampling:
             keep = [g for g in got if _varied(g)]
