@@ -32,6 +32,7 @@ setup(
         "ml_dtypes>=0.5.0",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "matplotlib>=3.7",  # kat-jax plot, and the PNGs a run draws when it ends
         # the SWE grader copies this pytest, read-only, into sandboxes whose python has none
         "pytest>=8.0",
     ],

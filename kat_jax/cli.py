@@ -9,6 +9,7 @@
     kat-jax eval       pass@k of a checkpoint on an environment's test tasks (E.json + E.md)
     kat-jax serve      the built-in sampler as an OpenAI-compatible /v1/completions endpoint
     kat-jax env check  every bundled (or given) environment task scores 1 with its gold answer, 0 without
+    kat-jax plot       PNG plots of a run's metrics (WORKDIR/plots/<metric>.png)
     kat-jax presets    list the model presets
     kat-jax compile-check  compile a train step for a Cloud TPU topology from this host (libtpu)
 
@@ -30,6 +31,7 @@ from kat_jax.commands import (
     eval,
     export_hf,
     import_hf,
+    plot,
     presets,
     prune,
     rollout,
@@ -39,7 +41,7 @@ from kat_jax.commands import (
 )
 
 COMMANDS = (train, score, import_hf, export_hf, prune, rollout, eval, serve, env, compile_check,
-            presets)
+            plot, presets)
 
 
 def build_parser() -> argparse.ArgumentParser:

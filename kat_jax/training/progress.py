@@ -2,6 +2,7 @@
 
     logger = StepLogger(cfg, workdir, start, model_cfg)   # metrics.jsonl, TensorBoard, tqdm, MFU
     logger.step(step, stats, metrics, evaluate)           # every step; writes every log_every
+    logger.close()                                        # and draws WORKDIR/plots/<metric>.png
     profiler = Profiler(cfg.train, workdir)                # a jax.profiler trace window
 
 Logged per step (besides the step's own metrics): step_time_s, tokens_per_s (trajectory tokens),
@@ -10,6 +11,7 @@ computed_tokens_per_s (tokens laid out in rows), the data counters summed over h
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -20,6 +22,8 @@ from kat_jax import storage
 from kat_jax.multihost import sum_over_hosts
 from kat_jax.training.metrics import MetricsWriter, peak_flops, step_flops
 
+log = logging.getLogger(__name__)
+
 HOST_COUNTERS = ("total_tokens", "computed_tokens", "trajectories", "dropped_overlong",
                  "excluded_env_error")
 
@@ -29,6 +33,7 @@ class StepLogger:
         from tqdm import tqdm
 
         self.cfg, self.model_cfg = cfg, model_cfg
+        self.workdir = workdir
         self.writer = MetricsWriter(workdir, resume_step=start)
         self.peak = peak_flops()
         self.bar = tqdm(total=cfg.train.steps, initial=start,
@@ -79,8 +84,19 @@ class StepLogger:
         return sum_over_hosts(self.totals)
 
     def close(self) -> None:
+        """Close the writer, then (process 0) draw WORKDIR/plots/<metric>.png from metrics.jsonl
+        (kat_jax.training.plots). Drawing is best effort: a failure is a warning, never an error
+        of the run."""
         self.bar.close()
         self.writer.close()
+        if jax.process_index() != 0:
+            return
+        try:
+            from kat_jax.training.plots import plot_metrics
+
+            plot_metrics(self.workdir)
+        except Exception as e:  # noqa: BLE001 - plots must not fail (or hide the error of) a run
+            log.warning("could not draw the metrics plots of %s: %s", self.workdir, e)
 
 
 class Profiler:
