@@ -28,7 +28,15 @@ from jax.sharding import PartitionSpec as P
 
 from kat_jax import storage
 from kat_jax.training import config_lib
-from kat_jax.training.losses import AGG_MODES, KL_TYPES, STAGES, LossSpec, PolicyLossConfig
+from kat_jax.training.defaults import CLIP_KEYS, resolve_loss
+from kat_jax.training.losses import (
+    AGG_MODES,
+    KL_TYPES,
+    RATIO_LEVELS,
+    STAGES,
+    LossSpec,
+    PolicyLossConfig,
+)
 from kat_jax.training.optim import make_optimizer
 from kat_jax.training.sharding import (
     BATCH_AXES,
@@ -42,10 +50,10 @@ from kat_jax.training.sharding import (
 from kat_jax.training.step import init_state, make_train_step
 
 OLD_LOGPROBS = ("behaviour", "record", "current")
-CLIP_KEYS = ("eps_low", "eps_high", "dual_clip")  # need a ratio that can differ from 1
 # loss.* keys that only a policy loss (STAGES[stage].policy) reads
 POLICY_KEYS = ("eps_low", "eps_high", "dual_clip", "tis_cap", "kl_coef", "kl_type",
-               "entropy_coef", "old_logprobs")
+               "entropy_coef", "old_logprobs", "ratio_level", "log_ratio_clamp", "kl_clamp",
+               "advantage_estimator", "algorithm")
 
 
 class TrainingError(RuntimeError):
@@ -61,7 +69,11 @@ def _fail(key: str, rule: str, value: Any) -> None:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Check a stage config before anything runs; ConfigError naming the key otherwise."""
+    """Check a stage config before anything runs; ConfigError naming the key otherwise.
+
+    loss.algorithm's preset is applied here: cfg.loss then holds the effective keys (see
+    kat_jax.training.defaults.resolve_loss), which every later reader sees."""
+    from kat_jax.training.defaults import ADVANTAGE_ESTIMATORS, LOSS_ALGORITHMS
     from kat_jax.training.defaults import LOSS_DEFAULTS as defaults
 
     if cfg.stage not in STAGES:
@@ -86,6 +98,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if train.profile_steps > 0 and train.profile_start < 0:
         _fail("train.profile_steps", "needs train.profile_start >= 0", train.profile_steps)
     lc = cfg.loss
+    for key, known in (("algorithm", tuple(LOSS_ALGORITHMS)), ("ratio_level", RATIO_LEVELS),
+                       ("advantage_estimator", ADVANTAGE_ESTIMATORS)):
+        if lc[key] not in known:
+            _fail(f"loss.{key}", f"must be one of {known}", lc[key])
+    if not STAGES[cfg.stage].policy:
+        for key in POLICY_KEYS:
+            if lc[key] != defaults[key]:
+                _fail(f"loss.{key}", f"applies to the policy stages "
+                      f"{tuple(k for k, s in STAGES.items() if s.policy)}, not {cfg.stage}; "
+                      f"leave it at {defaults[key]!r}", lc[key])
+    effective, filled = resolve_loss(lc)
+    lc.update(effective)
+    by = {k: f" (set by loss.algorithm={lc.algorithm})" for k in filled}
     if lc.agg_mode not in AGG_MODES:
         _fail("loss.agg_mode", f"must be one of {AGG_MODES}", lc.agg_mode)
     if lc.temperature <= 0:
@@ -100,15 +125,29 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                            "must be 0 (off) or > 1"),
                           ("tis_cap", lc.tis_cap >= 0, "must be >= 0 (0 = off)"),
                           ("kl_coef", lc.kl_coef >= 0, "must be >= 0"),
-                          ("entropy_coef", lc.entropy_coef >= 0, "must be >= 0")):
+                          ("entropy_coef", lc.entropy_coef >= 0, "must be >= 0"),
+                          ("log_ratio_clamp", lc.log_ratio_clamp > 0, "must be > 0"),
+                          ("kl_clamp", lc.kl_clamp > 0, "must be > 0")):
         if not ok:
             _fail(f"loss.{key}", rule, lc[key])
-    if not STAGES[cfg.stage].policy:
-        for key in POLICY_KEYS:
-            if lc[key] != defaults[key]:
-                _fail(f"loss.{key}", f"applies to the policy stages "
-                      f"{tuple(k for k, s in STAGES.items() if s.policy)}, not {cfg.stage}; "
-                      f"leave it at {defaults[key]!r}", lc[key])
+    k3 = lc.kl_coef > 0 and lc.kl_type == "k3"
+    if lc.kl_clamp != defaults["kl_clamp"] and not k3:
+        _fail("loss.kl_clamp", "bounds the k3 KL only: needs loss.kl_coef > 0 and "
+              "loss.kl_type=k3", lc.kl_clamp)
+    if lc.log_ratio_clamp != defaults["log_ratio_clamp"] and lc.old_logprobs == "current" \
+            and not k3:
+        _fail("loss.log_ratio_clamp", "acts on the ratio (with loss.old_logprobs=current it is "
+              "1) and the k3 KL (off): leave it at "
+              f"{defaults['log_ratio_clamp']!r}", lc.log_ratio_clamp)
+    if lc.advantage_estimator != defaults["advantage_estimator"]:
+        if cfg.stage != "rl":
+            _fail("loss.advantage_estimator", f"applies to the rl stage (the {cfg.stage} "
+                  "advantages are relative to the teacher rollouts)" + by.get(
+                      "advantage_estimator", ""), lc.advantage_estimator)
+        if not ("rl" in cfg and cfg.rl.get("env")):
+            _fail("loss.advantage_estimator", "is read by the online loop only (rl.env set); "
+                  "the offline data feed fills missing advantages with grpo" + by.get(
+                      "advantage_estimator", ""), lc.advantage_estimator)
     if lc.old_logprobs == "current":
         for key in CLIP_KEYS:
             if lc[key] != defaults[key]:
@@ -150,14 +189,18 @@ def preflight(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
-    lc = cfg.loss
-    policy = PolicyLossConfig(eps_low=lc.eps_low, eps_high=lc.eps_high,
-                              dual_clip=lc.dual_clip or None, tis_cap=lc.tis_cap or None,
-                              kl_coef=lc.kl_coef, kl_type=lc.kl_type,
-                              entropy_coef=lc.entropy_coef, old_policy=lc.old_logprobs)
-    return LossSpec(stage=cfg.stage, agg_mode=lc.agg_mode, temperature=lc.temperature,
-                    count_pruned_in_denominator=lc.count_pruned_in_denominator, policy=policy,
-                    entropy=cfg.train.log_entropy)
+    """The step's LossSpec from cfg.loss under its loss.algorithm preset (resolved as validate
+    does; cfg is not changed)."""
+    lc, _ = resolve_loss(cfg.loss)
+    policy = PolicyLossConfig(eps_low=lc["eps_low"], eps_high=lc["eps_high"],
+                              dual_clip=lc["dual_clip"] or None, tis_cap=lc["tis_cap"] or None,
+                              kl_coef=lc["kl_coef"], kl_type=lc["kl_type"],
+                              entropy_coef=lc["entropy_coef"], old_policy=lc["old_logprobs"],
+                              ratio_level=lc["ratio_level"],
+                              log_ratio_clamp=lc["log_ratio_clamp"], kl_clamp=lc["kl_clamp"])
+    return LossSpec(stage=cfg.stage, agg_mode=lc["agg_mode"], temperature=lc["temperature"],
+                    count_pruned_in_denominator=lc["count_pruned_in_denominator"],
+                    policy=policy, entropy=cfg.train.log_entropy)
 
 
 def batch_fields(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], dict[str, str]]:

@@ -28,7 +28,9 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              long, so a stuck host fails a multi-host job instead of hanging it
                              (armed after the first step; <= 0 = off)
   optimizer.*                AdamW and its schedule (kat_jax.training.optim)
-  loss.agg_mode              token-mean | seq-mean-token-mean | seq-mean-token-sum
+  loss.agg_mode              token-mean | seq-mean-token-mean | seq-mean-token-sum |
+                             seq-mean-token-sum-norm (Dr. GRPO: token sums / the constant
+                             data.row_len; kat_jax.training.losses)
   loss.temperature           the sampling temperature the log-probs are taken at
   loss.count_pruned_in_denominator   tokens removed by pruning count in the denominators (needs
                              pruning on the training path: an error until it is there)
@@ -46,6 +48,28 @@ Every stage config has the same keys; the stage changes the data kind and the lo
   loss.kl_coef / kl_type     KL(pi || ref) penalty coefficient and estimator (k1, k2, k3); > 0
                              needs records with 'ref_logprobs'
   loss.entropy_coef          entropy bonus coefficient
+  loss.ratio_level           token (PPO / GRPO) | sequence (GSPO: one length-normalised ratio per
+                             trajectory, clipped per sequence) | sequence_token (GSPO-token: the
+                             sequence ratio's value with per-token gradients)
+  loss.log_ratio_clamp       log-ratios are clamped to +-this before exp (ratio, k3 KL; verl: 20)
+  loss.kl_clamp              the k3 KL value is clamped to +-this (verl: 10); needs kl_coef > 0
+                             and kl_type=k3
+  loss.advantage_estimator   rl, online loop (rl.env set): how a group's rewards become
+                             advantages: grpo ((r - mean) / std), drgrpo (r - mean: Dr. GRPO drops
+                             the std), rloo (r - mean of the others); computed by kat_jax.flow
+                             (TrajectoryManager). The offline data feed fills missing advantages with
+                             grpo only (kat_jax.data.pipeline), so anything else offline is an
+                             error at start
+  loss.algorithm             custom (the keys above act as set) | grpo | dapo | drgrpo | gspo |
+                             rloo: a preset of the keys the paper uses (LOSS_ALGORITHMS below).
+                             build.validate applies it (writing the effective keys into cfg.loss)
+                             and build.loss_spec resolves it the same way: the preset fills every
+                             key it names whose value is still its LOSS_DEFAULTS value; a key set
+                             to anything else (on the command line, or by a variant: the pod rl /
+                             rft variants' agg_mode) wins over the preset. A key set explicitly to
+                             its default value cannot be told from an unset one (use custom). With
+                             old_logprobs=current the ratio is 1, and the preset's clip keys
+                             (eps_low, eps_high, dual_clip) are not filled.
   Policy keys (all but the first three) apply to rft and rl only; set on mid or sft they are
   errors, as is any key that could not act (kat_jax.training.build.validate).
   mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
@@ -77,7 +101,51 @@ VARIANTS = ("tiny", "qwen3_0_6b", "qwen3_8b", "kat_dev_32b")
 LOSS_DEFAULTS = dict(
     agg_mode="token-mean", temperature=1.0, count_pruned_in_denominator=False, eps_low=0.2,
     eps_high=0.28, dual_clip=3.0, tis_cap=0.0, kl_coef=0.0, kl_type="k3", entropy_coef=0.0,
-    old_logprobs="behaviour")
+    old_logprobs="behaviour", ratio_level="token", log_ratio_clamp=20.0, kl_clamp=10.0,
+    advantage_estimator="grpo", algorithm="custom")
+
+# loss.algorithm presets: the loss keys each paper uses (resolve_loss applies them). None of these
+# papers uses a dual clip (Ye et al. 2020), so each turns it off; KL is left as configured except
+# where the paper drops it.
+LOSS_ALGORITHMS: dict[str, dict] = {
+    "custom": {},
+    # GRPO (Shao et al. 2024, DeepSeekMath): symmetric clip 0.2, per-sequence mean of token means,
+    # group-normalised advantages (r - mean) / std.
+    "grpo": dict(eps_low=0.2, eps_high=0.2, dual_clip=0.0, agg_mode="seq-mean-token-mean",
+                 ratio_level="token", advantage_estimator="grpo"),
+    # DAPO (Yu et al. 2025): clip-higher (0.2 / 0.28), token-level mean, no KL. Its dynamic
+    # sampling and overlong filtering act on sampling, in the online loop, not in the loss.
+    "dapo": dict(eps_low=0.2, eps_high=0.28, dual_clip=0.0, agg_mode="token-mean", kl_coef=0.0,
+                 ratio_level="token", advantage_estimator="grpo"),
+    # Dr. GRPO (Liu et al. 2025): token sums normalised by a constant length, no std division.
+    "drgrpo": dict(eps_low=0.2, eps_high=0.2, dual_clip=0.0, agg_mode="seq-mean-token-sum-norm",
+                   ratio_level="token", advantage_estimator="drgrpo"),
+    # GSPO (Zheng et al. 2025): sequence-level ratio, clip range 3e-4 / 4e-4, sequence mean.
+    "gspo": dict(eps_low=3e-4, eps_high=4e-4, dual_clip=0.0, agg_mode="seq-mean-token-mean",
+                 ratio_level="sequence", advantage_estimator="grpo"),
+    # RLOO (Ahmadian et al. 2024): leave-one-out baseline; the whole response is one action
+    # (sum of its token log-probs), averaged over samples.
+    "rloo": dict(eps_low=0.2, eps_high=0.2, dual_clip=0.0, agg_mode="seq-mean-token-sum",
+                 ratio_level="token", advantage_estimator="rloo"),
+}
+ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")  # loss.advantage_estimator (kat_jax.flow's)
+CLIP_KEYS = ("eps_low", "eps_high", "dual_clip")  # act only when the ratio can differ from 1
+
+
+def resolve_loss(loss: ml_collections.ConfigDict) -> tuple[dict, tuple[str, ...]]:
+    """(effective loss keys, the keys the preset filled) of a loss config under its
+    loss.algorithm: every key the preset names that is still at its LOSS_DEFAULTS value takes the
+    preset's value (with old_logprobs=current, not the clip keys: the ratio is 1). Idempotent.
+    An unknown algorithm is left for validate to report (nothing filled)."""
+    out = {**LOSS_DEFAULTS, **loss.to_dict()}  # a config saved before a key existed: default
+    preset = LOSS_ALGORITHMS.get(out.get("algorithm", "custom"), {})
+    filled = []
+    for key, value in preset.items():
+        if out[key] == LOSS_DEFAULTS[key] and out[key] != value and not (
+                key in CLIP_KEYS and out["old_logprobs"] == "current"):
+            out[key] = value
+            filled.append(key)
+    return out, tuple(filled)
 
 
 def base_config(stage: str) -> ml_collections.ConfigDict:

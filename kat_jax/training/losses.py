@@ -12,9 +12,31 @@ Every loss returns (numerator, denominator) so that accumulation over microbatch
 true global mean: loss = sum(numerators) / sum(denominators).
 
 Aggregation modes (as in verl):
-    token-mean            sum over all masked tokens / number of masked tokens
-    seq-mean-token-mean   mean over trajectories of (mean over its masked tokens)
-    seq-mean-token-sum    mean over trajectories of (sum over its masked tokens)
+    token-mean               sum over all masked tokens / number of masked tokens (DAPO)
+    seq-mean-token-mean      mean over trajectories of (mean over its masked tokens) (GRPO, GSPO)
+    seq-mean-token-sum       mean over trajectories of (sum over its masked tokens)
+    seq-mean-token-sum-norm  mean over trajectories of (sum over its masked tokens) / L, with L the
+                             per-trajectory view's length (data.row_len: a constant of the run), as
+                             Dr. GRPO (Liu et al. 2025) divides by a constant maximum length. verl
+                             divides the sum over trajectories by L instead (no mean over
+                             trajectories); ours is the paper's 1/G sum_i, so a microbatch with
+                             more trajectories does not weigh more.
+
+Ratio levels (policy_loss, config loss.ratio_level):
+    token            r_t = exp(logp_t - old_t), clipped per token (PPO, GRPO, DAPO)
+    sequence         GSPO (Zheng et al. 2025): s_i = exp(mean over the trajectory's loss tokens of
+                     (logp - old)), clipped per sequence; every loss token of trajectory i carries
+                     the same clipped term with the sequence advantage A_i. Sequence statistics
+                     are per row of the [N, L] view over the loss mask (pruned tokens are not in
+                     it: the mean is over the kept tokens).
+    sequence_token   GSPO-token: s_i,t = sg[s_i] exp(logp_t - sg[logp_t]); equal to s_i in value,
+                     with the gradient s_i grad logp_t at each token (per-token advantages allowed).
+
+Log-ratios are clamped before every exp (as verl: clamp(logp - old, -20, 20); config
+loss.log_ratio_clamp): a ratio is at most e^20 and never inf or NaN; a log-ratio outside the
+clamp has zero gradient (as in verl; exact inside it). The k3 KL clamps its log-ratio the same
+way and its value to [-10, 10] (verl's low_var_kl; config loss.kl_clamp). k1 and k2 take no exp
+and are not clamped.
 """
 
 from __future__ import annotations
@@ -28,8 +50,9 @@ import jax.numpy as jnp
 from kat_jax.trees.batch import StepBatch
 from kat_jax.trees.packing import gather_per_trajectory
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3")
+RATIO_LEVELS = ("token", "sequence", "sequence_token")
 
 
 # values [R, T] -> [N, L] at each trajectory's tokens (0 where traj_index < 0); numpy or jax.
@@ -54,6 +77,8 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str,
         seq = seq_sum / jnp.maximum(count, 1.0)
     elif mode == "seq-mean-token-sum":
         seq = seq_sum
+    elif mode == "seq-mean-token-sum-norm":
+        seq = seq_sum / per_token.shape[-1]
     else:
         raise ValueError(f"unknown loss aggregation mode {mode!r}; known: {AGG_MODES}")
     return jnp.sum(jnp.where(has, seq, 0.0)), jnp.sum(has.astype(jnp.float32))
@@ -65,15 +90,21 @@ def lm_loss(logp: jax.Array, mask: jax.Array, mode: str = "token-mean",
     return aggregate(-logp, mask, mode, denom_mask)
 
 
-def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
-    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman's k1, k2, k3)."""
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kind: str, log_ratio_clamp: float = 20.0,
+               value_clamp: float = 10.0) -> jax.Array:
+    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman's k1, k2, k3); [N, L].
+
+    k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(d) - d - 1 with d = ref - logp clamped to
+    [-log_ratio_clamp, log_ratio_clamp] and k3 clamped to [-value_clamp, value_clamp] (verl's
+    low_var_kl; exact below the clamps)."""
     log_ratio = logp - ref_logp
     if kind == "k1":
         return log_ratio
     if kind == "k2":
         return 0.5 * jnp.square(log_ratio)
     if kind == "k3":
-        return jnp.exp(-log_ratio) + log_ratio - 1.0
+        d = jnp.clip(-log_ratio, -log_ratio_clamp, log_ratio_clamp)
+        return jnp.clip(jnp.exp(d) - d - 1.0, -value_clamp, value_clamp)
     raise ValueError(f"unknown kl type {kind!r}; known: {KL_TYPES}")
 
 
@@ -88,6 +119,9 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
+    ratio_level: str = "token"  # token | sequence (GSPO) | sequence_token (GSPO-token)
+    log_ratio_clamp: float = 20.0  # |log-ratio| bound before every exp (ratio, k3)
+    kl_clamp: float = 10.0  # |k3| bound
     # The ratio's old policy (config loss.old_logprobs): "behaviour" (batch.behaviour_logprobs: the
     # sampling policy), "record" (batch.old_logprobs; the truncated importance weight corrects
     # old vs behaviour) or "current" (the stop-gradient current log-probs: one update per batch,
@@ -110,19 +144,41 @@ class LossSpec:
     entropy: bool = True
 
 
+def _ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array, cfg: PolicyLossConfig,
+           adv_ndim: int) -> jax.Array:
+    """The importance ratio [N, L] at cfg.ratio_level (module docstring)."""
+    c = cfg.log_ratio_clamp
+    if cfg.ratio_level == "token":
+        return jnp.exp(jnp.clip(logp - old_logp, -c, c))
+    if cfg.ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"loss.ratio_level: unknown {cfg.ratio_level!r}; known: {RATIO_LEVELS}")
+    m = mask > 0
+    count = jnp.sum(m, axis=-1)
+    seq = jnp.sum(jnp.where(m, logp - old_logp, 0.0), axis=-1) / jnp.maximum(count, 1)  # [N]
+    seq = jnp.clip(seq, -c, c)[:, None]
+    if cfg.ratio_level == "sequence":
+        if adv_ndim != 1:
+            raise ValueError("loss.ratio_level=sequence (GSPO) needs one advantage per "
+                             "trajectory ([N]); per-token advantages need sequence_token")
+        return jnp.broadcast_to(jnp.exp(seq), logp.shape)
+    return jnp.exp(jax.lax.stop_gradient(seq) + logp - jax.lax.stop_gradient(logp))
+
+
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                 cfg: PolicyLossConfig, agg_mode: str = "token-mean",
                 rollout_logp: jax.Array | None = None, ref_logp: jax.Array | None = None,
                 entropy: jax.Array | None = None, denom_mask: jax.Array | None = None):
-    """PPO/GRPO clipped surrogate. All per-token arrays [N, L]; advantages [N] or [N, L].
+    """PPO/GRPO/GSPO clipped surrogate. All per-token arrays [N, L]; advantages [N] or [N, L]
+    ([N] for ratio_level 'sequence': the sequence advantage).
 
-    ratio = exp(logp - old_logp); pg = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high));
+    ratio r (per cfg.ratio_level, see the module docstring; log-ratios clamped to
+    +-cfg.log_ratio_clamp before exp); pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high));
     for A < 0 and dual_clip c: pg = min(pg, -c A). Truncated importance sampling: pg is multiplied by
     min(exp(old_logp - rollout_logp), tis_cap) (no gradient) when rollout log-probs are given.
     Plus kl_coef * KL(pi || ref) and minus entropy_coef * entropy. Returns (num, den, metrics).
     """
     adv_nl = advantages[:, None] if advantages.ndim == 1 else advantages
-    ratio_nl = jnp.exp(logp - old_logp)
+    ratio_nl = _ratio(logp, old_logp, mask, cfg, advantages.ndim)
     pg1 = -adv_nl * ratio_nl
     pg2 = -adv_nl * jnp.clip(ratio_nl, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     pg_nl = jnp.maximum(pg1, pg2)
@@ -135,7 +191,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     per_token = pg_nl
     metrics = {}
     if cfg.kl_coef and ref_logp is not None:
-        kl = kl_penalty(logp, ref_logp, cfg.kl_type)
+        kl = kl_penalty(logp, ref_logp, cfg.kl_type, cfg.log_ratio_clamp, cfg.kl_clamp)
         per_token = per_token + cfg.kl_coef * kl
         metrics["kl"] = aggregate(kl, mask, "token-mean")
     if cfg.entropy_coef and entropy is not None:
