@@ -37,7 +37,7 @@ def test_commands_package_has_one_module_per_registered_subcommand():
 
 @pytest.mark.parametrize("argv", [[], *([n] for n in [
     "train", "score", "import-hf", "export-hf", "prune", "rollout", "serve", "env", "compile-check",
-    "presets"]), ["env", "check"]], ids=lambda a: " ".join(a) or "kat-jax")
+    "presets", "eval", "plot"]), ["env", "check"]], ids=lambda a: " ".join(a) or "kat-jax")
 def test_every_subcommand_has_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([*argv, "--help"])
