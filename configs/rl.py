@@ -30,10 +30,6 @@ def get_config(variant: str = "tiny"):
         return stage_config("rl", variant)
     size, env = ONLINE[variant]
     c = stage_config("rl", size)
-    if "rl" not in c:
-        from kat_jax.flow.online import rl_config
-
-        c.rl = rl_config()
     c.data.train_files = ""
     c.rl.env = env
     # the PPO ratio's old policy: the trainer's own log-probs before the round's first update

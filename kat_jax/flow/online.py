@@ -81,10 +81,12 @@ from kat_jax.training.build import (
     initial_params,
     jit_train_step,
     model_config_for,
+    prune_config,
     tokenizer_for,
     train_step_setup,
 )
 from kat_jax.training.checkpointing import Checkpoints, export_model, model_exported
+from kat_jax.training.defaults import RL_DEFAULTS
 from kat_jax.training.progress import StepLogger
 from kat_jax.training.sharding import local_shard_ids, make_mesh
 from kat_jax.training.step import forward_logprobs
@@ -92,16 +94,6 @@ from kat_jax.trees.batch import merge_leading
 from kat_jax.trees.packing import gather_per_trajectory
 
 log = logging.getLogger(__name__)
-
-RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, group_size=4,
-                   minibatches=1, epochs=1, max_turns=4, max_tokens=0, max_new_tokens=64,
-                   temperature=1.0, concurrency=8, reference="", dynamic_sampling=False,
-                   max_draws=4, overlong_filter=False)
-
-
-def rl_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(RL_DEFAULTS))
-
 
 def is_online(cfg) -> bool:
     return "rl" in cfg and bool(cfg.rl.env)
@@ -408,8 +400,10 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     shards = data_shards(cfg, mesh)
     shard_ids = local_shard_ids(mesh, shards)
+    prune = prune_config(cfg)
     shape = BatchShape(cfg.data.rows, cfg.data.row_len, cfg.data.trajectories,
-                       model_cfg.attention_block_size, ("behaviour_logprobs",))
+                       model_cfg.attention_block_size,
+                       ("behaviour_logprobs",) + (("pruned",) if prune is not None else ()), prune)
     config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
     model_cfg.save_json(os.path.join(workdir, "model_config.json"))
     setup = train_step_setup(cfg, mesh, model_cfg)
@@ -495,6 +489,7 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                         metrics = {**metrics, **{k: v for k, v in round_metrics.items()
                                                  if v is not None}}
                     logger.step(step, stats, metrics)
+                    _check_skips(cfg, step, metrics, ckpts.dir)
             position.rounds = r + 1
             crossed = step // cfg.train.checkpoint_every > (step - len(full) * rl.epochs) // \
                 cfg.train.checkpoint_every
@@ -524,6 +519,12 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             "loss": logger.logged.get("loss"), "reward": logger.logged.get("reward"),
             "mesh": dict(mesh.shape), "total_tokens": totals["total_tokens"],
             "computed_tokens": totals["computed_tokens"]}
+
+
+def _check_skips(cfg, step: int, metrics: dict, ckpt_dir: str) -> None:
+    from kat_jax.training.trainer import _check_skips as check
+
+    check(cfg, step, metrics, ckpt_dir)
 
 
 def _sampler_model(model_cfg, params):
@@ -589,5 +590,5 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["RL_DEFAULTS", "is_online", "online_stage", "rl_config", "validate_online",
+__all__ = ["is_online", "online_stage", "validate_online",
            "round_tasks", "RecordGroups", "make_logprob_fn"]

@@ -164,10 +164,44 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _fail("train.log_entropy", "False skips the entropy, which the entropy bonus "
               f"(loss.entropy_coef={lc.entropy_coef}) needs; set train.log_entropy=True or "
               "loss.entropy_coef=0", train.log_entropy)
-    if lc.count_pruned_in_denominator:
-        _fail("loss.count_pruned_in_denominator", "needs pruned tokens in the batches, and "
-              "pruning is not on the training path yet (no batch of this run is pruned)",
-              lc.count_pruned_in_denominator)
+    _validate_prune(cfg)
+    if lc.count_pruned_in_denominator and cfg.prune.budget <= 0:
+        _fail("loss.count_pruned_in_denominator", "needs pruning on the training path "
+              "(prune.budget > 0): without it no token is pruned", lc.count_pruned_in_denominator)
+
+
+def _validate_prune(cfg: ml_collections.ConfigDict) -> None:
+    from kat_jax.training.defaults import PRUNE_DEFAULTS
+    from kat_jax.trees.pruning import REACH_MODES
+    from kat_jax.trees.trajectory import TAGS
+
+    pc = cfg.prune
+    if pc.budget < 0:
+        _fail("prune.budget", "must be >= 0 (0 = no pruning)", pc.budget)
+    if pc.budget == 0:
+        for key, default in PRUNE_DEFAULTS.items():
+            if key != "budget" and pc[key] != default:
+                _fail(f"prune.{key}", "acts only with prune.budget > 0", pc[key])
+        return
+    if not STAGES[cfg.stage].policy:
+        _fail("prune.budget", f"prunes rollout trees (rft, rl), not {cfg.stage} data", pc.budget)
+    if pc.reach not in REACH_MODES:
+        _fail("prune.reach", f"must be one of {REACH_MODES}", pc.reach)
+    for tag in filter(None, pc.keep_tags.split(",")):
+        if tag not in TAGS:
+            _fail("prune.keep_tags", f"unknown tag {tag!r}; known: {sorted(TAGS)}", pc.keep_tags)
+
+
+def prune_config(cfg: ml_collections.ConfigDict):
+    """The pruner's config of the training path, or None (prune.budget 0)."""
+    from kat_jax.trees.pruning import PruneConfig
+
+    pc = cfg.prune
+    if pc.budget <= 0:
+        return None
+    return PruneConfig(budget=int(pc.budget), reach=pc.reach,
+                       keep_tags=tuple(filter(None, pc.keep_tags.split(","))),
+                       fuse_tool_results=bool(pc.fuse_tool_results))
 
 
 def preflight(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -232,8 +266,10 @@ def data_shards(cfg: ml_collections.ConfigDict, mesh) -> int:
 def batch_shape(cfg: ml_collections.ConfigDict, model_cfg):
     from kat_jax.data.pipeline import BatchShape
 
+    prune = prune_config(cfg)
     return BatchShape(cfg.data.rows, cfg.data.row_len, cfg.data.trajectories,
-                      model_cfg.attention_block_size, batch_fields(cfg)[0])
+                      model_cfg.attention_block_size,
+                      batch_fields(cfg)[0] + (("pruned",) if prune is not None else ()), prune)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,6 +72,15 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              (eps_low, eps_high, dual_clip) are not filled.
   Policy keys (all but the first three) apply to rft and rl only; set on mid or sft they are
   errors, as is any key that could not act (kat_jax.training.build.validate).
+  prune.budget               rft / rl: pruning on the training path: each group's prefix tree
+                             goes through the entropy pruner (kat_jax.trees.pruning) and keeps at
+                             most this many tokens per group; pruned tokens are not laid out (no
+                             compute) and get no loss (0 = off). A budget below a group's shared
+                             prompt is an error. Step metrics: tree_tokens, kept_tokens.
+  prune.reach / keep_tags / fuse_tool_results   the pruner's PruneConfig (share | prob; tags
+                             kept first, comma-separated; tool results fused with their call)
+  rl.*                       the online loop (rl stage, rl.env set): kat_jax.flow.online says what
+                             each key does; set without rl.env they are errors
   mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
   distributed.*              jax.distributed.initialize arguments (multi-host): initialize,
                              coordinator_address HOST:PORT, num_processes, process_id (-1 / '' =
@@ -103,6 +112,16 @@ LOSS_DEFAULTS = dict(
     eps_high=0.28, dual_clip=3.0, tis_cap=0.0, kl_coef=0.0, kl_type="k3", entropy_coef=0.0,
     old_logprobs="behaviour", ratio_level="token", log_ratio_clamp=20.0, kl_clamp=10.0,
     advantage_estimator="grpo", algorithm="custom")
+
+# prune.*: pruning on the training path (kat_jax.data.pipeline, kat_jax.trees.pruning); rft / rl
+PRUNE_DEFAULTS = dict(budget=0, reach="share", keep_tags="tool_call,tool_result,memory",
+                      fuse_tool_results=True)
+
+# rl.*: the online loop (kat_jax.flow.online), rl stage with rl.env set
+RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, group_size=4,
+                   minibatches=1, epochs=1, max_turns=4, max_tokens=0, max_new_tokens=64,
+                   temperature=1.0, concurrency=8, reference="", dynamic_sampling=False,
+                   max_draws=4, overlong_filter=False)
 
 # loss.algorithm presets: the loss keys each paper uses (resolve_loss applies them). None of these
 # papers uses a dual clip (Ye et al. 2020), so each turns it off; KL is left as configured except
@@ -167,6 +186,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         learning_rate=3e-3, warmup_steps=4, schedule="cosine", final_lr_ratio=0.1, b1=0.9,
         b2=0.95, eps=1e-8, weight_decay=0.01, grad_clip=1.0))
     c.loss = ml_collections.ConfigDict(LOSS_DEFAULTS)
+    c.prune = ml_collections.ConfigDict(PRUNE_DEFAULTS)
+    c.rl = ml_collections.ConfigDict(RL_DEFAULTS)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, unsharded_tolerance=0.02))
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=-1, process_id=-1,

@@ -6,7 +6,9 @@
     profiler = Profiler(cfg.train, workdir)                # a jax.profiler trace window
 
 Logged per step (besides the step's own metrics): step_time_s, tokens_per_s (trajectory tokens),
-computed_tokens_per_s (tokens laid out in rows), the data counters summed over hosts, mfu.
+computed_tokens_per_s (tokens laid out in rows), the data counters summed over hosts (trajectory
+tokens total_tokens, prefix-tree tokens tree_tokens, kept_tokens after pruning, computed_tokens),
+mfu.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from kat_jax.training.metrics import MetricsWriter, peak_flops, step_flops
 
 log = logging.getLogger(__name__)
 
-HOST_COUNTERS = ("total_tokens", "computed_tokens", "trajectories", "dropped_overlong",
-                 "excluded_env_error")
+HOST_COUNTERS = ("total_tokens", "computed_tokens", "tree_tokens", "kept_tokens", "trajectories",
+                 "dropped_overlong", "excluded_env_error")
 
 
 class StepLogger:

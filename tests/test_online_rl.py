@@ -1,0 +1,272 @@
+"""The online rl loop (kat_jax.flow.online): rollouts from the model being trained, through the
+trajectory manager, trees, old / reference log-probs, minibatch updates, weight sync; its keys;
+exact resume at round boundaries.
+
+The environment here is a toy registered by this file ("parity": one turn, reward = the share of
+characters of the answer with an even code point), so that rewards differ within a group from the
+first round on and the policy loss, the clip and the KL act with a tiny random model."""
+
+import json
+
+import numpy as np
+import pytest
+
+import kat_jax.flow.online as online
+from kat_jax.data.tokenizer import ByteTokenizer
+from kat_jax.envs import register_env
+from kat_jax.envs.base import Env, EvalResult, Task
+from kat_jax.training import config_lib
+from kat_jax.training.trainer import Preempted, run_train
+
+RL = "configs/rl.py"
+TOK_IM_END = ByteTokenizer().special("<|im_end|>")
+
+
+class ParityEnv(Env):
+    name = "parity"
+
+    def reset(self, task):
+        self.task = task
+        return [dict(m) for m in task.messages], []
+
+    def evaluate(self, messages=()):
+        text = next((m.get("content") or "" for m in reversed(messages)
+                     if m["role"] == "assistant"), "")
+        share = sum(ord(c) % 2 == 0 for c in text) / max(len(text), 1)
+        return EvalResult(reward=float(share), passed=share > 0.5)
+
+
+def _parity_tasks(path=None):
+    return [Task(f"v{i}", [{"role": "user", "content": f"Say {i}."}]) for i in range(6)]
+
+
+register_env("parity", ParityEnv, _parity_tasks)
+
+SMALL = ["--config.rl.env=parity", "--config.rl.split=all", "--config.rl.groups_per_round=2",
+         "--config.rl.group_size=3", "--config.rl.minibatches=2", "--config.rl.max_turns=1",
+         "--config.rl.max_new_tokens=12", "--config.rl.concurrency=1",
+         "--config.data.rows=2", "--config.data.row_len=128", "--config.data.trajectories=4",
+         "--config.train.steps=4", "--config.train.log_every=1",
+         "--config.train.checkpoint_every=2", "--config.optimizer.learning_rate=0.02",
+         # a narrow clip range, so that the clip visibly acts after one update
+         "--config.loss.eps_low=0.001", "--config.loss.eps_high=0.001",
+         "--config.loss.kl_coef=0.01",
+         # pruning on the training path: each group's tree keeps at most 48 tokens
+         "--config.prune.budget=48"]
+
+
+def _cfg(extra=()):
+    return config_lib.load_train_config(f"{RL}:tiny_calculator", SMALL + list(extra))
+
+
+def _metrics(workdir):
+    return [json.loads(x) for x in open(f"{workdir}/metrics.jsonl") if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("online") / "a"
+    out = run_train(_cfg(), str(wd))
+    return wd, out, _metrics(wd)
+
+
+def test_online_loop_trains_on_its_own_samples(full_run):
+    wd, out, m = full_run
+    assert out["step"] == 4 and out["rounds"] == 2
+    assert (wd / "model" / "model_config.json").exists()
+    rounds = [r for r in m if "policy_version" in r]  # a round's metrics ride on its last step
+    assert [r["step"] for r in rounds] == [2, 4]
+    assert [r["policy_version"] for r in rounds] == [0, 1]
+    for r in rounds:
+        assert r["episodes"] == 6 and r["round_steps"] == 2
+        assert 0 <= r["reward"] <= 1 and r["generated_tokens"] > 0
+        # the trainer's old-policy log-probs and the sampler's behaviour log-probs of the same
+        # tokens under the same parameters agree: the weights reached the sampler
+        assert r["old_behaviour_max_abs"] < 1e-4
+        assert r["rollout_time_s"] > 0 and r["train_time_s"] > 0
+    # rewards differ within groups: the policy loss acts
+    assert any(abs(r["loss"]) > 0 for r in m) and all(r["grad_norm"] > 0 for r in m)
+    # the first minibatch of a round has ratio 1 (old = current parameters); the second was
+    # trained after an update, so its ratio moved and the narrow clip acts
+    assert m[0]["clip_fraction"] == 0 and m[2]["clip_fraction"] == 0
+    assert m[1]["clip_fraction"] > 0 and m[3]["clip_fraction"] > 0
+    # the reference is the starting model: no divergence in round 0, some after updates
+    assert rounds[0]["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert rounds[1]["kl_ref"] > 1e-6
+    assert all("kl" in r for r in m)  # the KL term of the loss (loss.kl_coef > 0)
+    # pruning: each step holds one group (3 trajectories) whose tree keeps <= 48 tokens
+    assert all(r["kept_tokens"] <= 48 and r["kept_tokens"] <= r["tree_tokens"] <= r["total_tokens"]
+               for r in m)
+    assert any(r["kept_tokens"] < r["tree_tokens"] for r in m)
+
+
+def test_online_loop_resumes_exactly_at_a_round_boundary(full_run, tmp_path):
+    _, _, want = full_run
+    wd = tmp_path / "b"
+    with pytest.raises(Preempted, match="end of round 0"):
+        run_train(_cfg(["--config.train.stop_at_step=2"]), str(wd))
+    out = run_train(_cfg(), str(wd))
+    assert out["step"] == 4
+    got = _metrics(wd)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(got, want):  # the same rollouts, the same updates
+        assert a["loss"] == b["loss"] and a.get("reward") == b.get("reward")
+    assert run_train(_cfg(), str(wd))["status"] == "already finished"
+
+
+def test_round_tasks_walk_shuffled_epochs():
+    tasks = list(range(5))
+    seen = [online.round_tasks(tasks, 2, seed=3, round_index=r) for r in range(5)]
+    flat = [t for r in seen for t in r]
+    assert sorted(flat[:5]) == tasks and sorted(flat[5:10]) == tasks  # each epoch: every task
+    assert seen == [online.round_tasks(tasks, 2, seed=3, round_index=r) for r in range(5)]
+    assert seen != [online.round_tasks(tasks, 2, seed=4, round_index=r) for r in range(5)]
+
+
+@pytest.mark.parametrize("override,match", [
+    (["--config.rl.env=nope"], r"rl.env: unknown environment"),
+    (["--config.data.train_files=pkg:data/rl_rollouts.jsonl"], r"data.train_files: is not read"),
+    (["--config.data.shuffle=false"], r"data.shuffle: is not read by the online loop"),
+    (["--config.rl.minibatches=4"], r"rl.minibatches: must divide rl.groups_per_round=2"),
+    (["--config.rl.temperature=0.7"], r"rl.temperature: must equal loss.temperature"),
+    (["--config.rl.max_tokens=4096"], r"rl.max_tokens: must be in \[0, data.row_len=128\]"),
+    (["--config.rl.split=train"], r"rl.split: environment 'parity' has no train/test split"),
+    (["--config.rl.groups_per_round=8", "--config.rl.minibatches=1"],
+     r"rl.groups_per_round: exceeds the 6 tasks"),
+    (["--config.rl.reference=/x", "--config.loss.kl_coef=0"], r"rl.reference: acts only with"),
+    (["--config.rl.tasks_file=/no/such.jsonl"], r"rl.tasks_file: no such file"),
+])
+def test_online_keys_fail_at_start_naming_the_key(override, match, tmp_path):
+    with pytest.raises((config_lib.ConfigError, ValueError), match=match):
+        run_train(_cfg(override), str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_rl_keys_are_errors_offline(tmp_path):
+    cfg = config_lib.load_train_config(f"{RL}:tiny", ["--config.rl.group_size=8"])
+    with pytest.raises(config_lib.ConfigError, match="rl.group_size: acts only in the online"):
+        run_train(cfg, str(tmp_path / "w"))
+    cfg = config_lib.load_train_config("configs/sft.py:tiny", ["--config.rl.env=parity",
+                                                                "--config.data.train_files="])
+    with pytest.raises(config_lib.ConfigError, match="rl.env: the online loop is the rl stage"):
+        run_train(cfg, str(tmp_path / "w2"))
+
+
+def test_a_prompt_longer_than_the_budget_is_a_clear_error(tmp_path):
+    cfg = _cfg(["--config.rl.max_tokens=8"])
+    with pytest.raises(Exception, match=r"rl.max_tokens / data.row_len: the prompt of task v\d"):
+        run_train(cfg, str(tmp_path / "w"))
+
+
+def test_record_groups_validate_records():
+    with pytest.raises(ValueError, match="round 3:group 0:record 0"):
+        online.RecordGroups([[{"id": "x", "tokens": [1, 2], "logprobs": [None, 0.5]}]],
+                            "round 3")
+    ok = online.RecordGroups([[{"id": "x", "tokens": [1, 2], "logprobs": [None, -0.5],
+                                "reward": 1.0}]], "r")
+    assert len(ok) == 1 and ok[0][0][1] == "r:group 0:record 0"
+    assert np.isclose(ok[0][0][0]["logprobs"][1], -0.5)
+
+
+def _group(task, rewards, statuses=None):
+    statuses = statuses or ["ok"] * len(rewards)
+    return [{"id": f"{task}#{i}", "group": task, "tokens": [1, 2, 3], "logprobs": [None, -1., -1.],
+             "reward": r, "status": s, "advantage": r - float(np.mean(rewards))}
+            for i, (r, s) in enumerate(zip(rewards, statuses))]
+
+
+def _fake_rounds(monkeypatch, rewards_of):
+    """run_round replaced: each task's group gets rewards_of(task, draw seed)."""
+    calls = []
+
+    def fake(engine, cfg, tasks, tokenizer, round_index, advantage, seed=None):
+        calls.append([t.id for t in tasks])
+        groups = [_group(t.id, *rewards_of(t.id)) for t in tasks]
+        return groups, [r for g in groups for r in g], {"masked_groups": 0}
+
+    monkeypatch.setattr(online, "run_round", fake)
+    return calls
+
+
+def test_dynamic_sampling_draws_until_the_round_has_groups_that_differ(monkeypatch):
+    cfg = _cfg(["--config.rl.dynamic_sampling=true", "--config.rl.max_draws=5"])
+    tasks = _parity_tasks()
+    uniform = {"v0", "v2", "v4"}  # these tasks always give equal rewards
+    calls = _fake_rounds(monkeypatch, lambda t: ([1.0, 1.0, 1.0],) if t in uniform
+                         else ([0.0, 1.0, 0.5],))
+    pos = online._RoundState()
+    groups, episodes, stats = online.collect_groups(None, cfg, tasks, None, pos, "grpo")
+    assert len(groups) == 2 and all(g[0]["group"] not in uniform for g in groups)
+    drawn = [t for c in calls for t in c]
+    assert stats["dropped_uniform_groups"] == sum(t in uniform for t in drawn)
+    assert stats["draws"] == len(calls) and pos.drawn == len(drawn)
+    ids = lambda n: [t.id for t in online.draw_tasks(tasks, 0, 0, n)]
+    assert drawn == ids(len(drawn)) and len(calls) == 2 and len(calls[1]) == 1
+    assert len(episodes) == 3 * len(drawn)  # every episode is counted, dropped or not
+    # the next round continues the stream where this one stopped
+    online.collect_groups(None, cfg, tasks, None, pos, "grpo")
+    assert [t for c in calls for t in c] == ids(pos.drawn)
+
+
+def test_dynamic_sampling_that_can_never_fill_is_an_error(monkeypatch):
+    cfg = _cfg(["--config.rl.dynamic_sampling=true", "--config.rl.max_draws=3"])
+    calls = _fake_rounds(monkeypatch, lambda t: ([0.0, 0.0, 0.0],))
+    with pytest.raises(Exception, match=r"rl.dynamic_sampling: after 3 draws \(rl.max_draws\) "
+                                        r"only 0 of rl.groups_per_round=2"):
+        online.collect_groups(None, cfg, _parity_tasks(), None, online._RoundState(), "grpo")
+    assert len(calls) == 3
+
+
+def test_overlong_filter_drops_truncated_trajectories_after_the_advantages(monkeypatch):
+    cfg = _cfg(["--config.rl.overlong_filter=true"])
+    first = online.draw_tasks(_parity_tasks(), 0, 0, 1)[0].id
+    _fake_rounds(monkeypatch, lambda t: ([0.0, 1.0, 0.5], ["ok", "max_tokens", "context_limit"])
+                 if t == first else ([0.0, 1.0, 0.5],))
+    groups, _, stats = online.collect_groups(None, cfg, _parity_tasks(), None,
+                                             online._RoundState(), "grpo")
+    assert [r["id"] for r in groups[0]] == [f"{first}#0"] and stats["overlong_filtered"] == 2
+    assert groups[0][0]["advantage"] == pytest.approx(0.0 - 0.5)  # the whole group's baseline
+    assert [len(g) for g in groups[1:]] == [3]
+    with pytest.raises(config_lib.ConfigError, match="rl.max_draws: acts only with"):
+        online.validate_online(_cfg(["--config.rl.max_draws=2"]))
+
+
+class _FakeEngine:
+    """Answers every call with the same short text (no model): for the round's bookkeeping."""
+
+    context_length = 4096
+
+    def generate(self, prompts, params, n=1, seeds=None):
+        from kat_jax.rollout.sampler import Generation
+
+        ids = list(b"ab") + [TOK_IM_END]
+        return [[Generation(ids, [-0.5] * len(ids), [1.0] * len(ids), "stop")] * n
+                for _ in prompts]
+
+
+class CrashyEnv(ParityEnv):
+    name = "crashy"
+
+    def evaluate(self, messages=()):
+        if self.task.id == "v1":
+            raise RuntimeError("the sandbox died")
+        return super().evaluate(messages)
+
+
+register_env("crashy", CrashyEnv, _parity_tasks)
+
+
+def test_a_crashing_environment_masks_its_group_and_the_round_goes_on():
+    tok = ByteTokenizer()
+    cfg = _cfg(["--config.rl.env=crashy", "--config.rl.concurrency=3"])
+    tasks = [t for t in _parity_tasks() if t.id in ("v0", "v1", "v2")]
+    groups, episodes, stats = online.run_round(_FakeEngine(), cfg, tasks, tok, 0, "grpo")
+    assert [g[0]["group"] for g in groups] == ["v0", "v1", "v2"]  # task order, every group
+    assert stats["masked_groups"] == 1 and stats["calls"] == 9
+    assert all(r["status"] == "env_error" for r in groups[1])
+    assert all(r["status"] == "ok" and r["advantage"] == 0.0 for g in (groups[0], groups[2])
+               for r in g)  # identical answers: equal rewards, zero advantages
+    assert len(episodes) == 6  # the crashed episodes are not episode records
+    rec = groups[0][0]
+    assert rec["tokens"][-3:] == [*b"ab", TOK_IM_END] and rec["logprobs"][-3:] == [-0.5] * 3
+    assert stats["manager_time_s"] >= 0
