@@ -192,11 +192,12 @@ def test_group_advantages_rl_and_rft(tmp_path):
            for i, r in enumerate([1.0, 0.0, 0.0, 1.0])]
     rl = RecordConverter("rl", TOK, 16, 512)(grp[:3])
     r = np.array([1.0, 0.0, 0.0])
-    np.testing.assert_allclose([t.advantage for t in rl], (r - r.mean()) / (r.std() + 1e-6),
+    std = np.sqrt(((r - r.mean()) ** 2).sum() / (len(r) - 1))  # unbiased
+    np.testing.assert_allclose([t.advantage for t in rl], (r - r.mean()) / (std + 1e-6),
                                rtol=1e-6)
     rft = RecordConverter("rft", TOK, 16, 512)(grp)
     assert len(rft) == 3  # the teacher is the baseline, not a training sample
-    np.testing.assert_allclose([t.advantage for t in rft], (r - 1.0) / (r.std() + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose([t.advantage for t in rft], (r - 1.0) / (std + 1e-6), rtol=1e-6)
     assert not rft[0].trainable[0] and rft[0].trainable[1:].all()
 
 

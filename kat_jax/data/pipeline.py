@@ -63,13 +63,14 @@ class BatchShape:
 def _group_advantages(trajs: list[Trajectory], rewards: list[float | None],
                       teacher: list[bool], stage: str, eps: float = 1e-6) -> None:
     """Fill missing advantages: rl -> GRPO (r - mean) / (std + eps) over the group; rft -> reward
-    relative to the group's teacher trajectories, (r - mean teacher r) / (std + eps). Trajectories
-    that already carry an advantage keep it."""
+    relative to the group's teacher trajectories, (r - mean teacher r) / (std + eps). std is the
+    unbiased sample std (ddof 1, as the online loop's kat_jax.flow manager); a group of one or of
+    equal rewards is not divided. Trajectories that already carry an advantage keep it."""
     need = [i for i, t in enumerate(trajs) if t.advantage is None and not teacher[i]]
     if not need:
         return
     r = np.array([rewards[i] for i in range(len(trajs)) if not teacher[i]], np.float64)
-    std = float(r.std()) if r.size > 1 else 0.0
+    std = float(r.std(ddof=1)) if r.size > 1 else 0.0
     if stage == "rft" and any(teacher):
         base = float(np.mean([rewards[i] for i in range(len(trajs)) if teacher[i]]))
     else:
