@@ -270,3 +270,15 @@ def test_a_crashing_environment_masks_its_group_and_the_round_goes_on():
     rec = groups[0][0]
     assert rec["tokens"][-3:] == [*b"ab", TOK_IM_END] and rec["logprobs"][-3:] == [-0.5] * 3
     assert stats["manager_time_s"] >= 0
+
+
+@pytest.mark.parametrize("variant", ["tiny_calculator", "tiny_maths", "qwen3_8b_swe",
+                                     "kat_dev_32b_swe"])
+def test_online_variants_are_valid_configs(variant):
+    from kat_jax.training.build import validate
+
+    cfg = config_lib.load_train_config(f"{RL}:{variant}", [])
+    validate(cfg)
+    online.validate_online(cfg)
+    assert online.is_online(cfg) and cfg.loss.old_logprobs == "record"
+    assert cfg.rl.max_tokens <= cfg.data.row_len
