@@ -135,6 +135,7 @@ def test_round_tasks_walk_shuffled_epochs():
      r"rl.groups_per_round: exceeds the 6 tasks"),
     (["--config.rl.reference=/x", "--config.loss.kl_coef=0"], r"rl.reference: acts only with"),
     (["--config.rl.tasks_file=/no/such.jsonl"], r"rl.tasks_file: no such file"),
+    (["--config.rl.reference=/no/such/model"], r"rl.reference: no such checkpoint"),
 ])
 def test_online_keys_fail_at_start_naming_the_key(override, match, tmp_path):
     with pytest.raises((config_lib.ConfigError, ValueError), match=match):

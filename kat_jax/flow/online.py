@@ -154,6 +154,10 @@ def validate_online(cfg) -> None:
               "rewards that differ)", rl.dynamic_sampling)
     if rl.reference and cfg.loss.kl_coef == 0:
         _fail("rl.reference", "acts only with loss.kl_coef > 0", rl.reference)
+    if rl.reference and not rl.reference.startswith("preset:") and not storage.exists(
+            rl.reference):
+        _fail("rl.reference", "no such checkpoint (a kat_jax checkpoint, training workdir or "
+              "Hugging Face directory)", rl.reference)
     if rl.epochs > 1 and cfg.loss.old_logprobs == "current":
         _fail("rl.epochs", "with loss.old_logprobs=current every pass has ratio 1; use record",
               rl.epochs)
