@@ -4,8 +4,9 @@ and with prune.budget, both from the same random tiny model and seed.
 
 Per run, over its rounds after the first (the first compiles):
   rollout_s / manager_s / logprob_s / train_s   median seconds per round in rollout (sampling and
-                         episodes, manager included), the trajectory manager alone, old and
-                         reference log-probs, optimizer steps; and their shares of the round
+                         episodes, manager included), the trajectory manager alone, trees (packing,
+                         pruning) with the old and reference log-probs, optimizer steps; and their
+                         shares of the round
   trajectory_tokens      tokens of the round's trajectories (what a flat trainer computes)
   tree_tokens            distinct tokens of their prefix trees
   kept_tokens            tokens kept by the pruner (= tree_tokens without pruning)

@@ -49,7 +49,8 @@ them.
 Metrics of a round (on its last step): reward, pass_rate, status_<name> counts, turns, draws,
 dropped_uniform_groups, overlong_filtered,
 tool_calls_per_turn, generated_tokens, trajectory / tree tokens of the round, masked_groups,
-rollout_time_s, logprob_time_s, train_time_s, policy_version (the round index), kl_ref, and
+rollout_time_s (manager_time_s of it), logprob_time_s (trees: packing and pruning, then the
+old / reference log-probs), train_time_s, policy_version (the round index), kl_ref, and
 old_behaviour_max_abs: the largest difference between the trainer's old-policy log-probs and the
 sampler's behaviour log-probs of the same tokens under the same parameters (0 up to float
 rounding: anything larger means the two disagree).
