@@ -195,6 +195,14 @@ def test_group_advantages_rl_and_rft(tmp_path):
     std = np.sqrt(((r - r.mean()) ** 2).sum() / (len(r) - 1))  # unbiased
     np.testing.assert_allclose([t.advantage for t in rl], (r - r.mean()) / (std + 1e-6),
                                rtol=1e-6)
+    # Dr. GRPO: no std; RLOO: the mean of the others' rewards
+    dr = RecordConverter("rl", TOK, 16, 512, advantage="drgrpo")(grp[:3])
+    np.testing.assert_allclose([t.advantage for t in dr], r - r.mean(), rtol=1e-6)
+    loo = RecordConverter("rl", TOK, 16, 512, advantage="rloo")(grp[:3])
+    np.testing.assert_allclose([t.advantage for t in loo],
+                               [r[i] - (r.sum() - r[i]) / 2 for i in range(3)], rtol=1e-6)
+    with pytest.raises(ValueError, match="rloo needs at least 2 trajectories"):
+        RecordConverter("rl", TOK, 16, 512, advantage="rloo")(grp[:1])
     rft = RecordConverter("rft", TOK, 16, 512)(grp)
     assert len(rft) == 3  # the teacher is the baseline, not a training sample
     np.testing.assert_allclose([t.advantage for t in rft], (r - 1.0) / (std + 1e-6), rtol=1e-6)

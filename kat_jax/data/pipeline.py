@@ -53,6 +53,9 @@ class BatchShape:
     # Pruning on the training path (config prune.*; None = off): each group's trie goes through
     # the entropy pruner (kat_jax.trees.pruning) under prune.budget tokens before packing
     prune: Any = None
+    # rl: how a group's rewards become advantages when records carry none (config
+    # loss.advantage_estimator): grpo ((r - mean) / unbiased std), drgrpo (r - mean), rloo
+    advantage: str = "grpo"
 
     @property
     def num_pairs(self) -> int:
@@ -61,11 +64,14 @@ class BatchShape:
 
 
 def _group_advantages(trajs: list[Trajectory], rewards: list[float | None],
-                      teacher: list[bool], stage: str, eps: float = 1e-6) -> None:
-    """Fill missing advantages: rl -> GRPO (r - mean) / (std + eps) over the group; rft -> reward
-    relative to the group's teacher trajectories, (r - mean teacher r) / (std + eps). std is the
-    unbiased sample std (ddof 1, as the online loop's kat_jax.flow manager); a group of one or of
-    equal rewards is not divided. Trajectories that already carry an advantage keep it."""
+                      teacher: list[bool], stage: str, eps: float = 1e-6,
+                      estimator: str = "grpo") -> None:
+    """Fill missing advantages: rl -> by `estimator`: grpo (r - mean) / (std + eps) over the
+    group, drgrpo r - mean (Dr. GRPO), rloo r_i - mean of the others (leave-one-out; a group of
+    one is an error); rft -> reward relative to the group's teacher trajectories,
+    (r - mean teacher r) / (std + eps). std is the unbiased sample std (ddof 1, as the online
+    loop's kat_jax.flow manager); a group of one or of equal rewards is not divided.
+    Trajectories that already carry an advantage keep it."""
     need = [i for i, t in enumerate(trajs) if t.advantage is None and not teacher[i]]
     if not need:
         return
@@ -75,8 +81,18 @@ def _group_advantages(trajs: list[Trajectory], rewards: list[float | None],
         base = float(np.mean([rewards[i] for i in range(len(trajs)) if teacher[i]]))
     else:
         base = float(r.mean())
+    if stage == "rl" and estimator == "rloo":
+        if r.size < 2:
+            raise ValueError(f"group {trajs[need[0]].group_id!r}: loss.advantage_estimator=rloo "
+                             "needs at least 2 trajectories per group")
+        for i in need:
+            trajs[i].advantage = rewards[i] - (float(r.sum()) - rewards[i]) / (r.size - 1)
+        return
+    if stage == "rl" and estimator not in ("grpo", "drgrpo"):
+        raise ValueError(f"unknown advantage estimator {estimator!r}")
+    divide = std > 0 and not (stage == "rl" and estimator == "drgrpo")
     for i in need:
-        trajs[i].advantage = (rewards[i] - base) / (std + eps) if std > 0 else rewards[i] - base
+        trajs[i].advantage = (rewards[i] - base) / (std + eps) if divide else rewards[i] - base
 
 
 # Record fields that fill the optional StepBatch log-prob fields (rollout records).
@@ -99,9 +115,11 @@ class RecordConverter(abc.ABC):
     error naming its file:line and `why[field]` (the config key that needs it)."""
 
     def __init__(self, stage: str, tokenizer, row_len: int, vocab_size: int,
-                 fields: tuple[str, ...] = (), why: dict[str, str] | None = None):
+                 fields: tuple[str, ...] = (), why: dict[str, str] | None = None,
+                 advantage: str = "grpo"):
         self.stage, self.tok, self.row_len, self.vocab = stage, tokenizer, row_len, vocab_size
         self.fields, self.why = tuple(fields), dict(why or {})
+        self.advantage = advantage
 
     @abc.abstractmethod
     def __call__(self, group: list[tuple[dict, str]]) -> list[Trajectory | None]:
@@ -176,7 +194,7 @@ class RolloutConverter(RecordConverter):
             rewards.append(obj.get("reward") if obj.get("reward") is not None else 0.0)
             teacher.append(is_teacher)
         kept = [t for t in out if t is not None]
-        _group_advantages(kept, rewards, teacher, self.stage)
+        _group_advantages(kept, rewards, teacher, self.stage, estimator=self.advantage)
         return [t for t, te in zip(kept, teacher) if not te] + [None] * (len(out) - len(kept))
 
 
@@ -487,7 +505,7 @@ def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: Bat
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(epochs)
     convert = CONVERTERS[STAGE_KIND[stage]](stage, tokenizer, shape.row_len, vocab_size,
-                                            shape.fields, why)
+                                            shape.fields, why, shape.advantage)
     batchers = []
     for sid in shard_ids:
         part = ds[sid::num_shards] if num_shards > 1 else ds

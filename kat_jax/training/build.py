@@ -144,10 +144,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             _fail("loss.advantage_estimator", f"applies to the rl stage (the {cfg.stage} "
                   "advantages are relative to the teacher rollouts)" + by.get(
                       "advantage_estimator", ""), lc.advantage_estimator)
-        if not ("rl" in cfg and cfg.rl.get("env")):
-            _fail("loss.advantage_estimator", "is read by the online loop only (rl.env set); "
-                  "the offline data feed fills missing advantages with grpo" + by.get(
-                      "advantage_estimator", ""), lc.advantage_estimator)
     if lc.old_logprobs == "current":
         for key in CLIP_KEYS:
             if lc[key] != defaults[key]:
@@ -269,7 +265,8 @@ def batch_shape(cfg: ml_collections.ConfigDict, model_cfg):
     prune = prune_config(cfg)
     return BatchShape(cfg.data.rows, cfg.data.row_len, cfg.data.trajectories,
                       model_cfg.attention_block_size,
-                      batch_fields(cfg)[0] + (("pruned",) if prune is not None else ()), prune)
+                      batch_fields(cfg)[0] + (("pruned",) if prune is not None else ()), prune,
+                      cfg.loss.advantage_estimator)
 
 
 # ---------------------------------------------------------------------------------------------

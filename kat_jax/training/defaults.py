@@ -54,12 +54,11 @@ Every stage config has the same keys; the stage changes the data kind and the lo
   loss.log_ratio_clamp       log-ratios are clamped to +-this before exp (ratio, k3 KL; verl: 20)
   loss.kl_clamp              the k3 KL value is clamped to +-this (verl: 10); needs kl_coef > 0
                              and kl_type=k3
-  loss.advantage_estimator   rl, online loop (rl.env set): how a group's rewards become
-                             advantages: grpo ((r - mean) / std), drgrpo (r - mean: Dr. GRPO drops
-                             the std), rloo (r - mean of the others); computed by kat_jax.flow
-                             (TrajectoryManager). The offline data feed fills missing advantages with
-                             grpo only (kat_jax.data.pipeline), so anything else offline is an
-                             error at start
+  loss.advantage_estimator   rl: how a group's rewards become advantages: grpo ((r - mean) /
+                             unbiased std), drgrpo (r - mean: Dr. GRPO drops the std), rloo (r -
+                             mean of the others); online by kat_jax.flow (TrajectoryManager),
+                             offline by the data feed for records without an advantage
+                             (kat_jax.data.pipeline)
   loss.algorithm             custom (the keys above act as set) | grpo | dapo | drgrpo | gspo |
                              rloo: a preset of the keys the paper uses (LOSS_ALGORITHMS below).
                              build.validate applies it (writing the effective keys into cfg.loss)
