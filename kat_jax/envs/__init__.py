@@ -5,8 +5,9 @@ Owns the interface (base: Task, Env, EvalResult, EpisodeStatus, tool calls), the
 environments by name (registry), the built-in environments ``calculator`` (arithmetic with a
 calculator tool), ``maths`` (problems with verifiable answers) and ``swe`` (repository + issue +
 hidden tests), the sandbox protocol (sandbox), its backends ``local`` and ``docker`` and their
-registry (sandbox_backends), the bash / editor tools, and the audit behind `kat-jax env check`
-(check). See docs/environments.md.
+registry (sandbox_backends), the bash / editor tools, the audit behind `kat-jax env check`
+(check), and the RFT teachers (teachers: bundled ground-truth transcripts, the reward relative to
+them, the divergence of a partial rollout). See docs/environments.md.
 
 May import: the root utilities (jsonl, storage, atomic_io) and the standard library; docker is
 imported lazily by the docker backend. Never kat_jax.ops, models, trees, data, training, rollout
@@ -70,10 +71,19 @@ from kat_jax.envs.sandbox_backends import (
     register_sandbox_backend,
     sandbox_backend_names,
 )
+from kat_jax.envs.teachers import (
+    RelativeRewardConfig,
+    divergence,
+    load_teachers,
+    normalize_group,
+    relative_reward,
+)
 
 __all__ = [
     "ENVS", "SANDBOX_BACKENDS", "Env", "EnvError", "EnvSpec", "EpisodeStatus", "EvalResult",
     "ExecResult", "Sandbox", "SandboxError", "SandboxPool", "Task", "env_spec", "function_schema",
     "list_envs", "load_env_tasks", "make_env", "make_sandbox", "parse_tool_call", "register_env",
     "register_sandbox_backend", "sandbox_backend_names", "tool_message",
+    # RFT teachers (teachers): ground-truth transcripts and the reward relative to them
+    "RelativeRewardConfig", "divergence", "load_teachers", "normalize_group", "relative_reward",
 ]
