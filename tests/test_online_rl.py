@@ -283,3 +283,16 @@ def test_online_variants_are_valid_configs(variant):
     online.validate_online(cfg)
     assert online.is_online(cfg) and cfg.loss.old_logprobs == "record"
     assert cfg.rl.max_tokens <= cfg.data.row_len
+
+
+def test_rounds_without_a_trainable_group_stop_the_run(monkeypatch, tmp_path):
+    calls = []
+
+    def nothing(engine, cfg, tasks, tokenizer, position, advantage):
+        calls.append(position.rounds)
+        return [], [], {"masked_groups": 2, "draws": 1}
+
+    monkeypatch.setattr(online, "collect_groups", nothing)
+    with pytest.raises(Exception, match=r"rl.env: 3 rounds in a row had no trainable group"):
+        run_train(_cfg(), str(tmp_path / "w"))
+    assert calls == [0, 1, 2]

@@ -96,6 +96,9 @@ from kat_jax.trees.packing import gather_per_trajectory
 
 log = logging.getLogger(__name__)
 
+MAX_EMPTY_ROUNDS = 3  # rounds in a row without a trainable group: the environment is broken
+
+
 def is_online(cfg) -> bool:
     return "rl" in cfg and bool(cfg.rl.env)
 
@@ -434,6 +437,7 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     step = start
     record_old = cfg.loss.old_logprobs == "record"
     per_part = rl.groups_per_round // rl.minibatches
+    empty_rounds = 0
     try:
         while step < cfg.train.steps:
             r = position.rounds
@@ -477,7 +481,15 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             round_metrics["old_behaviour_max_abs"] = max(drift) if drift else None
             round_metrics["round_steps"] = len(full) * rl.epochs
             if not full:
+                empty_rounds += 1
                 log.warning("round %d: no trainable group (all masked or empty)", r)
+                if empty_rounds >= MAX_EMPTY_ROUNDS:
+                    raise TrainingError(
+                        f"rl.env: {empty_rounds} rounds in a row had no trainable group (every "
+                        f"group masked by env_error, or filtered); the environment {rl.env!r} "
+                        "looks broken (see the warnings above)")
+            else:
+                empty_rounds = 0
             for epoch in range(rl.epochs):
                 for i, (batch, stats) in enumerate(full):
                     if step >= cfg.train.steps:
@@ -506,7 +518,8 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
                 why = "SIGTERM" if stop.signal is not None else "train.stop_at_step"
                 raise Preempted(f"{why} at step {step} (end of round {r}): checkpoint saved in "
-                                f"{ckpts.dir}; run the same command again to resume")
+                                f"{ckpts.dir}; run the same command again (without "
+                                "train.stop_at_step) to resume")
             if crossed and step < cfg.train.steps:
                 ckpts.save(step, state)
         if ckpts.latest_step() != step:
