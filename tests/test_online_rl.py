@@ -180,7 +180,7 @@ def _fake_rounds(monkeypatch, rewards_of):
     """run_round replaced: each task's group gets rewards_of(task, draw seed)."""
     calls = []
 
-    def fake(engine, cfg, tasks, tokenizer, round_index, advantage, seed=None):
+    def fake(engine, cfg, tasks, tokenizer, round_index, advantage, seed=None, teachers=None):
         calls.append([t.id for t in tasks])
         groups = [_group(t.id, *rewards_of(t.id)) for t in tasks]
         return groups, [r for g in groups for r in g], {"masked_groups": 0}
@@ -273,12 +273,13 @@ def test_a_crashing_environment_masks_its_group_and_the_round_goes_on():
     assert stats["manager_time_s"] >= 0
 
 
-@pytest.mark.parametrize("variant", ["tiny_calculator", "tiny_maths", "qwen3_8b_swe",
-                                     "kat_dev_32b_swe"])
+@pytest.mark.parametrize("variant", ["rl.py:tiny_calculator", "rl.py:tiny_maths",
+                                     "rl.py:qwen3_8b_swe", "rl.py:kat_dev_32b_swe",
+                                     "rft.py:tiny_calculator", "rft.py:tiny_maths"])
 def test_online_variants_are_valid_configs(variant):
     from kat_jax.training.build import validate
 
-    cfg = config_lib.load_train_config(f"{RL}:{variant}", [])
+    cfg = config_lib.load_train_config(f"configs/{variant}", [])
     validate(cfg)
     online.validate_online(cfg)
     assert online.is_online(cfg) and cfg.loss.old_logprobs == "record"
@@ -296,3 +297,95 @@ def test_rounds_without_a_trainable_group_stop_the_run(monkeypatch, tmp_path):
     with pytest.raises(Exception, match=r"rl.env: 3 rounds in a row had no trainable group"):
         run_train(_cfg(), str(tmp_path / "w"))
     assert calls == [0, 1, 2]
+
+
+class _TeacherLikeEngine:
+    """No model: odd samples call an unknown tool (they diverge from the calculator teachers);
+    even samples do what the teacher does (call the calculator with the question's expression,
+    then answer with its result). The sample is read from the agent's turn seed (seed 0)."""
+
+    context_length = 4096
+
+    def generate(self, prompts, params, n=1, seeds=None):
+        import re
+
+        from kat_jax.rollout.sampler import Generation
+
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            text = ByteTokenizer().decode(prompt)
+            if (seed // 10_007) % 2:
+                reply = '<tool_call>\n{"name": "search", "arguments": {"q": "x"}}\n</tool_call>'
+            elif "<tool_response>" not in text:
+                expr = re.search(r"What is (.+?)\?", text).group(1)
+                reply = ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "'
+                         + expr + '"}}\n</tool_call>')
+            else:
+                result = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", text, re.S)[-1]
+                reply = "The answer is \\boxed{" + result + "}."
+            ids = ByteTokenizer().encode(reply) + [TOK_IM_END]
+            out.append([Generation(ids, [-0.5] * len(ids), [1.0] * len(ids), "stop")] * n)
+        return out
+
+
+def _rft_cfg(extra=()):
+    return config_lib.load_train_config("configs/rft.py:tiny_calculator", [
+        "--config.rl.group_size=4", "--config.rl.concurrency=2", "--config.rl.max_turns=3",
+        *extra])
+
+
+@pytest.mark.parametrize("mode", ["mask", "penalty"])
+def test_online_rft_rewards_relative_to_teachers_and_stops_diverging_episodes(mode):
+    from kat_jax.envs import load_env_tasks
+
+    extra = [] if mode == "mask" else ["--config.rl.on_terminate=penalty",
+                                       "--config.rl.termination_penalty=-2.0"]
+    cfg = _rft_cfg(extra)
+    online.validate_online(cfg)
+    tasks = load_env_tasks("calculator", None, split="train")[:2]
+    teachers = online._load_teachers(cfg, tasks)
+    groups, episodes, stats = online.run_round(_TeacherLikeEngine(), cfg, tasks, ByteTokenizer(),
+                                               0, "grpo", seed=0, teachers=teachers)
+    assert stats["terminated"] == 4  # samples 1 and 3 of both tasks
+    by_sample = {e["id"]: e for e in episodes}
+    for t in tasks:
+        good, bad = by_sample[f"{t.id}#0"], by_sample[f"{t.id}#1"]
+        # the teacher's path: outcome 1 - 1, similarity 1 x 0.5, same answer x 0.5
+        assert good["outcome_reward"] == 1.0 and good["reward"] == pytest.approx(1.0)
+        assert "terminated" not in good and good["turns"] == 2
+        assert bad["terminated"]["turn"] == 1 and bad["turns"] == 1  # stopped after turn 1
+        assert bad["outcome_reward"] == 0.0
+        # relative: -1 (outcome) + 0.5 x similarity 0 + 0.5 x no answer; or the penalty
+        assert bad["reward"] == pytest.approx(-1.0 if mode == "mask" else -2.0)
+    # grpo over [good, bad, good, bad], unbiased std: |A| = 0.866 in both modes
+    a = 1.0 / np.sqrt(4 / 3) if mode == "mask" else 1.5 / np.sqrt(3.0)
+    for g in groups:
+        if mode == "mask":  # the terminated trajectories shaped the baseline, then were dropped
+            assert [r["id"].split("/")[-1].split("#")[1] for r in g] == ["0", "2"]
+            assert all(r["advantage"] == pytest.approx(a) for r in g)
+        else:
+            assert sorted(round(r["advantage"], 6) for r in g) == \
+                sorted([round(a, 6)] * 2 + [round(-a, 6)] * 2)
+    assert stats.get("terminated_masked", 0) == (4 if mode == "mask" else 0)
+    m = online._round_metrics(episodes, stats, 0, 1.0, 1.0)
+    assert m["termination_rate"] == 0.5 and m["termination_turn"] == 1.0
+    assert m["outcome_reward"] == 0.5
+
+
+@pytest.mark.parametrize("override,match", [
+    (["--config.rl.divergence_threshold=1.5"], r"rl.divergence_threshold: must be in \[0, 1\)"),
+    (["--config.rl.on_terminate=drop"], r"rl.on_terminate: must be mask or penalty"),
+    (["--config.rl.termination_penalty=-3"], r"rl.termination_penalty: acts only with "
+                                              r"rl.on_terminate=penalty"),
+    (["--config.rl.divergence_threshold=0", "--config.rl.patience=2"],
+     r"rl.patience: acts only with rl.divergence_threshold > 0"),
+    (["--config.rl.teachers=/no/such.jsonl"], r"rl.teachers: no such file"),
+])
+def test_online_rft_keys_fail_naming_the_key(override, match):
+    with pytest.raises(config_lib.ConfigError, match=match):
+        online.validate_online(_rft_cfg(override))
+
+
+def test_teacher_keys_are_errors_on_the_rl_stage():
+    with pytest.raises(config_lib.ConfigError, match="rl.w_process: acts only in the online rft"):
+        online.validate_online(_cfg(["--config.rl.w_process=1.0"]))

@@ -107,6 +107,36 @@ def _fail(key: str, rule: str, value: Any) -> None:
     raise config_lib.ConfigError(f"--config.{key}: {rule} (got {value!r})")
 
 
+RFT_KEYS = ("teachers", "w_outcome", "w_process", "w_answer", "divergence_threshold", "patience",
+            "on_terminate", "termination_penalty")
+
+
+def _validate_rft_keys(cfg) -> None:
+    rl = cfg.rl
+    if cfg.stage != "rft":
+        for key in RFT_KEYS:
+            if rl[key] != RL_DEFAULTS[key]:
+                _fail(f"rl.{key}", "acts only in the online rft stage (teachers)", rl[key])
+        return
+    if not 0 <= rl.divergence_threshold < 1:
+        _fail("rl.divergence_threshold", "must be in [0, 1) (0 = no early termination)",
+              rl.divergence_threshold)
+    if rl.patience < 1:
+        _fail("rl.patience", "must be >= 1", rl.patience)
+    if rl.on_terminate not in ("mask", "penalty"):
+        _fail("rl.on_terminate", "must be mask or penalty", rl.on_terminate)
+    if rl.divergence_threshold == 0:
+        for key in ("patience", "on_terminate", "termination_penalty"):
+            if rl[key] != RL_DEFAULTS[key]:
+                _fail(f"rl.{key}", "acts only with rl.divergence_threshold > 0", rl[key])
+    elif rl.on_terminate == "mask" and rl.termination_penalty != RL_DEFAULTS[
+            "termination_penalty"]:
+        _fail("rl.termination_penalty", "acts only with rl.on_terminate=penalty",
+              rl.termination_penalty)
+    if rl.teachers and not storage.exists(rl.teachers):
+        _fail("rl.teachers", "no such file", rl.teachers)
+
+
 def validate_online(cfg) -> None:
     """The rl.* keys: an error naming the key when one is bad or could not act."""
     from kat_jax.envs import ENVS
@@ -120,8 +150,10 @@ def validate_online(cfg) -> None:
                 _fail(f"rl.{key}", "acts only in the online loop (set rl.env to an environment)",
                       rl[key])
         return
-    if cfg.stage != "rl":
-        _fail("rl.env", f"the online loop is the rl stage's; stage is {cfg.stage!r}", rl.env)
+    if cfg.stage not in ("rl", "rft"):
+        _fail("rl.env", f"the online loop trains the rl or rft stage; stage is {cfg.stage!r}",
+              rl.env)
+    _validate_rft_keys(cfg)
     if rl.env not in ENVS:
         _fail("rl.env", f"unknown environment; known: {sorted(ENVS)}", rl.env)
     if rl.tasks_file and not storage.exists(rl.tasks_file):
@@ -215,10 +247,15 @@ def round_tasks(tasks: list, groups: int, seed: int, round_index: int) -> list:
 
 
 def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
-              seed: int | None = None):
+              seed: int | None = None, teachers: dict | None = None):
     """Episodes of `tasks` through a fresh manager: (groups of records in task order, episode
     records, manager stats). seed: the episodes' sampling seed (default: from train.seed and
-    the round)."""
+    the round). teachers (online rft: task id -> transcripts): the reward is relative to them
+    (kat_jax.envs.teachers.relative_reward; the episode record keeps the environment's own
+    in "outcome_reward"), and with rl.divergence_threshold > 0 an episode whose tool calls
+    diverge from every teacher's by more than the threshold for rl.patience turns in a row is
+    terminated there: rl.on_terminate=mask drops its trajectories after the advantages
+    (counted), penalty gives it the reward rl.termination_penalty."""
     from kat_jax.envs import make_env
     from kat_jax.flow.manager import TrajectoryManager
     from kat_jax.rollout.agent import run_episode
@@ -233,6 +270,25 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
     if seed is None:
         seed = (cfg.train.seed * 1_000_003 + round_index) % (2**31)
 
+    terminated: set = set()
+
+    def supervise(task):
+        """The turn check of one episode (None without supervision)."""
+        if teachers is None or rl.divergence_threshold <= 0:
+            return None
+        from kat_jax.envs.teachers import divergence
+
+        above = [0]
+
+        def check(messages):
+            d = divergence(messages, teachers[task.id])
+            above[0] = above[0] + 1 if d > rl.divergence_threshold else 0
+            if above[0] >= rl.patience:
+                return f"divergence {d:.3f} > {rl.divergence_threshold} for {above[0]} turns"
+            return None
+
+        return check
+
     def one(job):
         task, sample = job
         session = f"r{round_index}/{task.id}#{sample}"
@@ -243,7 +299,8 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
         try:
             rec = run_episode(eng, env, task, tokenizer, sp, max_turns=rl.max_turns,
                               max_tokens=rl.max_tokens or cfg.data.row_len, seed=seed,
-                              sample=sample)
+                              sample=sample, turn_check=supervise(task),
+                              keep_messages=teachers is not None)
         except Exception as e:  # a crashed environment masks its group; the loop goes on
             log.warning("episode %s failed: %s", session, e)
             with eng._lock:
@@ -258,6 +315,23 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
                 f"({rec.get('prompt_tokens', len(rec['tokens']))} tokens) leaves no room for a "
                 f"generated token within the episode's token budget "
                 f"{rl.max_tokens or cfg.data.row_len}; raise data.row_len (and rl.max_tokens)")
+        if teachers is not None:
+            from kat_jax.envs.teachers import RelativeRewardConfig, relative_reward
+
+            messages = rec.pop("messages")
+            rec["outcome_reward"] = rec["reward"]
+            if "terminated" in rec:
+                rec["terminated"]["session"] = session
+                with eng._lock:
+                    terminated.add(session)
+            if "terminated" in rec and rl.on_terminate == "penalty":
+                rec["reward"] = float(rl.termination_penalty)
+            else:
+                rec["reward"] = relative_reward(messages, rec["outcome_reward"],
+                                                teachers[task.id], RelativeRewardConfig(
+                                                    w_outcome=rl.w_outcome,
+                                                    w_process=rl.w_process,
+                                                    w_answer=rl.w_answer))
         with eng._lock:
             manager.finish_session(session, reward=rec["reward"], status=rec["status"],
                                    passed=rec.get("passed"), turns=rec["turns"],
@@ -271,7 +345,13 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
     manager.stats["manager_time_s"] = eng.manager_s + time.perf_counter() - t
     order = {t.id: i for i, t in enumerate(tasks)}  # completion order varies with threads
     groups.sort(key=lambda g: order.get(g[0].get("group"), len(order)))
-    return groups, episodes, manager.stats
+    stats = dict(manager.stats)
+    stats["terminated"] = len(terminated)
+    if terminated and rl.on_terminate == "mask":  # after the advantages: they shaped the baseline
+        kept = [[r for r in g if r.get("session") not in terminated] for g in groups]
+        stats["terminated_masked"] = sum(len(g) for g in groups) - sum(len(g) for g in kept)
+        groups = [g for g in kept if g]
+    return groups, episodes, stats
 
 
 class RecordGroups:
@@ -342,7 +422,8 @@ def _varied(group: list[dict]) -> bool:
     return len({r.get("reward") for r in group}) > 1
 
 
-def collect_groups(engine, cfg, tasks, tokenizer, position: _RoundState, advantage: str):
+def collect_groups(engine, cfg, tasks, tokenizer, position: _RoundState, advantage: str,
+                   teachers: dict | None = None):
     """The round's groups: one draw of rl.groups_per_round tasks, or with rl.dynamic_sampling
     (DAPO) as many draws as it takes (at most rl.max_draws) to collect rl.groups_per_round
     groups whose rewards differ (the others are dropped and counted). rl.overlong_filter drops
@@ -366,9 +447,13 @@ def collect_groups(engine, cfg, tasks, tokenizer, position: _RoundState, advanta
         drawn = draw_tasks(tasks, cfg.train.seed, start, n)
         position.drawn += n
         got, eps, ms = run_round(engine, cfg, drawn, tokenizer, position.rounds, advantage,
-                                 seed=(cfg.train.seed * 1_000_003 + start) % (2**31))
+                                 seed=(cfg.train.seed * 1_000_003 + start) % (2**31),
+                                 teachers=teachers)
         stats["draws"] += 1
         stats["masked_groups"] += ms.get("masked_groups", 0)
+        for k in ("terminated", "terminated_masked"):
+            if k in ms:
+                stats[k] = stats.get(k, 0) + ms[k]
         stats["manager_time_s"] = stats.get("manager_time_s", 0.0) + ms.get("manager_time_s", 0.0)
         episodes += eps
         if rl.dynamic_sampling:
@@ -405,6 +490,7 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     if rl.groups_per_round > len(tasks):
         _fail("rl.groups_per_round", f"exceeds the {len(tasks)} tasks of {rl.env} "
               f"(split {rl.split})", rl.groups_per_round)
+    teachers = _load_teachers(cfg, tasks) if cfg.stage == "rft" else None
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     shards = data_shards(cfg, mesh)
     shard_ids = local_shard_ids(mesh, shards)
@@ -444,7 +530,7 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             t0 = time.perf_counter()
             engine.update_weights(state["params"])
             groups, episodes, mstats = collect_groups(engine, cfg, tasks, tokenizer, position,
-                                                      advantage)
+                                                      advantage, teachers)
             t1 = time.perf_counter()
             batches = []
             for p in range(rl.minibatches):
@@ -575,6 +661,23 @@ def _load_tasks(rl) -> list:
     return tasks
 
 
+def _load_teachers(cfg, tasks) -> dict:
+    """Task id -> teacher transcripts for the online rft stage; every task needs one."""
+    from kat_jax.envs.teachers import load_teachers
+
+    rl = cfg.rl
+    key = "rl.teachers" if rl.teachers else "rl.env"
+    try:
+        teachers = load_teachers(rl.teachers or rl.env)
+    except (ValueError, OSError) as e:
+        raise config_lib.ConfigError(f"--config.{key}: teachers: {e}") from None
+    missing = [t.id for t in tasks if not teachers.get(t.id)]
+    if missing:
+        _fail(key, f"{len(missing)} of the {len(tasks)} tasks have no teacher transcript "
+              f"(e.g. {missing[:3]})", rl.teachers or rl.env)
+    return teachers
+
+
 def _round_metrics(episodes: list[dict], mstats: dict, round_index: int, rollout_s: float,
                    logprob_s: float) -> dict[str, Any]:
     n = max(len(episodes), 1)
@@ -588,6 +691,12 @@ def _round_metrics(episodes: list[dict], mstats: dict, round_index: int, rollout
                                       for e in episodes)),
         "episodes": float(len(episodes)),
         "rollout_time_s": rollout_s, "logprob_time_s": logprob_s,
+        **({"outcome_reward": sum(e["outcome_reward"] for e in episodes) / n,
+            "termination_rate": sum("terminated" in e for e in episodes) / n,
+            **({"termination_turn": float(np.mean([e["terminated"]["turn"] for e in episodes
+                                                   if "terminated" in e]))}
+               if any("terminated" in e for e in episodes) else {})}
+           if episodes and "outcome_reward" in episodes[0] else {}),
         "policy_version": float(round_index),
     }
     for k, v in mstats.items():

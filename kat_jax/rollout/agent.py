@@ -133,10 +133,17 @@ def token_budget(max_tokens: int | None, context: int | None) -> int | None:
 
 def run_episode(engine, env, task, tokenizer, sp: SamplingParams, max_turns: int = 8,
                 max_tokens: int | None = None, timeout_s: float | None = None, seed: int = 0,
-                group: Any = None, sample: int = 0) -> dict[str, Any]:
+                group: Any = None, sample: int = 0, turn_check=None,
+                keep_messages: bool = False) -> dict[str, Any]:
     """One episode of `task` in `env` (reset here; closing it is the caller's), its rollout record
     (see the module docstring). max_tokens: the trajectory's token budget, None = the engine's
-    context."""
+    context.
+
+    turn_check(messages) -> str | None: called after every assistant turn that called tools (its
+    results appended); a string stops the episode there (supervision during generation, e.g. RFT's
+    divergence from the teachers): the record gets "terminated": {"turn", "reason"} and the
+    environment grades what was done. keep_messages: the record also holds the conversation
+    ("messages")."""
     start_time = time.monotonic()
     context = getattr(engine, "context_length", None)
     limit = token_budget(max_tokens, context)
@@ -201,6 +208,11 @@ def run_episode(engine, env, task, tokenizer, sp: SamplingParams, max_turns: int
             break
         if getattr(env, "done", False):
             break
+        if turn_check is not None:
+            reason = turn_check(messages)
+            if reason:
+                extra["terminated"] = {"turn": turns, "reason": str(reason)}
+                break
     result = env.evaluate(messages)
     if getattr(result, "status", None) is not None and str(getattr(result.status, "value",
                                                                    result.status)) == "env_error":
@@ -208,6 +220,8 @@ def run_episode(engine, env, task, tokenizer, sp: SamplingParams, max_turns: int
     rid, gid = f"{task.id}#{sample}", group if group is not None else task.id
     tags = [TAG_NAMES.get(t) if t else None for t in ep.tags]
     extra.update(task_id=task.id, turns=turns, tool_calls=n_calls, passed=bool(result.passed))
+    if keep_messages:
+        extra["messages"] = messages
     try:
         return rollout_record(rid, gid, ep.tokens, ep.logprobs, ep.entropies, tags,
                               float(result.reward), status, **extra)

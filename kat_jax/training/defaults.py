@@ -78,8 +78,9 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              prompt is an error. Step metrics: tree_tokens, kept_tokens.
   prune.reach / keep_tags / fuse_tool_results   the pruner's PruneConfig (share | prob; tags
                              kept first, comma-separated; tool results fused with their call)
-  rl.*                       the online loop (rl stage, rl.env set): kat_jax.flow.online says what
-                             each key does; set without rl.env they are errors
+  rl.*                       the online loop (rl or rft stage, rl.env set): kat_jax.flow.online
+                             says what each key does; set without rl.env they are errors (the
+                             teacher keys act on rft only)
   mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
   distributed.*              jax.distributed.initialize arguments (multi-host): initialize,
                              coordinator_address HOST:PORT, num_processes, process_id (-1 / '' =
@@ -120,7 +121,12 @@ PRUNE_DEFAULTS = dict(budget=0, reach="share", keep_tags="tool_call,tool_result,
 RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, group_size=4,
                    minibatches=1, epochs=1, max_turns=4, max_tokens=0, max_new_tokens=64,
                    temperature=1.0, concurrency=8, reference="", dynamic_sampling=False,
-                   max_draws=4, overlong_filter=False)
+                   max_draws=4, overlong_filter=False,
+                   # online rft: teachers ('' = the environment's bundled ones), the relative
+                   # reward's weights, supervision during generation
+                   teachers="", w_outcome=1.0, w_process=0.5, w_answer=0.5,
+                   divergence_threshold=0.0, patience=1, on_terminate="mask",
+                   termination_penalty=-1.0)
 
 # loss.algorithm presets: the loss keys each paper uses (resolve_loss applies them). None of these
 # papers uses a dual clip (Ye et al. 2020), so each turns it off; KL is left as configured except
