@@ -149,7 +149,8 @@ def test_rl_keys_are_errors_offline(tmp_path):
         run_train(cfg, str(tmp_path / "w"))
     cfg = config_lib.load_train_config("configs/sft.py:tiny", ["--config.rl.env=parity",
                                                                 "--config.data.train_files="])
-    with pytest.raises(config_lib.ConfigError, match="rl.env: the online loop is the rl stage"):
+    with pytest.raises(config_lib.ConfigError,
+                       match="rl.env: the online loop trains the rl or rft stage; stage is 'sft'"):
         run_train(cfg, str(tmp_path / "w2"))
 
 
@@ -289,7 +290,7 @@ def test_online_variants_are_valid_configs(variant):
 def test_rounds_without_a_trainable_group_stop_the_run(monkeypatch, tmp_path):
     calls = []
 
-    def nothing(engine, cfg, tasks, tokenizer, position, advantage):
+    def nothing(engine, cfg, tasks, tokenizer, position, advantage, teachers=None):
         calls.append(position.rounds)
         return [], [], {"masked_groups": 2, "draws": 1}
 
