@@ -295,7 +295,7 @@ class TreeBatcher:
         """Per trajectory of one group, the length of the prefix the pruner keeps under
         prune.budget (self._kept, by object id). A budget that cannot hold the group's shared
         prompt would keep nothing of it: an error naming the key."""
-        from kat_jax.trees.pruning import node_arrays, prune_trie
+        from kat_jax.trees.pruning import kept_lengths, prune_group
 
         cfg = self.shape.prune
         trie = build_trie(trajs)
@@ -304,15 +304,8 @@ class TreeBatcher:
             raise ValueError(f"--config.prune.budget={cfg.budget} is below the shared prompt of "
                              f"group {trajs[0].group_id!r} ({int(trie.node_len[roots[0]])} "
                              "tokens): nothing of it could be trained; raise prune.budget")
-        pad = 1 << max(4, (trie.num_nodes - 1).bit_length())  # a few compiled pruner sizes
-        nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results, pad_to=pad)
-        keep = prune_trie(trie, cfg, nodes=nodes)
-        for k, t in enumerate(trajs):
-            n_kept = 0
-            for n in trie.traj_path[k]:
-                if not keep[n]:
-                    break
-                n_kept += int(trie.node_len[n])
+        keep, _ = prune_group(trie, cfg)
+        for t, n_kept in zip(trajs, kept_lengths(trie, keep)):
             self._kept[id(t)] = n_kept
 
     def _keep_mask(self, trie) -> np.ndarray | None:

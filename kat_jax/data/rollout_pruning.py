@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kat_jax.data.records import per_token_array, tag_array
-from kat_jax.trees.pruning import PruneConfig, node_arrays, prune_trie
+from kat_jax.trees.pruning import PruneConfig, kept_lengths, prune_group
 from kat_jax.trees.trajectory import Trajectory
 from kat_jax.trees.trie import build_trie
 
@@ -49,16 +49,8 @@ def prune_groups(trajs: Sequence[Trajectory], groups: Sequence[Hashable], cfg: P
     mass_all = mass_kept = 0.0
     for idx in members.values():
         trie = build_trie([trajs[i] for i in idx])
-        # pad to a power of two: groups of similar size share one compiled pruner
-        pad = 1 << max(4, (trie.num_nodes - 1).bit_length())
-        nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results, pad_to=pad)
-        keep = prune_trie(trie, cfg, nodes=nodes)
-        for local, i in enumerate(idx):
-            n_kept = 0
-            for n in trie.traj_path[local]:
-                if not keep[n]:
-                    break
-                n_kept += int(trie.node_len[n])
+        keep, nodes = prune_group(trie, cfg)
+        for i, n_kept in zip(idx, kept_lengths(trie, keep)):
             kept[i] = n_kept
         mass = (nodes.share * nodes.entropy)[:trie.num_nodes]
         mass_all += float(mass.sum())

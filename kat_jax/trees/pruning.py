@@ -292,3 +292,25 @@ def prune_trie(trie: Trie, cfg: PruneConfig, pad_to: int | None = None,
         raise ValueError(f"{t.name()}: budget {cfg.budget} keeps nothing: the most important root "
                          "group (a root path, with any tool results fused to it) is larger")
     return keep
+
+
+def prune_group(trie: Trie, cfg: PruneConfig) -> tuple[np.ndarray, NodeArrays]:
+    """(keep mask, node arrays) of one group's trie, its nodes padded to a power of two (>= 16) so
+    that groups of similar size share one compiled pruner."""
+    pad = 1 << max(4, (trie.num_nodes - 1).bit_length())
+    nodes = node_arrays(trie, cfg.keep_tags, cfg.fuse_tool_results, pad_to=pad)
+    return prune_trie(trie, cfg, nodes=nodes), nodes
+
+
+def kept_lengths(trie: Trie, keep: np.ndarray) -> list[int]:
+    """Per trajectory of the trie, the tokens of its path kept by `keep` (closed under ancestors:
+    what remains of a trajectory is a prefix)."""
+    out = []
+    for path in trie.traj_path:
+        n_kept = 0
+        for n in path:
+            if not keep[n]:
+                break
+            n_kept += int(trie.node_len[n])
+        out.append(n_kept)
+    return out
