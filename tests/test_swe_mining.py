@@ -1,0 +1,175 @@
+"""SWE task mining (kat_jax.envs.swe_mining, swe_mutations, `kat-jax swe mine`) on small git
+repositories built here: which commits become instances, with exactly which FAIL_TO_PASS /
+PASS_TO_PASS lists; mined and synthesised instances grade gold 1, empty 0 through `env check`;
+bad input fails cleanly with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from kat_jax.envs import swe_mining as sm
+from kat_jax.envs import swe_mutations as mu
+from kat_jax.envs.check import check
+from kat_jax.envs.swe import load_tasks
+
+CORE = '''\
+def add(a, b):
+    return a + b
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def clamp(x, lo, hi):
+    if x < lo:
+        return lo
+    if x > hi:
+        return hi
+    return x
+'''
+
+TEST_CORE = '''\
+from calc.core import add, clamp
+
+
+def test_add():
+    assert add(2, 3) == 5
+
+
+def test_clamp():
+    assert clamp(5, 0, 3) == 3
+    assert clamp(-1, 0, 3) == 0
+    assert clamp(2, 0, 3) == 2
+'''
+
+FLAKY = '''\
+import os
+
+
+def test_sometimes():
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "kat_flaky_state")
+    n = int(open(path).read()) if os.path.exists(path) else 0
+    with open(path, "w") as f:
+        f.write(str(n + 1))
+    assert n % 2 == 0
+'''
+
+TEST_MEAN = '''\
+from calc.core import mean
+
+
+def test_mean_values():
+    assert mean([1, 2, 3]) == 2
+
+
+def test_mean_empty():
+    assert mean([]) == 0.0
+'''
+
+TEST_SUB = '''\
+from calc.core import sub
+
+
+def test_sub():
+    assert sub(5, 3) == 2
+'''
+
+FIX_MSG = ("Fix mean of an empty list\n\nmean([]) raised ZeroDivisionError; the mean of no values "
+           "is documented to be 0.0.")
+
+
+def _git(repo, *args):
+    env = {**os.environ, "GIT_AUTHOR_DATE": "2024-01-01T00:00:00Z",
+           "GIT_COMMITTER_DATE": "2024-01-01T00:00:00Z", "GIT_CONFIG_NOSYSTEM": "1"}
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo),
+                           *args], check=True, capture_output=True, text=True, env=env).stdout
+
+
+def _commit(repo, message, files):
+    for path, text in files.items():
+        full = repo / path
+        full.parent.mkdir(parents=True, exist_ok=True)
+        full.write_text(text)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", message)
+    return _git(repo, "rev-parse", "HEAD").strip()
+
+
+def make_history(root):
+    """calc: 1 root; 2 a flaky test (tests only); 3 a fix with its test (the instance); 4 a refactor
+    without tests; 5 a new function whose change breaks test_add; 6 a fix whose message is too
+    short; 7 a fix whose message quotes the fix. Returns {step: commit}."""
+    repo = root / "calc"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    c = {1: _commit(repo, "Initial calc package", {
+        "calc/__init__.py": "", "calc/core.py": CORE, "tests/__init__.py": "",
+        "tests/test_core.py": TEST_CORE, "README.md": "calc\n"})}
+    c[2] = _commit(repo, "Add a test that depends on the run count", {"tests/test_flaky.py": FLAKY})
+    fixed = CORE.replace("    return sum(xs) / len(xs)",
+                         "    if not xs:\n        return 0.0\n    return sum(xs) / len(xs)")
+    c[3] = _commit(repo, FIX_MSG, {"calc/core.py": fixed, "tests/test_mean.py": TEST_MEAN})
+    refactored = fixed.replace("    if x < lo:\n        return lo\n    if x > hi:\n        return hi\n"
+                               "    return x\n", "    return max(lo, min(x, hi))\n")
+    c[4] = _commit(repo, "Refactor clamp into one expression, no behaviour change",
+                   {"calc/core.py": refactored})
+    broken = refactored.replace("    return a + b\n", "    return a + b + 1\n") + \
+        "\n\ndef sub(a, b):\n    return a - b\n"
+    c[5] = _commit(repo, "Add sub, and change add while at it (this breaks the add test)",
+                   {"calc/core.py": broken, "tests/test_sub.py": TEST_SUB})
+    repaired = broken.replace("    return a + b + 1\n", "    return a + b\n")
+    c[6] = _commit(repo, "fix add", {"calc/core.py": repaired,
+                                     "tests/test_core.py": TEST_CORE + "\n\ndef test_add_zero():\n"
+                                     "    assert add(0, 0) == 0\n"})
+    return repo, c
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    return make_history(tmp_path_factory.mktemp("hist"))
+
+
+@pytest.fixture(scope="module")
+def mined(history, tmp_path_factory):
+    repo, commits = history
+    out = tmp_path_factory.mktemp("out") / "tasks.jsonl"
+    res = sm.mine(str(repo), str(out), opts=sm.MineOptions(verify=False, workers=2))
+    return out, res, commits
+
+
+def test_mining_keeps_exactly_the_fix_with_its_test(mined):
+    out, res, c = mined
+    assert [i["mined"]["commit"] for i in res.instances] == [c[3]]
+    inst = json.loads(out.read_text().splitlines()[0])
+    assert inst["FAIL_TO_PASS"] == ["tests/test_mean.py::test_mean_empty"]
+    assert inst["PASS_TO_PASS"] == ["tests/test_core.py::test_add", "tests/test_core.py::test_clamp",
+                                    "tests/test_mean.py::test_mean_values"]
+    assert inst["mined"]["flaky"] == ["tests/test_flaky.py::test_sometimes"]
+    assert inst["problem_statement"] == FIX_MSG
+    assert "calc/core.py" in inst["patch"] and "tests/" not in inst["patch"]
+    assert "tests/test_mean.py" in inst["test_patch"] and "calc/core.py" not in inst["test_patch"]
+    assert inst["repo_path"] == "tasks.repos/" + inst["instance_id"]
+    tree = out.parent / inst["repo_path"]
+    assert not (tree / ".git").exists() and not (tree / "tests" / "test_mean.py").exists()
+
+
+def test_mining_counts_each_rejected_commit_under_its_filter(mined):
+    _, res, c = mined
+    why = {cid: reason for cid, reason, _ in res.skipped}
+    ids = {n: f"local__calc-{c[n][:10]}" for n in c}
+    assert why == {ids[2]: "no_source_change", ids[4]: "no_test_change",
+                   ids[5]: "gold_breaks_tests", ids[6]: "statement_too_short"}
+    detail = {cid: d for cid, _, d in res.skipped}
+    assert detail[ids[5]] == "tests/test_core.py::test_add"
+    assert res.stats["candidates"] == 5 and res.stats["kept"] == 1
+
+
+def test_mined_instances_grade_gold_one_empty_zero_in_env_check(mined):
+    out, _, _ = mined
+    rows = check("swe", str(out), workers=1)
+    assert [(r["gold"], r["empty"], r["ok"]) for r in rows] == [(1.0, 0.0, True)], rows
