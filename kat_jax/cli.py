@@ -9,6 +9,7 @@
     kat-jax eval       pass@k of a checkpoint on an environment's test tasks (E.json + E.md)
     kat-jax serve      the built-in sampler as an OpenAI-compatible /v1/completions endpoint
     kat-jax env check  every bundled (or given) environment task scores 1 with its gold answer, 0 without
+    kat-jax swe mine   a repository's history -> verified SWE-bench-format tasks (gold 1, empty 0)
     kat-jax plot       PNG plots of a run's metrics (WORKDIR/plots/<metric>.png)
     kat-jax presets    list the model presets
     kat-jax compile-check  compile a train step for a Cloud TPU topology from this host (libtpu)
@@ -37,11 +38,12 @@ from kat_jax.commands import (
     rollout,
     score,
     serve,
+    swe,
     train,
 )
 
-COMMANDS = (train, score, import_hf, export_hf, prune, rollout, eval, serve, env, compile_check,
-            plot, presets)
+COMMANDS = (train, score, import_hf, export_hf, prune, rollout, eval, serve, env, swe,
+            compile_check, plot, presets)
 
 
 def build_parser() -> argparse.ArgumentParser:

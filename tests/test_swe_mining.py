@@ -173,3 +173,45 @@ def test_mined_instances_grade_gold_one_empty_zero_in_env_check(mined):
     out, _, _ = mined
     rows = check("swe", str(out), workers=1)
     assert [(r["gold"], r["empty"], r["ok"]) for r in rows] == [(1.0, 0.0, True)], rows
+
+
+def test_mutations_edit_only_the_operator_literal_or_statement():
+    src = ("def f(xs, n):\n    if not xs:\n        return 0\n    total = xs[0] + n\n"
+           "    return total if total < 10 and n else -1\n")
+    sites = mu.mutation_sites(src, "m.py")
+    got = {(m.kind, mu.apply_mutation(src, m)) for m in sites}
+    line4, line5 = "    total = xs[0] + n\n", "    return total if total < 10 and n else -1\n"
+    head = "def f(xs, n):\n    if not xs:\n        return 0\n"
+    assert got == {
+        ("remove_condition", "def f(xs, n):\n" + line4 + line5),
+        ("off_by_one", head + "    total = xs[1] + n\n" + line5),
+        ("binop_swap", head + "    total = xs[0] - n\n" + line5),
+        ("boolop_swap", head + line4 + "    return total if total < 10 or n else -1\n"),
+        ("compare_swap", head + line4 + "    return total if total <= 10 and n else -1\n"),
+        ("off_by_one", head + line4 + "    return total if total < 11 and n else -1\n"),
+    }
+    assert mu.mutation_sites(src, "m.py", covered={("g", 1)}) == []
+
+
+def test_synthesised_bugs_grade_gold_one_empty_zero(history, tmp_path):
+    from kat_jax import cli
+
+    repo, _ = history
+    out = tmp_path / "synth.jsonl"
+    stats = tmp_path / "stats.json"
+    code = cli.main(["swe", "mine", "--repo", str(repo), "--output", str(out), "--since", "HEAD",
+                     "--synthesize", "2", "--no-verify", "--stats", str(stats)])
+    assert code == 0
+    insts = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(insts) == 2
+    for inst in insts:
+        assert inst["mined"]["from"] == "mutation" and inst["test_patch"] == ""
+        assert inst["FAIL_TO_PASS"] and "tests/test_flaky.py::test_sometimes" not in \
+            inst["FAIL_TO_PASS"] + inst["PASS_TO_PASS"]
+        assert inst["FAIL_TO_PASS"][0] in inst["problem_statement"]
+        # the tree holds the bug; the gold patch puts the original calc/core.py back
+        tree = out.parent / inst["repo_path"]
+        assert (tree / "calc" / "core.py").read_text() != (repo / "calc" / "core.py").read_text()
+    assert json.loads(stats.read_text())["stats"]["synth_kept"] == 2
+    rows = check("swe", str(out), workers=2)
+    assert [(r["gold"], r["empty"], r["ok"]) for r in rows] == [(1.0, 0.0, True)] * 2, rows
