@@ -8,6 +8,10 @@ Concurrent requests are batched: continuously by the built-in JaxEngine (its pre
 prompts across requests), merged per round by BatchingEngine for other engines.
 Binds to 127.0.0.1 by default.
 Bad requests get HTTP 400 with a message naming the field.
+
+routes: more endpoints, each an object with handle(method, path, headers, body: bytes) ->
+(HTTP code, JSON object) or None (not its path), asked in order before the built-in ones (the
+chat proxy of kat_jax.flow.proxy mounts /v1/chat/completions and the session routes this way).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def _params(body: dict) -> tuple[list[list[int]], SamplingParams, int]:
 
 
 def make_server(engine, host: str = "127.0.0.1", port: int = 0, model_name: str = "kat_jax",
-                tokenizer=None) -> ThreadingHTTPServer:
+                tokenizer=None, routes=()) -> ThreadingHTTPServer:
     batching = engine if getattr(engine, "continuous_batching", False) or isinstance(
         engine, BatchingEngine) else BatchingEngine(engine)
 
@@ -62,18 +66,35 @@ def make_server(engine, host: str = "127.0.0.1", port: int = 0, model_name: str 
             self.end_headers()
             self.wfile.write(data)
 
+        def _route(self, method: str, body: bytes = b"") -> bool:
+            for route in routes:
+                try:
+                    answer = route.handle(method, self.path, self.headers, body)
+                except Exception as e:  # noqa: BLE001 - the client gets the error, the server lives
+                    answer = 500, {"error": {"message": f"{type(e).__name__}: {e}",
+                                             "type": "server_error"}}
+                if answer is not None:
+                    self._send(*answer)
+                    return True
+            return False
+
         def do_GET(self):
+            if self._route("GET"):
+                return
             if self.path.rstrip("/") == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model"}]})
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
 
         def do_POST(self):
+            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self._route("POST", raw):
+                return
             if self.path.rstrip("/") != "/v1/completions":
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                body = json.loads(raw)
                 prompts, sp, n = _params(body)
                 out = batching.generate(prompts, sp, n=n, seeds=[sp.seed] * len(prompts))
             except (ValueError, json.JSONDecodeError) as e:
