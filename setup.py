@@ -49,6 +49,9 @@ setup(
             "gcp-storage-emulator>=2024.8.3",
             # the docker sandbox backend against a real engine (tests/test_envs_docker_engine.py)
             "docker>=7.0",
+            # a scripted external agent against kat-jax serve's chat proxy
+            # (tests/test_openai_proxy.py)
+            "openai>=1.40",
         ],
         # gs:// workdirs, data and checkpoints (etils.epath's Cloud Storage backend)
         "gcs": ["gcsfs>=2024.6.0"],
