@@ -14,7 +14,6 @@ import pytest
 from kat_jax.envs import swe_mining as sm
 from kat_jax.envs import swe_mutations as mu
 from kat_jax.envs.check import check
-from kat_jax.envs.swe import load_tasks
 
 CORE = '''\
 def add(a, b):
@@ -169,10 +168,13 @@ def test_mining_counts_each_rejected_commit_under_its_filter(mined):
     assert res.stats["candidates"] == 5 and res.stats["kept"] == 1
 
 
-def test_mined_instances_grade_gold_one_empty_zero_in_env_check(mined):
-    out, _, _ = mined
-    rows = check("swe", str(out), workers=1)
-    assert [(r["gold"], r["empty"], r["ok"]) for r in rows] == [(1.0, 0.0, True)], rows
+def test_mined_instances_grade_gold_one_empty_zero_in_env_check(mined, capsys):
+    from kat_jax import cli
+
+    out, res, _ = mined
+    assert cli.main(["env", "check", "--env", "swe", "--tasks", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert res.instances[0]["instance_id"] in table and "1 tasks, 0 broken" in table
 
 
 def test_mutations_edit_only_the_operator_literal_or_statement():
@@ -215,3 +217,114 @@ def test_synthesised_bugs_grade_gold_one_empty_zero(history, tmp_path):
     assert json.loads(stats.read_text())["stats"]["synth_kept"] == 2
     rows = check("swe", str(out), workers=2)
     assert [(r["gold"], r["empty"], r["ok"]) for r in rows] == [(1.0, 0.0, True)] * 2, rows
+
+
+def test_prs_file_gives_issue_statements_and_counts_missing_merge_commits(history, tmp_path):
+    repo, c = history
+    prs = tmp_path / "prs.jsonl"
+    issue = {"title": "mean() of an empty list crashes",
+             "body": "Calling mean([]) raises ZeroDivisionError instead of returning 0.0."}
+    prs.write_text(json.dumps({"number": 7, "merge_commit": c[3], "title": "Fix mean", "body": "",
+                               "issue": issue, "labels": ["bug"], "stars": 10}) + "\n"
+                   + json.dumps({"number": 8, "merge_commit": "f" * 40, "stars": 10}) + "\n"
+                   + json.dumps({"number": 9, "merge_commit": c[4], "stars": 0}) + "\n")
+    res = sm.mine(str(repo), str(tmp_path / "t.jsonl"), prs=str(prs),
+                  opts=sm.MineOptions(verify=False, min_stars=5))
+    (inst,) = res.instances
+    assert inst["instance_id"] == "local__calc-7"
+    assert inst["problem_statement"] == issue["title"] + "\n\n" + issue["body"]
+    assert inst["FAIL_TO_PASS"] == ["tests/test_mean.py::test_mean_empty"]
+    assert inst["mined"]["pr"] == {"number": 7, "labels": ["bug"], "stars": 10}
+    assert [(i, r) for i, r, _ in res.skipped] == [("local__calc-8", "bad_revision")]
+    assert res.stats["candidates"] == 2     # PR 9 is below --min-stars
+
+
+def test_bad_repository_and_revision_are_clear_errors_with_nothing_written(history, tmp_path,
+                                                                            capsys):
+    from kat_jax import cli
+
+    repo, _ = history
+    out = tmp_path / "t.jsonl"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert cli.main(["swe", "mine", "--repo", str(plain), "--output", str(out)]) == 1
+    assert "not a git repository" in capsys.readouterr().err
+    assert cli.main(["swe", "mine", "--repo", str(repo), "--output", str(out),
+                     "--since", "no-such-tag"]) == 1
+    assert "revision 'no-such-tag' does not exist" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["plain"]
+
+
+def test_failing_setup_is_a_counted_skip(history, tmp_path):
+    repo, _ = history
+    res = sm.mine(str(repo), str(tmp_path / "t.jsonl"), max_candidates=3,
+                  opts=sm.MineOptions(spec={"install": "exit 3"}, verify=False))
+    assert res.instances == [] and res.stats["setup_failed"] == 1
+    (row,) = [r for r in res.skipped if r[1] == "setup_failed"]
+    assert "setup command 'exit 3' failed" in row[2]
+    assert sorted(os.listdir(tmp_path)) == ["t.jsonl", "t.repos"]
+    assert (tmp_path / "t.jsonl").read_text() == "" and os.listdir(tmp_path / "t.repos") == []
+
+
+def test_interrupted_mining_leaves_the_earlier_output_untouched(history, tmp_path, monkeypatch):
+    repo, _ = history
+    out = tmp_path / "t.jsonl"
+    out.write_text("earlier\n")
+
+    def stop(inst, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sm, "_start", stop)
+    with pytest.raises(KeyboardInterrupt):
+        sm.mine(str(repo), str(out), opts=sm.MineOptions(verify=False, workers=2))
+    assert sorted(os.listdir(tmp_path)) == ["t.jsonl"] and out.read_text() == "earlier\n"
+
+
+def test_classify_rules():
+    def run(**res):
+        return {"results": {k.replace("__", "::"): v for k, v in res.items()},
+                "collect_errors": []}
+
+    before = [run(new__a="failed", new__b="passed", old__c="passed", old__d="passed",
+                  old__e="failed", old__f="passed"),
+              run(new__a="failed", new__b="passed", old__c="passed", old__d="passed",
+                  old__e="failed", old__f="failed")]
+    after = [run(new__a="passed", new__b="passed", old__c="passed", old__d="failed",
+                 old__e="passed", old__f="passed")] * 2
+    after_ = [dict(r, results={**r["results"], "new::g": "passed"}) for r in after]
+    before_ = [dict(r, collect_errors=["new"]) for r in before]
+    s = sm.classify(before_, after_, ["new"])
+    assert (s.f2p, s.p2p, s.flaky, s.broken) == (["new::a", "new::g"], ["new::b", "old::c"],
+                                                 ["old::f"], ["old::d"])
+
+
+def test_pip_packages_go_into_one_cached_venv_that_setup_and_tests_use(history, tmp_path):
+    import shutil
+    import tempfile
+    import zipfile
+
+    repo, c = history
+    cache = tempfile.mkdtemp(prefix="kat-venv-test-")     # readable by the sandbox's own uid
+    os.chmod(cache, 0o755)
+    try:
+        whl = os.path.join(cache, "tinydep-0.1-py3-none-any.whl")
+        with zipfile.ZipFile(whl, "w") as z:
+            z.writestr("tinydep.py", "VALUE = 41\n")
+            z.writestr("tinydep-0.1.dist-info/METADATA",
+                       "Metadata-Version: 2.1\nName: tinydep\nVersion: 0.1\n")
+            z.writestr("tinydep-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: t\n"
+                       "Root-Is-Purelib: true\nTag: py3-none-any\n")
+            z.writestr("tinydep-0.1.dist-info/RECORD", "")
+        spec = {"pip_packages": ["--no-index", whl],
+                "setup_cmds": "python -c 'import tinydep' > /dev/null"}
+        opts = sm.MineOptions(spec=spec, verify=False, cache_dir=os.path.join(cache, "envs"))
+        res = sm.mine(str(repo), str(tmp_path / "t.jsonl"), since=c[2], until=c[3], opts=opts)
+        (inst,) = res.instances
+        venv = os.path.join(cache, "envs", f"venv-{sm.env_key(spec, 'local')}")
+        assert inst["python"] == os.path.join(venv, "bin", "python") and "pip_packages" not in inst
+        assert inst["FAIL_TO_PASS"] == ["tests/test_mean.py::test_mean_empty"]
+        assert inst["setup_cmds"][0].endswith("&& python -c 'import tinydep' > /dev/null")
+        assert os.listdir(os.path.join(cache, "envs")) == [os.path.basename(venv)]
+        assert sm.ensure_venv(spec, os.path.join(cache, "envs"), run=None) == inst["python"]
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)

@@ -39,7 +39,8 @@ Environment (``spec``: the setup keys of a SWE-bench harness spec, swe.SPEC_KEYS
 ``test_cmd``): its setup commands run in every sandbox and are recorded in each instance, so the
 environment rebuilds the same sandbox. ``pip_packages`` are installed once per spec, outside the
 sandboxes (which have no network): local backend: a virtual environment in ``cache_dir``
-(``venv-<key>``, key = hash of the spec's environment keys), the instances' ``python``; docker
+(``venv-<key>``, key = hash of the spec's environment keys), the instances' ``python``, its
+``bin`` first on the PATH of their setup and test commands (prefixed ``export PATH=...``); docker
 backend: an image ``kat-jax-swe-env:<key>`` built on the sandbox image (base -> environment layers;
 the instance layer is the repository copied in when the sandbox starts), passed as the sandbox
 image (env check: ``--sandbox-image``). The docker path is not exercised by the tests.
@@ -469,6 +470,12 @@ def prepare_environment(opts: MineOptions) -> tuple[dict[str, Any], dict[str, An
     if spec.get("pip_packages"):
         if opts.backend == "local":
             spec["python"] = ensure_venv(spec, opts.cache_dir or default_cache_dir())
+            path = f"export PATH={shlex.quote(os.path.dirname(spec['python']))}:\"$PATH\""
+            for k in ("pre_install", "install", "setup_cmds", "eval_commands"):
+                cmds = spec.get(k) or []
+                cmds = [cmds] if isinstance(cmds, str) else cmds
+                spec[k] = [f"{path} && {c}" for c in cmds] if k != "eval_commands" \
+                    else [path, *cmds]
         elif opts.backend == "docker":
             kwargs["image"] = ensure_docker_env_image(spec, kwargs.get("image"))
         spec.pop("pip_packages")
@@ -750,7 +757,8 @@ def mine(repo: str, output: str, since: str | None = None, until: str = "HEAD",
     instances = []
     with _trees_dir(output) as trees:
         ctx = _Ctx(repo, repo_name, opts, spec, kwargs, key, trees)
-        with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as ex:
+        ex = ThreadPoolExecutor(max_workers=max(1, opts.workers))
+        try:
             for change, (inst, reason, detail) in zip(changes, ex.map(
                     lambda c: mine_change(c, ctx), changes)):
                 stats["candidates"] += 1
@@ -762,6 +770,8 @@ def mine(repo: str, output: str, since: str | None = None, until: str = "HEAD",
                     skipped.append((change.instance_id, reason, detail))
                 if progress:
                     progress(f"{change.instance_id}: {reason}")
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)      # an error stops what has not started
         if synthesize:
             instances += synthesize_instances(ctx, until_sha, synthesize, seed, stats, skipped,
                                               progress)
