@@ -31,8 +31,9 @@ CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2 + 3"}
 
 
 class ScriptableEngine:
-    """The tiny model, except that a queued text answers the next call (fake log-probs -0.25,
-    entropies 0.5). Every call's prompt and generations are logged."""
+    """The tiny model, except that a queued text (or list of n texts) answers the next call
+    (fake log-probs -0.25, entropies 0.5). Every call's prompt and generations are logged. The
+    model itself is sampled once per test file run (a compile per new shape: CI time)."""
 
     continuous_batching = True  # the JaxEngine behind it batches concurrent calls itself
 
@@ -49,10 +50,12 @@ class ScriptableEngine:
             text = self.script.pop(0) if self.script else None
         if text is None:
             out = self.engine.generate(prompts, params, n, seeds)
-        else:
-            ids = TOK.encode(text)
-            out = [[Generation(ids, [-0.25] * len(ids), [0.5] * len(ids), "stop")] * n
-                   for _ in prompts]
+        else:  # a text, or a list of n texts (the n samples)
+            texts = [text] * n if isinstance(text, str) else text
+            gens = [Generation(ids, [-0.25] * len(ids), [0.5] * len(ids),
+                               "stop" if ids[-1] == TOK.special("<|im_end|>") else "length")
+                    for ids in map(TOK.encode, texts)]
+            out = [gens for _ in prompts]
         with self._lock:
             self.log.append((prompts[0], params, out[0]))
         return out
@@ -71,13 +74,25 @@ class Replay:
 
 @pytest.fixture(scope="module")
 def engine():
+    """The tiny preset with random weights drawn by numpy (an eager or jitted flax init takes
+    10-20 s on 2 busy cores; this takes one)."""
+    import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from kat_jax.models.config import get_preset
-    from kat_jax.models.decoder import Decoder
+    from kat_jax.models.decoder import abstract_model
     from kat_jax.rollout.sampler import EngineConfig, JaxEngine
 
-    model = nnx.jit(lambda: Decoder(get_preset("tiny"), nnx.Rngs(params=4)))()  # one compile
+    graphdef, state = nnx.split(abstract_model(get_preset("tiny")))
+    rng = np.random.default_rng(4)
+
+    def draw(path, x):
+        if any("norm" in str(getattr(p, "key", p)) for p in path):
+            return jnp.ones(x.shape, x.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.05, x.shape), x.dtype)
+
+    model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
     return ScriptableEngine(JaxEngine(model, EngineConfig(max_batch=4, cache_tokens=8192)))
 
 
@@ -191,10 +206,12 @@ def test_follow_up_turns_continue_the_sampled_ids_and_a_rewritten_context_branch
     before = dict(proxy.manager.stats)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     # the session id in the "user" field; two samples of the first turn (n=2)
+    engine.script += [["Hello!<|im_end|>", "Hey"], "Sure.<|im_end|>", "Again?<|im_end|>"]
     r1 = client.chat.completions.create(model="kat_jax", messages=msgs, max_tokens=4, n=2,
                                         seed=7, user="ep-u", temperature=0.8, top_p=0.9,
                                         extra_body={"return_token_ids": True})
-    assert len(r1.choices) == 2 and _ids(r1.choices[0]) != _ids(r1.choices[1])
+    assert [c.message.content for c in r1.choices] == ["Hello!", "Hey"]
+    assert [c.finish_reason for c in r1.choices] == ["stop", "length"]
     assert r1.usage.completion_tokens == sum(len(_ids(c)) for c in r1.choices)
     prompt = TOK.encode("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                         "<|im_start|>assistant\n")
