@@ -66,6 +66,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -596,8 +597,10 @@ def synthesize_instances(ctx: _Ctx, rev: str, k: int, seed: int, stats: Counter,
             skipped.append((base["instance_id"], "setup_failed", str(e)))
             return []
         try:
+            t0 = time.monotonic()
             out = run_plan(sb, base, [{"op": "run", "label": "clean", "repeat": opts.runs,
                                        "profile": True}], {}, opts.test_timeout)
+            per_run = (time.monotonic() - t0) / opts.runs
             passing, flaky = _stable(out["runs"]["clean"])
             covered: dict[str, set[tuple[str, int]]] = {}
             for r in out["runs"]["clean"]:
@@ -629,11 +632,15 @@ def synthesize_instances(ctx: _Ctx, rev: str, k: int, seed: int, stats: Counter,
                              {"op": "write", "path": m.path, "from": f"o{j}.py"}]
                     batch.append((j, m, text))
                 stats["synth_tried"] += len(batch)
+                # a mutation may loop forever: a batch gets 60 s + 10x a clean run per mutation
+                timeout = min(opts.test_timeout, 60 + 10 * per_run * len(batch))
                 try:
-                    res = run_plan(sb, base, plan, files, opts.test_timeout)
+                    res = run_plan(sb, base, plan, files, timeout)
                 except SandboxError as e:
                     stats["synth_run_failed"] += len(batch)
                     skipped.append((base["instance_id"], "run_failed", str(e)))
+                    for j, m, _ in batch:         # the runner may have stopped mid-mutation
+                        sb.write_file(m.path, files[f"o{j}.py"].encode())
                     continue
                 for j, m, text in batch:
                     run = res["runs"][f"m{j}"][0]
@@ -691,9 +698,10 @@ def _repos_dir(output: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(output)), stem + ".repos")
 
 
-def write_output(output: str, instances: list[dict[str, Any]], trees: str) -> None:
+def write_output(output: str, instances: list[dict[str, Any]], trees: str) -> list[dict[str, Any]]:
     """Moves the base trees into place beside ``output`` and writes the JSONL (``repo_path``
-    relative to it); an earlier output of the same name is replaced only once this one is whole."""
+    relative to it); an earlier output of the same name is replaced only once this one is whole.
+    Returns the instances with ``repo_path`` the trees' final absolute paths."""
     final = _repos_dir(output)
     rel = os.path.basename(final)
     lines = []
@@ -716,6 +724,8 @@ def write_output(output: str, instances: list[dict[str, Any]], trees: str) -> No
         raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
+    return [{**inst, "repo_path": os.path.join(final, os.path.basename(inst["repo_path"]))}
+            for inst in instances]
 
 
 @contextlib.contextmanager
@@ -775,7 +785,7 @@ def mine(repo: str, output: str, since: str | None = None, until: str = "HEAD",
         if synthesize:
             instances += synthesize_instances(ctx, until_sha, synthesize, seed, stats, skipped,
                                               progress)
-        write_output(output, instances, trees)
+        instances = write_output(output, instances, trees)
         os.makedirs(trees)          # _trees_dir removes it again
     return MineResult(instances, stats, skipped)
 
