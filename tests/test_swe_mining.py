@@ -252,7 +252,12 @@ def test_bad_repository_and_revision_are_clear_errors_with_nothing_written(histo
     assert cli.main(["swe", "mine", "--repo", str(repo), "--output", str(out),
                      "--since", "no-such-tag"]) == 1
     assert "revision 'no-such-tag' does not exist" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["plain"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"test_cmd": "pytest {test}"}))
+    assert cli.main(["swe", "mine", "--repo", str(repo), "--output", str(out),
+                     "--spec", str(spec)]) == 1
+    assert "`test_cmd` is not supported by mining" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["plain", "spec.json"]
 
 
 def test_failing_setup_is_a_counted_skip(history, tmp_path):

@@ -1,6 +1,7 @@
 """SWE task mining: a git repository's history (or its pull requests) -> verified SWE-bench instances.
 
-    stats = mine("path/to/repo", "tasks.jsonl", since="v1.0")     # or: kat-jax swe mine ...
+    res = mine("path/to/repo", "tasks.jsonl", since="v1.0")   # or: kat-jax swe mine ...
+    res.instances, res.stats                                   # what was kept, counts per filter
 
 Candidates are the first-parent commits of ``since..until`` (or, with a PRs file, the merge commits
 it names). A candidate must touch at least one test path and one source path; its diff against its
@@ -14,7 +15,8 @@ of them (default DEFAULT_TEST_GLOBS: anything under a ``tests``/``test``/``testi
 Each candidate's base tree (its parent commit, exported without history so the agent cannot read
 the fix from ``git log``) runs in a sandbox (local or docker backend) with the spec's setup; the
 runner kat_jax.envs.swe_mine_runner runs the whole suite ``runs`` times at base + test patch, then
-applies the gold patch and runs it ``runs`` times again. A test is:
+applies the gold patch and runs it ``runs`` times again (pytest: the sandbox's own or the read-only
+copy the grader also uses; the runs of one state share one interpreter). A test is:
 
 - **flaky** (excluded, counted) when its outcome differs between runs of the same state;
 - **FAIL_TO_PASS** when it lies in a file of the test patch, fails or errors (its file may fail to
@@ -43,7 +45,8 @@ sandboxes (which have no network): local backend: a virtual environment in ``cac
 ``bin`` first on the PATH of their setup and test commands (prefixed ``export PATH=...``); docker
 backend: an image ``kat-jax-swe-env:<key>`` built on the sandbox image (base -> environment layers;
 the instance layer is the repository copied in when the sandbox starts), passed as the sandbox
-image (env check: ``--sandbox-image``). The docker path is not exercised by the tests.
+image (recorded as ``mined.sandbox_image``; env check: ``--sandbox-image``). The docker path is
+not exercised by the tests.
 
 Output: the JSONL and, beside it, ``<output name>.repos/<instance_id>/``: each instance's base tree
 (``repo_path``, relative to the JSONL). ``base_commit`` is that tree's baseline commit (what the
@@ -495,6 +498,13 @@ class _Ctx:
     trees: str        # where the instances' base trees are written
 
 
+def _env_meta(ctx: _Ctx) -> dict[str, Any]:
+    """``env_key``, and with the docker backend ``sandbox_image``: the image `env check` needs
+    (``--sandbox-image``) for instances without their own."""
+    image = ctx.sandbox_kwargs.get("image") if ctx.opts.backend == "docker" else None
+    return {"env_key": ctx.key, **({"sandbox_image": image} if image else {})}
+
+
 def _verify(inst: dict[str, Any], ctx: _Ctx) -> str:
     gold, empty = check_task(task_from_instance(inst), ctx.opts.backend, ctx.sandbox_kwargs)
     return broken_reason(gold, empty)
@@ -544,7 +554,7 @@ def mine_change(change: Change, ctx: _Ctx) -> tuple[dict[str, Any] | None, str, 
         inst.update(FAIL_TO_PASS=s.f2p, PASS_TO_PASS=s.p2p)
         inst["mined"] = {"from": "pr" if change.meta.get("pr") else "commit",
                          "commit": change.commit, "parent": change.parent, "runs": opts.runs,
-                         "flaky": s.flaky, "flags": flags, "env_key": ctx.key, **change.meta}
+                         "flaky": s.flaky, "flags": flags, **_env_meta(ctx), **change.meta}
         if s.broken:
             reason, detail = "gold_breaks_tests", ", ".join(s.broken)
         elif not s.f2p:
@@ -684,7 +694,7 @@ def _mutation_instance(ctx: _Ctx, clean: str, m: Mutation, text: str, f2p: list[
             "FAIL_TO_PASS": f2p, "PASS_TO_PASS": p2p, "repo_path": tree, **ctx.spec,
             "mined": {"from": "mutation", "commit": rev, "mutation": m.description,
                       "kind": m.kind, "runs": ctx.opts.runs, "flaky": flaky, "flags": [],
-                      "env_key": ctx.key}}
+                      **_env_meta(ctx)}}
     if ctx.opts.verify and _verify(inst, ctx):
         shutil.rmtree(tree, ignore_errors=True)
         return None
