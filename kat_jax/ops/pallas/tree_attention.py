@@ -40,6 +40,8 @@ class _Static:
     bs: int
     scale: float
     interpret: bool
+    gpu_tiles: object = None       # kat_jax.ops.pallas.gpu.GpuTiles, None: choose_tiles
+    max_pairs: int | None = None   # TPU: static bound on live block pairs per row
 
 
 def _module(backend: str):
@@ -55,16 +57,21 @@ def _attention(st: _Static, q, k, v, end, sched):
     return _attention_fwd(st, q, k, v, end, sched)[0]
 
 
+def _options(st: _Static) -> dict:
+    return {"tiles": st.gpu_tiles} if st.backend == "gpu" else {}
+
+
 def _attention_fwd(st: _Static, q, k, v, end, sched):
     out, lse = _module(st.backend).forward(q, k, v, end, sched, bs=st.bs, scale=st.scale,
-                                           interpret=st.interpret)
+                                           interpret=st.interpret, **_options(st))
     return out, (q, k, v, end, sched, out, lse)
 
 
 def _attention_bwd(st: _Static, res, dout):
     q, k, v, end, sched, out, lse = res
     dq, dk, dv = _module(st.backend).backward(q, k, v, end, sched, out, lse, dout, bs=st.bs,
-                                              scale=st.scale, interpret=st.interpret)
+                                              scale=st.scale, interpret=st.interpret,
+                                              **_options(st))
     return dq, dk, dv, None, None
 
 
@@ -95,12 +102,14 @@ def _block_size(backend: str, block_size: int, t: int) -> int:
 def pallas_tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Array, *,
                           scale: float | None = None, schedule: dict | None = None,
                           block_size: int = 128, backend: str | None = None,
-                          interpret: bool | None = None) -> jax.Array:
+                          interpret: bool | None = None, gpu_tiles=None) -> jax.Array:
     """Tree attention by the Pallas kernels (see module docstring). Jittable, differentiable.
 
     backend: 'gpu' (Triton) or 'tpu' (Mosaic); default from the platform (CPU: 'gpu').
     interpret: run the kernels interpreted on CPU (default: True on CPU only; the TPU lowering
-    then uses the TPU interpret mode, pltpu.InterpretParams)."""
+    then uses the TPU interpret mode, pltpu.InterpretParams).
+    gpu_tiles: a kat_jax.ops.pallas.gpu.GpuTiles (default: gpu.choose_tiles from head_dim, dtype
+    and the block size)."""
     if backend is None:
         backend, auto_interpret = default_backend()
     else:
@@ -132,5 +141,5 @@ def pallas_tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end:
         sched = {key: jnp.asarray(schedule[key], jnp.int32) for key in KERNEL_KEYS}
     else:
         sched = kernel_schedule(end, bs)
-    out = _attention(_Static(backend, bs, scale, interpret), q, k, v, end, sched)
+    out = _attention(_Static(backend, bs, scale, interpret, gpu_tiles), q, k, v, end, sched)
     return out[:, :t]
