@@ -353,7 +353,8 @@ class ChatProxy:
             req = parse_chat_request(body)
             sid, group, task_id = self._session_keys(body, headers)
         except ProxyError:
-            self.stats["bad_requests"] += 1
+            with self._lock:
+                self.stats["bad_requests"] += 1
             raise
         with self._lock:
             s = None
@@ -428,7 +429,8 @@ class ChatProxy:
                          "total_tokens": len(input_ids) + usage_out}}
         if req.return_token_ids:
             out["prompt_token_ids"] = input_ids
-        self.stats["chat_calls"] += 1
+        with self._lock:
+            self.stats["chat_calls"] += 1
         return out
 
     def _session_keys(self, body: dict, headers) -> tuple[Any, Any, Any]:
@@ -474,6 +476,9 @@ class ChatProxy:
         with self._lock:
             self._refuse_finished(sid)  # finished while the call ran
             for ids, lps, ents, message in records:
+                # float rounding may put a log-prob a hair above 0 or an entropy below it;
+                # an engine that reports no entropies (a remote server) records None
+                ents = None if any(x is None for x in ents) else [max(x, 0.0) for x in ents]
                 try:
                     self.manager.add_call(sid, input_ids, ids, [min(x, 0.0) for x in lps], ents,
                                           self.policy_version, self._tags(ids))
