@@ -74,3 +74,94 @@ def kernel_schedule(subtree_end: jax.Array, block_size: int) -> dict[str, jax.Ar
     blocks, count = _lists(jnp, q_last, lambda x: jnp.argsort(x, axis=2, stable=True))
     return {"q_kv_blocks": blocks, "q_kv_count": count, "kv_q_last": q_last,
             "kv_min_end": min_end}
+
+
+# ------------------------------------------------------------------------------ TPU: live pairs
+#
+# The TPU kernels step over live block pairs only. Per row, the live pairs (i, j) (non-empty, plus
+# the diagonal (i, i) so that every q block's output is written, also for all-zero filler rows)
+# are listed twice, as flat indices into the nb x nb block grid:
+#   tpu_pairs     [B, P]  i * nb + j, ordered by q block i then kv block j: the concatenation of
+#                         each q block's list of live kv blocks (its count = its run length);
+#                         forward and dQ.
+#   tpu_pairs_t   [B, P]  j * nb + i, ordered by kv block j then q block i; dK/dV.
+#   tpu_num_pairs [B]     live pairs of the row (slots from there on repeat the last pair: no new
+#                         DMA, no compute).
+#   kv_min_end    [B, nb] as above.
+# P, the documented maximum, is `max_pairs` (default nb * (nb + 1) / 2, a causal row's count, so
+# the default never overflows). The schedule is scalar-prefetched into SMEM:
+# B * (2 * P + nb + 1) int32 per call must stay within TPU_SMEM_WORDS (checked at trace time).
+# A row with more live pairs than P is an error on the host (tpu_schedule_host); inside jit the
+# kernel's output for that row is NaN (never a silently wrong value).
+
+TPU_KEYS = ("tpu_pairs", "tpu_pairs_t", "tpu_num_pairs", "kv_min_end")
+TPU_SMEM_WORDS = 1 << 17     # 512 KiB of the TPU core's scalar memory for the schedule
+
+
+def causal_pairs(nb: int) -> int:
+    """Live block pairs of a causal row of nb blocks: the most any row has."""
+    return nb * (nb + 1) // 2
+
+
+def tpu_smem_words(b: int, nb: int, max_pairs: int) -> int:
+    return b * (2 * max_pairs + nb + 1)
+
+
+def check_tpu_smem(b: int, nb: int, max_pairs: int) -> None:
+    words = tpu_smem_words(b, nb, max_pairs)
+    if words > TPU_SMEM_WORDS:
+        raise ValueError(
+            f"the TPU tree-attention schedule needs {words} int32 of scalar memory ({b} rows x "
+            f"(2 x max_pairs={max_pairs} + {nb} blocks + 1)), over kat_jax.ops.pallas.schedule."
+            f"TPU_SMEM_WORDS={TPU_SMEM_WORDS}: use a larger attention block size, fewer rows per "
+            f"device, or a smaller max_pairs")
+
+
+def _tpu_pairs(xp, q_last, max_pairs: int, sort):
+    b, nb = q_last.shape
+    i = xp.arange(nb, dtype=xp.int32)[:, None]
+    j = xp.arange(nb, dtype=xp.int32)[None, :]
+    live = ((j <= i)[None] & (i[None] <= q_last[:, None, :])) | (i == j)[None]    # [B, i, j]
+    count = live.sum(axis=(1, 2)).astype(xp.int32)
+    slot = xp.minimum(xp.arange(max_pairs, dtype=xp.int32)[None],
+                      xp.minimum(count, max_pairs)[:, None] - 1)
+
+    def compact(mask):                      # [B, nb * nb] -> flat indices of the live entries
+        order = sort(~mask).astype(xp.int32)                 # stable: live first, in order
+        return xp.take_along_axis(order, slot, axis=1).astype(xp.int32)
+
+    return (compact(live.reshape(b, nb * nb)),
+            compact(live.transpose(0, 2, 1).reshape(b, nb * nb)), count)
+
+
+def tpu_schedule_host(subtree_end: np.ndarray, block_size: int,
+                      max_pairs: int | None = None) -> dict[str, np.ndarray]:
+    """numpy: the TPU_KEYS arrays (see above) of int32[B, T] subtree_end. Raises ValueError naming
+    max_pairs when a row has more live block pairs."""
+    se = np.asarray(subtree_end)
+    if se.ndim != 2 or se.shape[1] % int(block_size):
+        raise ValueError(f"subtree_end must be [B, T] with T a multiple of {block_size}, "
+                         f"got shape {se.shape}")
+    q_last, min_end = _block_stats(np, se, int(block_size))
+    nb = q_last.shape[1]
+    p = causal_pairs(nb) if max_pairs is None else int(max_pairs)
+    pairs, pairs_t, count = _tpu_pairs(np, q_last, p, lambda x: np.argsort(x, axis=1,
+                                                                           kind="stable"))
+    if (count > p).any():
+        raise ValueError(f"a row has {int(count.max())} live block pairs, over max_pairs={p} "
+                         f"(block size {block_size}); raise max_pairs (at most {causal_pairs(nb)})")
+    return {"tpu_pairs": pairs, "tpu_pairs_t": pairs_t, "tpu_num_pairs": count,
+            "kv_min_end": min_end}
+
+
+def tpu_schedule(subtree_end: jax.Array, block_size: int,
+                 max_pairs: int | None = None) -> dict[str, jax.Array]:
+    """jnp (jittable): the same arrays; tpu_num_pairs is the true count, which exceeds max_pairs
+    for a row that does not fit (the caller turns that row's output into NaN)."""
+    q_last, min_end = _block_stats(jnp, subtree_end, int(block_size))
+    nb = q_last.shape[1]
+    p = causal_pairs(nb) if max_pairs is None else int(max_pairs)
+    pairs, pairs_t, count = _tpu_pairs(jnp, q_last, p,
+                                       lambda x: jnp.argsort(x, axis=1, stable=True))
+    return {"tpu_pairs": pairs, "tpu_pairs_t": pairs_t, "tpu_num_pairs": count,
+            "kv_min_end": min_end}

@@ -16,8 +16,11 @@ softmax reorders float32 sums). A query that sees no key (impossible for valid t
 Block size bs: `effective_block_size(block_size, T)` (as the data packer uses) when it suits the
 backend (>= 16 on GPU, a multiple of 128 on TPU), else T is padded with one-token trees up to a
 multiple of a suitable bs. The kernel schedule (kat_jax.ops.pallas.schedule) comes from
-`schedule` when it holds the KERNEL_KEYS arrays for that bs (build_block_schedule adds them with
-kernel_lists=True), and is otherwise computed inside jit from subtree_end (cheap: O(B * nb^2)).
+`schedule` when it holds the KERNEL_KEYS arrays (GPU; build_block_schedule adds them with
+kernel_lists=True) or the TPU_KEYS arrays (TPU; schedule.tpu_schedule_host) for that bs, and is
+otherwise computed inside jit from subtree_end (cheap: O(B * nb^2)). The GPU kernels subdivide
+each block into tiles chosen per head_dim and dtype (gpu.choose_tiles); the TPU kernels step over
+the live block pairs only.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from kat_jax.ops.pallas.schedule import KERNEL_KEYS, kernel_schedule
+from kat_jax.ops.pallas.schedule import KERNEL_KEYS, TPU_KEYS, kernel_schedule, tpu_schedule
 from kat_jax.ops.tree_mask import current_platform, effective_block_size
 
 BACKENDS = ("gpu", "tpu")
@@ -41,7 +44,6 @@ class _Static:
     scale: float
     interpret: bool
     gpu_tiles: object = None       # kat_jax.ops.pallas.gpu.GpuTiles, None: choose_tiles
-    max_pairs: int | None = None   # TPU: static bound on live block pairs per row
 
 
 def _module(backend: str):
@@ -102,14 +104,18 @@ def _block_size(backend: str, block_size: int, t: int) -> int:
 def pallas_tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Array, *,
                           scale: float | None = None, schedule: dict | None = None,
                           block_size: int = 128, backend: str | None = None,
-                          interpret: bool | None = None, gpu_tiles=None) -> jax.Array:
+                          interpret: bool | None = None, gpu_tiles=None,
+                          max_pairs: int | None = None) -> jax.Array:
     """Tree attention by the Pallas kernels (see module docstring). Jittable, differentiable.
 
     backend: 'gpu' (Triton) or 'tpu' (Mosaic); default from the platform (CPU: 'gpu').
     interpret: run the kernels interpreted on CPU (default: True on CPU only; the TPU lowering
     then uses the TPU interpret mode, pltpu.InterpretParams).
     gpu_tiles: a kat_jax.ops.pallas.gpu.GpuTiles (default: gpu.choose_tiles from head_dim, dtype
-    and the block size)."""
+    and the block size).
+    max_pairs: TPU only: the most live block pairs of a row (default: the causal count, never
+    exceeded); the grid has B * N * max_pairs steps. A row with more gets NaN output (build the
+    schedule with schedule.tpu_schedule_host to get an error naming the limit instead)."""
     if backend is None:
         backend, auto_interpret = default_backend()
     else:
@@ -136,10 +142,16 @@ def pallas_tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end:
         own = jnp.broadcast_to(jnp.arange(t + 1, t_pad + 1, dtype=jnp.int32), (b, t_pad - t))
         end = jnp.concatenate([end, own], axis=1)
     nb = t_pad // bs
-    if (t_pad == t and schedule is not None and all(key in schedule for key in KERNEL_KEYS)
-            and schedule["q_kv_count"].shape == (b, nb)):
-        sched = {key: jnp.asarray(schedule[key], jnp.int32) for key in KERNEL_KEYS}
+    keys, given = (TPU_KEYS, "tpu_num_pairs") if backend == "tpu" else (KERNEL_KEYS, "q_kv_count")
+    if (t_pad == t and schedule is not None and all(key in schedule for key in keys)
+            and schedule["kv_min_end"].shape == (b, nb) and schedule[given].shape[0] == b):
+        sched = {key: jnp.asarray(schedule[key], jnp.int32) for key in keys}
+    elif backend == "tpu":
+        sched = tpu_schedule(end, bs, max_pairs)
     else:
         sched = kernel_schedule(end, bs)
     out = _attention(_Static(backend, bs, scale, interpret, gpu_tiles), q, k, v, end, sched)
+    if backend == "tpu":   # rows with more live pairs than the schedule holds: NaN, never wrong
+        over = sched["tpu_num_pairs"] > sched["tpu_pairs"].shape[1]
+        out = jnp.where(over[:, None, None, None], jnp.nan, out)
     return out[:, :t]
