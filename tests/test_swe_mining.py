@@ -333,3 +333,15 @@ def test_pip_packages_go_into_one_cached_venv_that_setup_and_tests_use(history, 
         assert sm.ensure_venv(spec, os.path.join(cache, "envs"), run=None) == inst["python"]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_swe_mine_help_names_its_options(capsys):
+    from kat_jax import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["swe", "mine", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--repo", "--since", "--prs", "--output", "--backend", "--workers", "--spec",
+                 "--runs", "--synthesize"):
+        assert flag in out
