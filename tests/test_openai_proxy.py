@@ -265,6 +265,28 @@ def test_tool_choice_none_malformed_calls_and_stop_strings(served, engine):
     assert _ids(r.choices[0]) == TOK.encode("abc STOP")  # sampled through the stop string
 
 
+def test_a_streamed_answer_carries_the_same_content_tool_calls_and_usage(served, engine):
+    client, proxy = served
+    _, tools = make_env("calculator").reset(TASK)
+    engine.script.append(f"Let me compute.\n{CALL}<|im_end|>")
+    stream = client.chat.completions.create(
+        model="kat_jax", messages=[{"role": "user", "content": "2 + 3?"}], tools=tools,
+        max_tokens=80, stream=True, stream_options={"include_usage": True},
+        extra_headers={"X-Session-Id": "ep-s"})
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    assert content == "Let me compute." and finish == "tool_calls"
+    assert [(tc.function.name, tc.function.arguments) for tc in calls] == [
+        ("calculator", '{"expression": "2 + 3"}')]
+    assert chunks[-1].usage.completion_tokens == len(TOK.encode(f"Let me compute.\n{CALL}"
+                                                                 "<|im_end|>"))
+    proxy.finish("ep-s", 1.0)  # recorded like any call
+    assert [r["tokens"][-1] for g in proxy.manager.pop_groups(1) for r in g] == [
+        TOK.special("<|im_end|>")]
+
+
 @pytest.mark.parametrize("body, param", [
     (dict(messages=[{"content": "hi"}]), "messages[0].role"),
     (dict(messages=[]), "messages"),
@@ -276,7 +298,8 @@ def test_tool_choice_none_malformed_calls_and_stop_strings(served, engine):
     (dict(messages=[{"role": "user", "content": "hi"}], tools=[{"type": "function"}]),
      "tools[0]"),
     (dict(messages=[{"role": "user", "content": "hi"}], stop=[1]), "stop"),
-    (dict(messages=[{"role": "user", "content": "hi"}], stream=True), "stream"),
+    (dict(messages=[{"role": "user", "content": "hi"}], stream="yes"), "stream"),
+    (dict(messages=[{"role": "user", "content": "hi"}], metadata=["g"]), "metadata"),
     (dict(messages=[{"role": "assistant", "tool_calls": [{"function": {
         "name": "f", "arguments": "{bad"}}]}]), "messages[0].tool_calls[0].function.arguments"),
 ])

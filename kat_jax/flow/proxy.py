@@ -15,7 +15,9 @@ Routes (mounted on `kat-jax serve`, kat_jax.rollout.server.make_server(routes=..
       "top_k", "max_tokens" (or "max_completion_tokens"; default and ceiling: what is left of the
       context), "n", "seed", "stop" (strings), "logprobs", "return_token_ids" (vLLM's flag: the
       response then carries "prompt_token_ids" and each choice's "token_ids"), "user",
-      "metadata" ({"group", "task_id"} strings). Response: "chat.completion" with per choice
+      "metadata" ({"group", "task_id"} strings), "stream" (the answer is generated whole, then
+      sent as chat.completion.chunk events; "stream_options": {"include_usage"}). Response:
+      "chat.completion" with per choice
       message {"role": "assistant", "content", "tool_calls"?}, "finish_reason" ("stop",
       "length", "tool_calls"), "logprobs" ({"content": [{"token", "logprob", "bytes",
       "top_logprobs": []}]} when asked) and "usage" (prompt, completion, total tokens).
@@ -116,6 +118,8 @@ class ChatRequest:
     stop: list[str]
     logprobs: bool
     return_token_ids: bool
+    stream: bool = False
+    stream_usage: bool = False
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open=False) -> float:
@@ -180,8 +184,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
     """The request's fields, checked (ProxyError naming the field otherwise)."""
     if not isinstance(body, dict):
         raise ProxyError("the request body must be a JSON object")
-    if body.get("stream"):
-        raise _bad("stream", "streaming is not supported; send stream=false")
+    for key in ("stream", "logprobs", "return_token_ids"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise _bad(key, f"must be true or false, got {body[key]!r}")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise _bad("stream_options", "must be an object such as {\"include_usage\": true}")
     messages = _check_messages(body.get("messages"))
     tools = body.get("tools")
     if tools is not None:
@@ -208,17 +216,15 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise _bad("stop", "must be a non-empty string or a list of them")
-    lp = body.get("logprobs")
-    if lp is not None and not isinstance(lp, bool):
-        raise _bad("logprobs", f"must be true or false, got {lp!r}")
     return ChatRequest(
         messages=messages, tools=tools or None, tool_choice=tool_choice,
         temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=max(_int(body, "top_k", -1) or 0, 0),
         max_tokens=_int(body, max_key, 1), n=_int(body, "n", 1) or 1,
-        seed=_int(body, "seed", None), stop=stop, logprobs=bool(lp),
-        return_token_ids=bool(body.get("return_token_ids")))
+        seed=_int(body, "seed", None), stop=stop, logprobs=bool(body.get("logprobs")),
+        return_token_ids=bool(body.get("return_token_ids")), stream=bool(body.get("stream")),
+        stream_usage=bool((opts or {}).get("include_usage")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +585,12 @@ class ChatProxy:
         parts = url.path.rstrip("/").split("/")
         try:
             if method == "POST" and url.path.rstrip("/") == "/v1/chat/completions":
-                return 200, self.chat(_json(body), headers)
+                obj = _json(body)
+                out = self.chat(obj, headers)
+                if obj.get("stream"):
+                    return 200, stream_chunks(out, bool((obj.get("stream_options") or {}).get(
+                        "include_usage")))
+                return 200, out
             if method == "POST" and len(parts) == 5 and parts[:3] == ["", "v1", "sessions"] \
                     and parts[4] == "finish":
                 sid = urllib.parse.unquote(parts[3])
@@ -610,6 +621,31 @@ class ChatProxy:
             return e.code, {"error": {"message": str(e), "type": "invalid_request_error",
                                       "param": e.param, "code": None}}
         return None
+
+
+def stream_chunks(out: dict[str, Any], include_usage: bool = False) -> list[dict[str, Any]]:
+    """A chat.completion as the chat.completion.chunk events of a stream (stream=true: the
+    whole answer is generated first, then sent as one burst of server-sent events): per choice
+    the role, the content, the tool calls, then the finish reason; the usage last when asked."""
+    base = {"id": out["id"], "object": "chat.completion.chunk", "created": out["created"],
+            "model": out["model"]}
+    chunk = lambda choices, **kw: {**base, "choices": choices, **kw}  # noqa: E731
+    events = []
+    for ch in out["choices"]:
+        i, msg = ch["index"], ch["message"]
+        first = {"role": "assistant", "content": msg["content"] or ""}
+        events.append(chunk([{"index": i, "delta": first, "logprobs": ch["logprobs"],
+                              "finish_reason": None}]))
+        if msg.get("tool_calls"):
+            calls = [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]
+            events.append(chunk([{"index": i, "delta": {"tool_calls": calls}, "logprobs": None,
+                                  "finish_reason": None}]))
+        extra = {"token_ids": ch["token_ids"]} if "token_ids" in ch else {}
+        events.append(chunk([{"index": i, "delta": {}, "logprobs": None,
+                              "finish_reason": ch["finish_reason"], **extra}]))
+    if include_usage:
+        events.append(chunk([], usage=out["usage"]))
+    return events
 
 
 def _json(body: bytes) -> Any:

@@ -10,7 +10,8 @@ Binds to 127.0.0.1 by default.
 Bad requests get HTTP 400 with a message naming the field.
 
 routes: more endpoints, each an object with handle(method, path, headers, body: bytes) ->
-(HTTP code, JSON object) or None (not its path), asked in order before the built-in ones (the
+(HTTP code, JSON object, or a list of them: server-sent events) or None (not its path), asked in
+order before the built-in ones (the
 chat proxy of kat_jax.flow.proxy mounts /v1/chat/completions and the session routes this way).
 """
 
@@ -58,10 +59,16 @@ def make_server(engine, host: str = "127.0.0.1", port: int = 0, model_name: str 
         def log_message(self, fmt, *args):  # quiet
             pass
 
-        def _send(self, code: int, obj: dict) -> None:
-            data = json.dumps(obj).encode()
+        def _send(self, code: int, obj: dict | list) -> None:
+            kind = "application/json"
+            if isinstance(obj, list):  # server-sent events, written at once, then [DONE]
+                kind = "text/event-stream"
+                data = "".join(f"data: {json.dumps(e)}\n\n" for e in obj).encode() + \
+                    b"data: [DONE]\n\n"
+            else:
+                data = json.dumps(obj).encode()
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
