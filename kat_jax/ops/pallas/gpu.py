@@ -2,21 +2,26 @@
 
 Layout is the model's: q, dO: [B, T, N, H], k, v: [B, T, K, H] (query head n reads kv head n // G),
 subtree_end: int32[B, T]; T a multiple of the block size bs, H a power of two >= 16 on a GPU.
-Every kernel program owns one block of bs rows and loops over the blocks the schedule
-(kat_jax.ops.pallas.schedule) lists for it, in sub-tiles whose sizes `GpuTiles` sets:
+The schedule (kat_jax.ops.pallas.schedule) is in blocks of bs rows, the packer's unit; the kernels
+subdivide it into tiles `choose_tiles` picks from head_dim, dtype and a register / shared-memory
+budget (TILE_TABLE below), so a 512-row block runs in the same tiles as a 128-row one:
 
-  forward  grid (q block i, b, n): for the q_kv_count[i] listed kv blocks j, scores
-           q K_j^T * scale in float32, element mask only when (i, j) is partial (masked
-           scores are -inf), online softmax (running max m, sum l, acc in float32).
-           out = acc / l in q's dtype; lse = m + log(l): float32[B, N, T].
-  dQ       grid (q block i, b, n), same loop: p = exp(s - lse), dS = p * (dO V^T - delta),
+  forward  grid (q tile, b, n): the q tile of fwd_q rows lies in q block i; for the q_kv_count[i]
+           listed kv blocks j, kv sub-tiles of fwd_kv rows (on the diagonal block only those up
+           to the tile's last query), scores q K^T * scale in float32, the element mask only when
+           the sub-tile is not fully visible (masked scores are -inf), online softmax (running
+           max m, sum l, acc in float32). out = acc / l in q's dtype; lse = m + log(l):
+           float32[B, N, T].
+  dQ       grid (q tile, b, n), same loop: p = exp(s - lse), dS = p * (dO V^T - delta),
            dQ = scale * sum dS K.
-  dK, dV   grid (kv block j, b, kv head): for the G query heads of the kv head and the q blocks
-           j .. kv_q_last[j] (exactly the queries that can see the block): transposed scores
-           K Q^T, dV += p^T dO, dK += scale * dS^T Q, accumulated in float32.
+  dK, dV   grid (kv tile, b, kv head): for the G query heads of the kv head and the q tiles of
+           dkv_q rows from the kv tile's first key to its largest subtree_end (exactly the
+           queries that can see it): transposed scores K Q^T, dV += p^T dO,
+           dK += scale * dS^T Q, accumulated in float32.
 
-A query that sees no key gets output 0, lse 0 and zero gradients. Tile sizes and warp counts are
-starting points for H100/H200 (FlashAttention-2 Triton shapes); they are not tuned on hardware.
+A query that sees no key gets output 0, lse 0 and zero gradients. The tile table is derived from
+FlashAttention-2 Triton shapes and a register / shared-memory estimate (tile_budget); it has not
+been tuned or run on a GPU yet.
 """
 
 from __future__ import annotations

@@ -8,14 +8,15 @@ non-empty iff j <= i <= q_last[j], and full (every element visible, no mask need
 (i + 1) * bs <= kv_min_end[j] (the smallest subtree_end of the block). Same classification as
 kat_jax.ops.block_sparse.classify_block_pairs; exact.
 
-Arrays (all int32, per row b; 2-D so that they batch, pad and shard like the rest of the
+GPU arrays (KERNEL_KEYS; all int32, per row b; 2-D so that they batch, pad and shard like the rest of the
 schedule dict built by kat_jax.ops.block_sparse.build_block_schedule):
   q_kv_blocks [B, nb * nb]  row-major [i, s]: the s-th non-empty kv block of q block i in
                             increasing order, for s < q_kv_count[i]; later slots repeat the last
                             one (0 when there is none), so a TPU pipeline fetches nothing new.
   q_kv_count  [B, nb]       number of non-empty kv blocks of q block i (forward and dQ loops).
-  kv_q_last   [B, nb]       last q block that sees kv block j (j - 1 or less: nobody does); the dK/dV
-                            loop of kv block j runs over q blocks j .. kv_q_last[j].
+  kv_q_last   [B, nb]       last q block that sees kv block j (j - 1 or less: nobody does): the q
+                            blocks j .. kv_q_last[j] see it (the GPU dK/dV kernel bounds its loop
+                            by its own tile's largest subtree_end, which is tighter).
   kv_min_end  [B, nb]       min subtree_end over kv block j (full-block test).
 An all-zero row is a valid schedule that computes nothing (output 0, zero gradients): the filler
 rows that kat_jax.training.scoring appends get exactly that.
