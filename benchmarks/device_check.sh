@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
 # One device check on a machine with one NVIDIA H200 and JAX preinstalled (issue 20, part 3):
 # kernels vs dense, attention TFLOP/s vs cuDNN and Pallas flash, sparsity, tree vs flat, the 1.7B
-# train step's MFU, sampler decode. Under 8 minutes; writes JSON + markdown to
-# benchmarks/results/device_check/ (or $1). Each section has its own process and time limit.
+# train step's MFU, sampler decode. Under 8 minutes; writes device_check.json + device_check.md to
+# benchmarks/results/device_check/ (or the first argument). Each section has its own process and
+# time limit; one failing records its error and the others still run.
 #
-#   bash benchmarks/device_check.sh [OUT_DIR] [--smoke] [--sections a,b]
+#   bash benchmarks/device_check.sh [OUT_DIR] [--smoke] [--sections a,b] [--budget S]
+#
+# No package registry there: kat_jax's dependencies that the image lacks (grain, ml-collections,
+# tensorboardX, as of 2026-11) travel as wheels in .whl/ (see the device notes: pip download
+# --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION); this script
+# installs whatever .whl/ holds into /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
-if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
+PY="${PYTHON:-python3}"
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 OUT="benchmarks/results/device_check"
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then OUT="$1"; shift; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())' || true
 exec timeout 470 "$PY" benchmarks/device_check.py --out "$OUT" "$@"
