@@ -184,6 +184,27 @@ def test_pipeline_packs_every_trajectory_once_per_epoch_and_counts_drops(tmp_pat
     assert stats["dropped_overlong"] == 1 and stats["excluded_env_error"] == 1
 
 
+def test_repeated_data_with_nothing_that_fits_a_row_is_an_error_not_an_endless_loop(tmp_path):
+    """data.epochs=-1 repeats the data forever: if no trajectory fits a row, a whole pass gives
+    nothing, and the run stops with an error naming data.row_len instead of spinning."""
+    rows = [{"id": f"t{g}", "group": g, "tokens": list(range(40 + g)),
+             "logprobs": [-1.0] * (40 + g), "reward": 1.0} for g in range(3)]
+    f = _write(tmp_path / "r.jsonl", rows)
+    it = make_step_iterator([f], "rl", TOK, BatchShape(2, 32, 8, 16), 512, 1, 1, epochs=None)
+    with pytest.raises(ValueError, match=r"every trajectory is longer than "
+                                         r"--config\.data\.row_len=32 \(the longest has 42 tokens\)"):
+        next(iter(it))
+    # one trajectory that fits is enough: the others are dropped and counted, training goes on
+    rows.append({"id": "short", "group": 9, "tokens": list(range(10)), "logprobs": [-1.0] * 10,
+                 "reward": 1.0})
+    f = _write(tmp_path / "r2.jsonl", rows)
+    it = iter(make_step_iterator([f], "rl", TOK, BatchShape(2, 32, 8, 16), 512, 1, 1,
+                                 epochs=None))
+    for _ in range(4):  # passes reshuffled: up to 6 overlong groups in a row, no error
+        _arrays, stats = next(it)
+        assert stats["trajectories"] >= 1 and stats["dropped_overlong"] >= 3
+
+
 def test_group_advantages_rl_and_rft(tmp_path):
     from kat_jax.data.pipeline import RolloutConverter as RecordConverter
 

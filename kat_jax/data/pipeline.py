@@ -234,8 +234,16 @@ def check_record_fields(source, fields: tuple[str, ...], why: dict[str, str]) ->
 class TreeBatcher:
     """Packs groups of trajectories into fixed-shape shard batches (numpy StepBatches)."""
 
-    def __init__(self, groups_iter, shape: BatchShape, pad_id: int = 0):
+    def __init__(self, groups_iter, shape: BatchShape, pad_id: int = 0,
+                 epoch_groups: int | None = None):
         self.it = groups_iter
+        # groups in one pass over this batcher's data (E): 2E - 1 groups in a row with nothing
+        # to train on (every trajectory overlong or env_error) hold a whole pass, whatever the
+        # shuffle of each pass, so none ever will and a run on repeated data would spin
+        # forever: an error naming data.row_len instead
+        self.epoch_groups = epoch_groups
+        self._barren = 0  # groups in a row that gave nothing
+        self._longest = 0
         self.shape = shape
         self.pad_id = pad_id
         # (trajectories, iterator state before their group, how many of the group came before)
@@ -282,6 +290,17 @@ class TreeBatcher:
                             self.shape.row_len)
             else:
                 trajs.append(t)
+        if trajs:
+            self._barren = 0
+        else:
+            self._barren += 1
+            self._longest = max([self._longest] + [len(t) for t in group if t is not None])
+            if self.epoch_groups is not None and self._barren >= 2 * self.epoch_groups - 1:
+                raise ValueError(
+                    f"nothing to train on in a whole pass over the data ({self._barren} groups "
+                    f"in a row): every trajectory is longer than --config.data.row_len="
+                    f"{self.shape.row_len} (the longest has {self._longest} tokens) or an "
+                    f"env_error rollout; raise data.row_len")
         if self.shape.prune is not None and trajs:
             self._prune_group(trajs)
         skip, self._skip = self._skip, 0  # restored mid-group: its first `skip` were packed
@@ -503,6 +522,8 @@ def make_step_iterator(files: list[str] | Any, stage: str, tokenizer, shape: Bat
     for sid in shard_ids:
         part = ds[sid::num_shards] if num_shards > 1 else ds
         it = iter(part.map(convert).to_iter_dataset())
-        batchers.append(TreeBatcher(it, shape, pad_id=tokenizer.pad_id))
+        batchers.append(TreeBatcher(it, shape, pad_id=tokenizer.pad_id,
+                                    epoch_groups=None if epochs is not None
+                                    else -(-len(source) // num_shards)))
     return StepIterator(batchers, microbatches, shard_ids, num_shards, pad_exhausted,
                         count_shard_ids)
