@@ -7,10 +7,11 @@
 #
 #   bash benchmarks/device_check.sh [OUT_DIR] [--smoke] [--sections a,b] [--budget S]
 #
-# No package registry there: kat_jax's dependencies that the image lacks (grain, ml-collections,
-# tensorboardX, as of 2026-11) travel as wheels in .whl/ (see the device notes: pip download
-# --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION); this script
-# installs whatever .whl/ holds into /tmp/site first.
+# No package registry there: kat_jax's dependencies that the image lacks (as of 2026-11: grain
+# 0.2.18 with array-record 0.8.6 and portpicker 1.6.0, ml-collections 1.1.0, tensorboardX 2.6.5;
+# the train section needs the first two) travel as cp312 wheels in .whl/ (git-ignored through
+# .git/info/exclude; see the device notes: pip download --no-deps --only-binary=:all:
+# --python-version 3.12 ... -d .whl NAME==VERSION); this script installs .whl/ into /tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
