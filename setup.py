@@ -52,11 +52,13 @@ setup(
             # a scripted external agent against kat-jax serve's chat proxy
             # (tests/test_openai_proxy.py)
             "openai>=1.40",
+            "ray>=2.40",  # sandbox fleets on Ray (tests/test_ray_fleet.py)
         ],
         # gs:// workdirs, data and checkpoints (etils.epath's Cloud Storage backend)
         "gcs": ["gcsfs>=2024.6.0"],
         "seqio": ["seqio>=0.0.19"],
         "docker": ["docker>=7.0"],
+        "ray": ["ray>=2.40"],  # sandbox fleets on Ray (kat_jax.flow.ray_fleet)
         "tpu": ["jax[tpu]>=0.6.0", "gcsfs>=2024.6.0"],
         # libtpu (the libtpu release that the installed jax pins) on a CPU host: ahead-of-time
         # compiles for Cloud TPU topologies (kat-jax compile-check, tests/test_aot_tpu.py).

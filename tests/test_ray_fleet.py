@@ -1,0 +1,174 @@
+"""Sandbox fleets on Ray (kat_jax.flow.ray_fleet) on a local Ray instance started here: one
+ray.init for the module (2 CPUs, custom resources env:calculator=2 and env:maths=1), workers with
+0 CPUs placed by the env tags."""
+
+from __future__ import annotations
+
+import ml_collections
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install "
+                                        "'kat_jax[ray]'); CI installs it with the test extra")
+
+from kat_jax.data.tokenizer import ByteTokenizer  # noqa: E402
+from kat_jax.envs import make_env  # noqa: E402
+from kat_jax.envs.base import Task  # noqa: E402
+from kat_jax.flow.ray_fleet import RayEnvFleet, fleet_options, make_env_factory  # noqa: E402
+from kat_jax.rollout.agent import run_episode  # noqa: E402
+from kat_jax.rollout.sampler import Generation, SamplingParams  # noqa: E402
+
+TOK = ByteTokenizer()
+
+
+def _call(expr: str) -> str:
+    return ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "' + expr
+            + '"}}\n</tool_call><|im_end|>')
+
+
+def _task(i: int) -> Task:
+    a, b = 2 + i, 3 + 2 * i
+    return Task(id=f"t{i}", messages=[{"role": "user", "content": f"What is {a} * {b} + 1?"}],
+                metadata={"answer": str(a * b + 1)})
+
+
+def _script(i: int) -> list[str]:
+    a, b = 2 + i, 3 + 2 * i
+    return [_call(f"{a} * {b}"), _call(f"{a * b} + 1"), f"So \\boxed{{{a * b + 1}}}.<|im_end|>"]
+
+
+class ScriptedEngine:
+    """Scripted assistant turns (byte ids), one per call; ``on_call[k]()`` runs before call k."""
+
+    def __init__(self, turns, on_call=None):
+        self.turns, self.on_call, self.calls = list(turns), dict(on_call or {}), 0
+
+    def generate(self, prompts, params, n=1, seeds=None):
+        hook = self.on_call.get(self.calls)
+        self.calls += 1
+        if hook is not None:
+            hook()
+        ids = TOK.encode(self.turns.pop(0))
+        return [[Generation(ids, [-0.5] * len(ids), [1.0] * len(ids), "stop")]]
+
+
+def _episode(env, i: int, on_call=None) -> dict:
+    try:
+        return run_episode(ScriptedEngine(_script(i), on_call), env, _task(i), TOK,
+                           SamplingParams(), max_turns=6)
+    finally:
+        env.close()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, resources={"env:calculator": 2, "env:maths": 1},
+             include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fleet(cluster):
+    f = RayEnvFleet("calculator", max_retries=2, ping_timeout_s=30.0, call_timeout_s=60.0,
+                    acquire_timeout_s=60.0)
+    yield f
+    f.shutdown()
+
+
+def test_fleet_episodes_give_the_same_records_as_local_envs(fleet):
+    local = [_episode(make_env("calculator"), i) for i in range(3)]
+    remote = [_episode(fleet.env(), i) for i in range(3)]
+    assert remote == local
+    assert all(r["status"] == "ok" and r["reward"] == 1.0 and r["tool_calls"] == 2
+               for r in remote)
+    s = fleet.stats()
+    assert s["workers_alive"] == 2 and s["hosts"] == 1 and s["workers_idle"] == 2
+    assert 0 < s["sandbox_utilisation"] < 1 and s["episodes_requeued"] == 0
+
+
+def test_worker_killed_mid_episode_is_requeued_on_another_worker_and_counted(fleet):
+    before = fleet.stats()
+    env = fleet.env()
+    seen = []
+
+    def kill():  # before the second turn: the worker ran reset and one step
+        seen.append(env.worker)
+        ray.kill(env.worker.actor)
+
+    rec = _episode(env, 1, on_call={1: kill})
+    assert env.env_error is None, env.env_error
+    assert rec == _episode(make_env("calculator"), 1)   # the policy never saw the loss
+    assert rec["status"] == "ok" and rec["reward"] == 1.0
+    after = fleet.stats()
+    assert after["episodes_requeued"] == before["episodes_requeued"] + 1
+    assert after["workers_dead"] == before["workers_dead"] + 1
+    assert after["episodes_masked"] == before["episodes_masked"]
+    assert seen[0].dead and env.requeued == 1
+    assert after["workers_alive"] == 2     # the dead worker was replaced on its host
+
+
+def test_retries_exhausted_mask_the_episode_as_env_error_with_the_reason(fleet):
+    before = fleet.stats()
+    fleet.max_retries = 1
+    env = fleet.env()
+    kill = lambda: ray.kill(env.worker.actor)  # noqa: E731
+    try:
+        # killed before turn 2 (re-queued once), then again before turn 3: no retry left
+        rec = _episode(env, 2, on_call={1: kill, 2: kill})
+    finally:
+        fleet.max_retries = 2
+    assert rec["status"] == "env_error" and rec["reward"] == 0.0  # masked, not a policy failure
+    assert "fleet.max_retries=1" in env.env_error and "lost during" in env.env_error
+    after = fleet.stats()
+    assert after["episodes_masked"] == before["episodes_masked"] + 1
+    assert after["episodes_requeued"] == before["episodes_requeued"] + 1
+    assert after["workers_dead"] == before["workers_dead"] + 2
+
+
+def test_health_check_drops_a_dead_idle_worker_and_replaces_it(fleet):
+    before = fleet.stats()
+    victim = next(q for q in fleet._idle.values() if q)[0]
+    ray.kill(victim.actor)
+    workers = [fleet.acquire(), fleet.acquire()]   # both healthy: the victim was replaced
+    assert victim not in workers and all(not w.dead for w in workers)
+    for w in workers:
+        fleet.release(w)
+    assert fleet.stats()["workers_dead"] == before["workers_dead"] + 1
+
+
+def test_env_tags_route_work_to_the_actors_that_carry_the_resource(fleet):
+    cfg = ml_collections.ConfigDict({"rl": {"env": "maths"},
+                                     "fleet": {"backend": "ray", "max_retries": 1}})
+    make, maths = make_env_factory(cfg)
+    try:
+        assert maths.resource == "env:maths" and maths.stats()["workers_alive"] == 1
+        env = make()
+        task = Task(id="m", messages=[{"role": "user", "content": "1+1?"}],
+                    metadata={"answer": "2"})
+        rec = run_episode(ScriptedEngine(["\\boxed{2}<|im_end|>"]), env, task, TOK,
+                          SamplingParams())
+        assert ray.get(env.worker.actor.ping.remote())["env"] == "maths"
+        env.close()
+        assert rec["reward"] == 1.0
+        # every unit of both tags is held by its fleet's warm pool
+        free = ray.available_resources()
+        assert free.get("env:calculator", 0) == 0 and free.get("env:maths", 0) == 0
+    finally:
+        maths.shutdown()
+    with pytest.raises(ValueError, match="fleet.resource.*env:swe"):
+        RayEnvFleet("swe")
+    with pytest.raises(ValueError, match="fleet.workers_per_host"):
+        RayEnvFleet("calculator", workers_per_host=3)
+
+
+def test_fleet_config_keys_act_or_fail_naming_the_key():
+    cfg = ml_collections.ConfigDict({"rl": {"env": "calculator"}})
+    make, fleet = make_env_factory(cfg)          # no cfg.fleet: local environments
+    assert fleet is None and make().name == "calculator"
+    for fleet_cfg, key in (({"backend": "k8s"}, "fleet.backend"),
+                           ({"max_retries": -1}, "fleet.max_retries"),
+                           ({"ping_timeout_s": 0}, "fleet.ping_timeout_s"),
+                           ({"workers": 2}, "fleet.workers")):
+        cfg.fleet = fleet_cfg
+        with pytest.raises(ValueError, match=key):
+            fleet_options(cfg)
