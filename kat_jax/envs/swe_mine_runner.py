@@ -8,9 +8,10 @@ copy. PLAN.json is a list of steps, run in order in the working copy (the curren
 
 - ``{"op": "run", "label": L, "repeat": N, "profile": bool, "longrepr": bool}``: runs the suite
   (pytest's own discovery from the current directory) N times; before each run the repository's
-  modules (those whose file lies under the current directory) are dropped from ``sys.modules``, so
-  each run imports the code afresh. ``profile`` records the repository functions called during the
-  run; ``longrepr`` keeps each failure's report text (cut to 2,000 characters).
+  modules (those whose file lies under the current directory, the modules named below them and
+  the import hooks their code added) are dropped, so each run imports the code afresh.
+  ``profile`` records the repository functions called during the run; ``longrepr`` keeps each
+  failure's report text (cut to 2,000 characters).
 - ``{"op": "apply", "patch": PATH}``: ``git apply`` of a patch file (a failure stops the plan).
 - ``{"op": "write", "path": REL, "from": PATH}``: replaces a working-copy file by a file's bytes.
 
@@ -47,11 +48,18 @@ def import_pytest(pytest_dir):
 
 
 def _purge(root):
-    """Drops the modules loaded from under ``root`` (the repository's code and tests)."""
+    """Drops the modules loaded from under ``root`` (the repository's code and tests), the modules
+    named below them (e.g. six's ``six.moves.*``, which have no file) and the import hooks their
+    code put on ``sys.meta_path``."""
+    gone = set()
     for name, mod in list(sys.modules.items()):
         path = getattr(mod, "__file__", None)
         if path and os.path.realpath(path).startswith(root + os.sep):
+            gone.add(name)
+    for name in list(sys.modules):
+        if name in gone or any(name.startswith(g + ".") for g in gone):
             del sys.modules[name]
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ not in gone]
 
 
 def run_suite(pytest, root, profile, longrepr):
