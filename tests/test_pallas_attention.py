@@ -211,6 +211,8 @@ def test_tpu_schedule_lists_exactly_the_live_pairs_in_both_orders():
     assert tpu_schedule_host(ends, 16, max_pairs=tight)["tpu_pairs"].shape == (b, tight)
     with pytest.raises(ValueError, match=f"over max_pairs={tight - 1}"):
         tpu_schedule_host(ends, 16, max_pairs=tight - 1)
+    short = tpu_schedule(jnp.asarray(ends), 16, max_pairs=tight - 1)   # in jit: the true count,
+    assert int(short["tpu_num_pairs"].max()) == tight                 # so the row's output is NaN
     with pytest.raises(ValueError, match="TPU_SMEM_WORDS"):
         pallas_schedule.check_tpu_smem(4, 256, 256 * 257 // 2)    # 4 rows of 32k at block 128
 
