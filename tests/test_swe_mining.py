@@ -125,6 +125,11 @@ def make_history(root):
     c[6] = _commit(repo, "fix add", {"calc/core.py": repaired,
                                      "tests/test_core.py": TEST_CORE + "\n\ndef test_add_zero():\n"
                                      "    assert add(0, 0) == 0\n"})
+    c[7] = _commit(repo, "Add double() for callers that scale values by two; its body is just\n\n"
+                   "    return x * 2\n", {
+                       "calc/core.py": repaired + "\n\ndef double(x):\n    return x * 2\n",
+                       "tests/test_double.py": "from calc.core import double\n\n\n"
+                       "def test_double():\n    assert double(4) == 8\n"})
     return repo, c
 
 
@@ -162,10 +167,11 @@ def test_mining_counts_each_rejected_commit_under_its_filter(mined):
     why = {cid: reason for cid, reason, _ in res.skipped}
     ids = {n: f"local__calc-{c[n][:10]}" for n in c}
     assert why == {ids[2]: "no_source_change", ids[4]: "no_test_change",
-                   ids[5]: "gold_breaks_tests", ids[6]: "statement_too_short"}
+                   ids[5]: "gold_breaks_tests", ids[6]: "statement_too_short",
+                   ids[7]: "statement_leaks_patch"}
     detail = {cid: d for cid, _, d in res.skipped}
     assert detail[ids[5]] == "tests/test_core.py::test_add"
-    assert res.stats["candidates"] == 5 and res.stats["kept"] == 1
+    assert res.stats["candidates"] == 6 and res.stats["kept"] == 1
 
 
 def test_mined_instances_grade_gold_one_empty_zero_in_env_check(mined, capsys):
