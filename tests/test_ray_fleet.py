@@ -12,8 +12,15 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 
 from kat_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from kat_jax.envs import make_env  # noqa: E402
-from kat_jax.envs.base import Task  # noqa: E402
-from kat_jax.flow.ray_fleet import RayEnvFleet, fleet_options, make_env_factory  # noqa: E402
+from kat_jax.envs.base import EnvError, Task  # noqa: E402
+from kat_jax.flow.ray_fleet import (  # noqa: E402
+    RayEnvFleet,
+    WorkerLost,
+    fleet_metrics,
+    fleet_options,
+    make_env_factory,
+    shared_env_factory,
+)
 from kat_jax.rollout.agent import run_episode  # noqa: E402
 from kat_jax.rollout.sampler import Generation, SamplingParams  # noqa: E402
 
@@ -49,6 +56,14 @@ class ScriptedEngine:
             hook()
         ids = TOK.encode(self.turns.pop(0))
         return [[Generation(ids, [-0.5] * len(ids), [1.0] * len(ids), "stop")]]
+
+
+def _kill(actor) -> None:
+    """ray.kill, then wait until the actor is really gone (the kill is asynchronous)."""
+    ray.kill(actor)
+    with pytest.raises(ray.exceptions.RayActorError):
+        for _ in range(100):
+            ray.get(actor.ping.remote(), timeout=30)
 
 
 def _episode(env, i: int, on_call=None) -> dict:
@@ -93,7 +108,7 @@ def test_worker_killed_mid_episode_is_requeued_on_another_worker_and_counted(fle
 
     def kill():  # before the second turn: the worker ran reset and one step
         seen.append(env.worker)
-        ray.kill(env.worker.actor)
+        _kill(env.worker.actor)
 
     rec = _episode(env, 1, on_call={1: kill})
     assert env.env_error is None, env.env_error
@@ -109,31 +124,46 @@ def test_worker_killed_mid_episode_is_requeued_on_another_worker_and_counted(fle
 
 def test_retries_exhausted_mask_the_episode_as_env_error_with_the_reason(fleet):
     before = fleet.stats()
-    fleet.max_retries = 1
+    fleet.max_retries = 0
     env = fleet.env()
-    kill = lambda: ray.kill(env.worker.actor)  # noqa: E731
-    try:
-        # killed before turn 2 (re-queued once), then again before turn 3: no retry left
-        rec = _episode(env, 2, on_call={1: kill, 2: kill})
+    try:  # killed before turn 2, no re-queue allowed
+        rec = _episode(env, 2, on_call={1: lambda: _kill(env.worker.actor)})
     finally:
         fleet.max_retries = 2
     assert rec["status"] == "env_error" and rec["reward"] == 0.0  # masked, not a policy failure
-    assert "fleet.max_retries=1" in env.env_error and "lost during" in env.env_error
+    assert rec["turns"] == 2       # the loss ended the episode: no further generation
+    assert "fleet.max_retries=0" in env.env_error and "lost during step" in env.env_error
     after = fleet.stats()
     assert after["episodes_masked"] == before["episodes_masked"] + 1
-    assert after["episodes_requeued"] == before["episodes_requeued"] + 1
-    assert after["workers_dead"] == before["workers_dead"] + 2
+    assert after["episodes_requeued"] == before["episodes_requeued"]
+    assert after["workers_dead"] == before["workers_dead"] + 1
 
 
 def test_health_check_drops_a_dead_idle_worker_and_replaces_it(fleet):
     before = fleet.stats()
     victim = next(q for q in fleet._idle.values() if q)[0]
-    ray.kill(victim.actor)
-    workers = [fleet.acquire(), fleet.acquire()]   # both healthy: the victim was replaced
-    assert victim not in workers and all(not w.dead for w in workers)
-    for w in workers:
-        fleet.release(w)
-    assert fleet.stats()["workers_dead"] == before["workers_dead"] + 1
+    _kill(victim.actor)
+    w = fleet.acquire()     # pings the victim first (the pool's oldest), drops it, takes the next
+    assert w is not victim and victim.dead and not w.dead
+    fleet.release(w)
+    after = fleet.stats()
+    assert after["workers_dead"] == before["workers_dead"] + 1
+    assert after["workers_alive"] == 2      # a replacement joined the host's pool
+
+
+def test_acquire_and_call_timeouts_act(fleet):
+    held = [fleet.acquire(), fleet.acquire()]
+    fleet.acquire_timeout_s, fleet.call_timeout_s = 0.2, 1e-4
+    try:
+        with pytest.raises(EnvError, match="fleet.acquire_timeout_s=0.2"):
+            fleet.acquire()             # every worker is held by an episode
+        with pytest.raises(WorkerLost, match="lost during reset: GetTimeoutError"):
+            fleet.call(held[0], "reset", _task(0))  # a call not answered in time: worker lost
+        assert held[0].dead
+    finally:
+        fleet.acquire_timeout_s, fleet.call_timeout_s = 60.0, 60.0
+        for w in held:
+            fleet.release(w)
 
 
 def test_env_tags_route_work_to_the_actors_that_carry_the_resource(fleet):
@@ -142,6 +172,7 @@ def test_env_tags_route_work_to_the_actors_that_carry_the_resource(fleet):
     make, maths = make_env_factory(cfg)
     try:
         assert maths.resource == "env:maths" and maths.stats()["workers_alive"] == 1
+        assert fleet_metrics(maths)["fleet/workers_alive"] == 1.0
         env = make()
         task = Task(id="m", messages=[{"role": "user", "content": "1+1?"}],
                     metadata={"answer": "2"})
@@ -164,7 +195,8 @@ def test_env_tags_route_work_to_the_actors_that_carry_the_resource(fleet):
 def test_fleet_config_keys_act_or_fail_naming_the_key():
     cfg = ml_collections.ConfigDict({"rl": {"env": "calculator"}})
     make, fleet = make_env_factory(cfg)          # no cfg.fleet: local environments
-    assert fleet is None and make().name == "calculator"
+    assert fleet is None and make().name == "calculator" and fleet_metrics(fleet) == {}
+    assert shared_env_factory(cfg) is shared_env_factory(cfg)
     for fleet_cfg, key in (({"backend": "k8s"}, "fleet.backend"),
                            ({"max_retries": -1}, "fleet.max_retries"),
                            ({"ping_timeout_s": 0}, "fleet.ping_timeout_s"),

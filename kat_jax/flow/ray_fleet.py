@@ -523,3 +523,28 @@ def make_env_factory(cfg, env_kwargs: dict[str, Any] | None = None
                         call_timeout_s=opts["call_timeout_s"],
                         acquire_timeout_s=opts["acquire_timeout_s"])
     return fleet.env, fleet
+
+
+_SHARED: dict[tuple, tuple[Callable[[], Env], RayEnvFleet | None]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_env_factory(cfg) -> tuple[Callable[[], Env], RayEnvFleet | None]:
+    """make_env_factory(cfg) once per process and (rl.env, cfg.fleet): every round of a run
+    gets the same fleet (its warm pools and counters), not a new one."""
+    opts = fleet_options(cfg)
+    key = (cfg.rl.env, tuple(sorted(opts.items())))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = make_env_factory(cfg)
+        return _SHARED[key]
+
+
+def fleet_metrics(fleet: RayEnvFleet | None) -> dict[str, float]:
+    """A round's ``fleet/`` metrics (empty for local environments): the counters so far and the
+    utilisation (per-worker values left out)."""
+    if fleet is None:
+        return {}
+    s = fleet.stats()
+    s.pop("utilisation_per_worker")
+    return {f"fleet/{k}": float(v) for k, v in s.items()}
