@@ -351,3 +351,19 @@ def test_swe_mine_help_names_its_options(capsys):
     for flag in ("--repo", "--since", "--prs", "--output", "--backend", "--workers", "--spec",
                  "--runs", "--synthesize"):
         assert flag in out
+
+
+def test_exported_tree_hashes_as_the_sandbox_commits_it(tmp_path):
+    from kat_jax.envs.local_sandbox import LocalSandbox
+
+    repo = tmp_path / "r"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _commit(repo, "tracked bytecode too", {"a.py": "x = 1\n", "__pycache__/a.cpython-311.pyc": "b",
+                                           "b.pyc": "c", "sub/c.txt": "d\n"})
+    tree = tmp_path / "tree"
+    sm.export_tree(str(repo), "HEAD", str(tree))
+    base = sm.baseline_hash(str(tree))
+    assert sorted(p.name for p in tree.rglob("*")) == ["a.py", "c.txt", "sub"]
+    with LocalSandbox(str(tree)) as sb:
+        assert sb.base == base

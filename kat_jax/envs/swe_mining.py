@@ -77,7 +77,7 @@ from typing import Any
 
 from kat_jax.atomic_io import check_output_file, write_jsonl_atomic
 from kat_jax.envs.check import broken_reason
-from kat_jax.envs.sandbox import BASELINE_ENV, GIT, Sandbox, SandboxError
+from kat_jax.envs.sandbox import BASELINE_ENV, COPY_IGNORE, GIT, Sandbox, SandboxError
 from kat_jax.envs.swe import (
     SPEC_KEYS,
     check_task,
@@ -264,13 +264,23 @@ def split_change(repo: str, change: Change, opts: MineOptions) -> tuple[str, str
 
 # -- trees ------------------------------------------------------------------------------------------
 def export_tree(repo: str, rev: str, dest: str) -> None:
-    """The tree of ``rev`` as a plain directory ``dest`` (no history)."""
+    """The tree of ``rev`` as a plain directory ``dest`` (no history; ``git archive``, so no
+    submodules), without what sandboxes leave out when they copy a tree (sandbox.COPY_IGNORE:
+    ``__pycache__``, ``*.pyc``, ``.pytest_cache``), so that its baseline hash is the sandbox's."""
     os.makedirs(dest)
     archive = subprocess.run([*shlex.split(GIT), "-C", repo, "archive", "--format=tar", rev],
                              capture_output=True)
     if archive.returncode != 0:
         raise MiningError(f"git archive {rev}: {archive.stderr.decode(errors='replace')[-500:]}")
     subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+    ignored = lambda name: any(fnmatch.fnmatchcase(name, g) for g in COPY_IGNORE)  # noqa: E731
+    for dirpath, dirnames, filenames in os.walk(dest):
+        for name in [d for d in dirnames if ignored(d)]:
+            shutil.rmtree(os.path.join(dirpath, name))
+            dirnames.remove(name)
+        for name in filenames:
+            if ignored(name):
+                os.unlink(os.path.join(dirpath, name))
 
 
 def baseline_hash(tree: str) -> str:
