@@ -38,6 +38,15 @@ it trains offline on data.train_files (kat_jax.training.trainer). One round:
  5. rl.epochs passes of the minibatches, one optimizer step each (from the second on, the ratio
     differs from 1 and the clip acts: clip_fraction is real).
 
+Asynchronous (rl.max_staleness = k > 0; kat_jax.flow.async_rollout): the rollouts of later
+rounds run in background threads while the trainer trains, each token at most k policy versions
+behind the trainer (admission control, nothing discarded); rl.partial_rollouts lets a weight
+update reach episodes in flight at their next model call. Each call keeps the version that
+produced it; the correction is the loss's (loss.old_logprobs=record with loss.tis_cap: decoupled
+PPO; behaviour: PPO against the behaviour policy). k = 0 is this synchronous loop. Extra metrics:
+staleness_max / mean / hist_<s>, queue_*, weight_updates, drain_time_s, overlap; every run logs
+train_wait_s, train_idle_fraction and rollout_idle_fraction.
+
 Steps: train.steps counts optimizer steps. Checkpoints are taken at round ends only (every round
 that crosses a train.checkpoint_every boundary, and the last); the manager holds nothing between
 rounds (synchronous), so resuming restarts at the next round: the rollouts of a round depend only
@@ -194,6 +203,18 @@ def validate_online(cfg) -> None:
             rl.reference):
         _fail("rl.reference", "no such checkpoint (a kat_jax checkpoint, training workdir or "
               "Hugging Face directory)", rl.reference)
+    if rl.max_staleness < 0:
+        _fail("rl.max_staleness", "must be >= 0 (0 = the synchronous loop)", rl.max_staleness)
+    if rl.partial_rollouts and rl.max_staleness == 0:
+        _fail("rl.partial_rollouts", "acts only with rl.max_staleness > 0 (the synchronous loop "
+              "never updates weights during a round)", rl.partial_rollouts)
+    if rl.max_staleness > 0 and rl.dynamic_sampling:
+        _fail("rl.max_staleness", "the asynchronous loop does not do rl.dynamic_sampling in this "
+              "version; set one of them off", rl.max_staleness)
+    if rl.max_staleness > 0 and cfg.loss.old_logprobs == "record" and cfg.loss.tis_cap <= 0:
+        _fail("rl.max_staleness", "with loss.old_logprobs=record (decoupled PPO) stale samples "
+              "need the truncated importance weight loss.tis_cap > 0 against their behaviour "
+              "log-probs, or use loss.old_logprobs=behaviour", rl.max_staleness)
     if rl.epochs > 1 and cfg.loss.old_logprobs == "current":
         _fail("rl.epochs", "with loss.old_logprobs=current every pass has ratio 1; use record",
               rl.epochs)
@@ -212,17 +233,23 @@ class _ReportingEngine:
         self.local = threading.local()
         self.context_length = engine.context_length
         self.manager_s = 0.0  # time spent in the manager (all threads)
+        self.token_versions: dict[int, int] = {}  # policy version -> generated tokens
         self._lock = threading.Lock()
 
     def generate(self, prompts, params, n=1, seeds=None):
         out = self.engine.generate(prompts, params, n=n, seeds=seeds)
+        # the version of the weights that produced this call's tokens: the asynchronous loop's
+        # gated engine knows it per call (kat_jax.flow.async_rollout), else the round's
+        version = getattr(self.engine, "call_version", lambda: self.version)()
         session = self.local.session
         t = time.perf_counter()
         with self._lock:
             for prompt, gens in zip(prompts, out):
                 for g in gens:
                     self.manager.add_call(session, list(prompt), list(g.tokens),
-                                          list(g.logprobs), list(g.entropies), self.version)
+                                          list(g.logprobs), list(g.entropies), version)
+                    self.token_versions[version] = self.token_versions.get(version, 0) + len(
+                        g.tokens)
             self.manager_s += time.perf_counter() - t
         return out
 
@@ -256,6 +283,18 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
     diverge from every teacher's by more than the threshold for rl.patience turns in a row is
     terminated there: rl.on_terminate=mask drops its trajectories after the advantages
     (counted), penalty gives it the reward rl.termination_penalty."""
+    jobs, one, finish = round_episodes(engine, cfg, tasks, tokenizer, round_index, advantage,
+                                       seed, teachers)
+    with ThreadPoolExecutor(max_workers=cfg.rl.concurrency) as ex:
+        episodes = [r for r in ex.map(one, jobs) if r is not None]
+    return finish(episodes)
+
+
+def round_episodes(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
+                   seed: int | None = None, teachers: dict | None = None):
+    """A round's episodes as work items, for run_round and the asynchronous loop
+    (kat_jax.flow.async_rollout): (jobs [(task, sample)], one(job) -> episode record or None
+    (thread-safe), finish(episodes) -> (groups, episodes, stats) once every job ran)."""
     from kat_jax.envs import make_env
     from kat_jax.flow.manager import TrajectoryManager
     from kat_jax.rollout.agent import run_episode
@@ -338,20 +377,22 @@ def run_round(engine, cfg, tasks, tokenizer, round_index: int, advantage: str,
                                    tool_calls=rec["tool_calls"])
         return rec
 
-    with ThreadPoolExecutor(max_workers=rl.concurrency) as ex:
-        episodes = [r for r in ex.map(one, jobs) if r is not None]
-    t = time.perf_counter()
-    groups = manager.pop_groups(rl.group_size)
-    manager.stats["manager_time_s"] = eng.manager_s + time.perf_counter() - t
-    order = {t.id: i for i, t in enumerate(tasks)}  # completion order varies with threads
-    groups.sort(key=lambda g: order.get(g[0].get("group"), len(order)))
-    stats = dict(manager.stats)
-    stats["terminated"] = len(terminated)
-    if terminated and rl.on_terminate == "mask":  # after the advantages: they shaped the baseline
-        kept = [[r for r in g if r.get("session") not in terminated] for g in groups]
-        stats["terminated_masked"] = sum(len(g) for g in groups) - sum(len(g) for g in kept)
-        groups = [g for g in kept if g]
-    return groups, episodes, stats
+    def finish(episodes):
+        t = time.perf_counter()
+        groups = manager.pop_groups(rl.group_size)
+        manager.stats["manager_time_s"] = eng.manager_s + time.perf_counter() - t
+        order = {t.id: i for i, t in enumerate(tasks)}  # completion order varies with threads
+        groups.sort(key=lambda g: order.get(g[0].get("group"), len(order)))
+        stats = dict(manager.stats)
+        stats["terminated"] = len(terminated)
+        if terminated and rl.on_terminate == "mask":  # after the advantages (the baseline)
+            kept = [[r for r in g if r.get("session") not in terminated] for g in groups]
+            stats["terminated_masked"] = sum(len(g) for g in groups) - sum(len(g) for g in kept)
+            groups = [g for g in kept if g]
+        stats["token_versions"] = dict(eng.token_versions)
+        return groups, episodes, stats
+
+    return jobs, one, finish
 
 
 class RecordGroups:
@@ -423,13 +464,14 @@ def _varied(group: list[dict]) -> bool:
 
 
 def collect_groups(engine, cfg, tasks, tokenizer, position: _RoundState, advantage: str,
-                   teachers: dict | None = None):
+                   teachers: dict | None = None, runner=None):
     """The round's groups: one draw of rl.groups_per_round tasks, or with rl.dynamic_sampling
     (DAPO) as many draws as it takes (at most rl.max_draws) to collect rl.groups_per_round
     groups whose rewards differ (the others are dropped and counted). rl.overlong_filter drops
     the trajectories that ran out of tokens (status max_tokens / context_limit) after the
     advantages were computed, so they neither teach nor shift their group's baseline (DAPO's
-    overlong filtering). Returns (groups, episodes, stats)."""
+    overlong filtering). runner: run_round's stand-in (the asynchronous loop hands over a
+    round sampled in the background). Returns (groups, episodes, stats)."""
     rl = cfg.rl
     want = rl.groups_per_round
     groups, episodes = [], []
@@ -446,9 +488,9 @@ def collect_groups(engine, cfg, tasks, tokenizer, position: _RoundState, advanta
         start = position.drawn
         drawn = draw_tasks(tasks, cfg.train.seed, start, n)
         position.drawn += n
-        got, eps, ms = run_round(engine, cfg, drawn, tokenizer, position.rounds, advantage,
-                                 seed=(cfg.train.seed * 1_000_003 + start) % (2**31),
-                                 teachers=teachers)
+        got, eps, ms = (runner or run_round)(
+            engine, cfg, drawn, tokenizer, position.rounds, advantage,
+            seed=(cfg.train.seed * 1_000_003 + start) % (2**31), teachers=teachers)
         stats["draws"] += 1
         stats["masked_groups"] += ms.get("masked_groups", 0)
         for k in ("terminated", "terminated_masked"):
@@ -524,14 +566,34 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     record_old = cfg.loss.old_logprobs == "record"
     per_part = rl.groups_per_round // rl.minibatches
     empty_rounds = 0
+    flow = None
+    if _asynchronous(cfg):
+        from kat_jax.flow.async_rollout import AsyncRollouts
+
+        flow = AsyncRollouts(engine, cfg, tasks, tokenizer, advantage, teachers, position.rounds)
     try:
         while step < cfg.train.steps:
             r = position.rounds
             t0 = time.perf_counter()
-            engine.update_weights(state["params"])
-            groups, episodes, mstats = collect_groups(engine, cfg, tasks, tokenizer, position,
-                                                      advantage, teachers)
+            fm: dict[str, Any] = {}
+            if flow is None:
+                engine.update_weights(state["params"])
+                groups, episodes, mstats = collect_groups(engine, cfg, tasks, tokenizer,
+                                                          position, advantage, teachers)
+            else:
+                flow.publish(r, state["params"])
+
+                def from_flow(*args, **kwargs):
+                    got, eps, ms, fm0 = flow.get(r)
+                    fm.update(fm0)
+                    return got, eps, ms
+
+                rollout_busy0 = flow.busy_s()
+                groups, episodes, mstats = collect_groups(engine, cfg, tasks, tokenizer,
+                                                          position, advantage, teachers,
+                                                          runner=from_flow)
             t1 = time.perf_counter()
+            busy = (rollout_busy0, flow.busy_s()) if flow is not None else (0.0, 0.0)
             batches = []
             for p in range(rl.minibatches):
                 part = groups[p * per_part:(p + 1) * per_part]
@@ -562,7 +624,9 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                 kls = [k for k in kls if k is not None]
                 kl_ref = float(np.mean(kls)) if kls else None
             t2 = time.perf_counter()
-            round_metrics = _round_metrics(episodes, mstats, r, t1 - t0, t2 - t1)
+            round_metrics = _round_metrics(episodes, mstats, r, fm.pop("rollout_round_s",
+                                                                       t1 - t0), t2 - t1)
+            round_metrics.update(fm)
             round_metrics["kl_ref"] = kl_ref
             round_metrics["old_behaviour_max_abs"] = max(drift) if drift else None
             round_metrics["round_steps"] = len(full) * rl.epochs
@@ -588,7 +652,9 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                     last = epoch == rl.epochs - 1 and i == len(full) - 1
                     if last or step >= cfg.train.steps:
                         jax.block_until_ready(state)
-                        round_metrics["train_time_s"] = time.perf_counter() - t2
+                        t3 = time.perf_counter()
+                        round_metrics["train_time_s"] = t3 - t2
+                        round_metrics.update(_bubbles(flow, t0, t1, t3, *busy))
                         metrics = {**metrics, **{k: v for k, v in round_metrics.items()
                                                  if v is not None}}
                     logger.step(step, stats, metrics)
@@ -613,6 +679,8 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         ckpts.wait()
         export_model(workdir, state["params"], model_cfg, hf_dir(cfg))
     finally:
+        if flow is not None:
+            flow.close()
         stop.close()
         try:
             ckpts.close()
@@ -623,6 +691,29 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             "loss": logger.logged.get("loss"), "reward": logger.logged.get("reward"),
             "mesh": dict(mesh.shape), "total_tokens": totals["total_tokens"],
             "computed_tokens": totals["computed_tokens"]}
+
+
+def _asynchronous(cfg) -> bool:
+    """Sampling in the background (kat_jax.flow.async_rollout): rl.max_staleness > 0."""
+    return cfg.rl.max_staleness > 0
+
+
+def _bubbles(flow, t0: float, t1: float, t3: float, busy0: float,
+             busy1: float) -> dict[str, float]:
+    """The round's bubbles over its wall time t0 (waiting for rollouts) .. t1 (trees,
+    log-probs, steps) .. t3: train_wait_s, train_idle_fraction, rollout_idle_fraction (no
+    episode in flight) and overlap (share of the trainer's busy time with episodes in
+    flight). Synchronous: the trainer waits for the whole rollout and the sampler idles while
+    it trains (overlap 0). busy0, busy1: the flow's busy seconds at t0 and t1."""
+    wall, busy = max(t3 - t0, 1e-9), max(t3 - t1, 1e-9)
+    m = {"train_wait_s": t1 - t0, "train_idle_fraction": (t1 - t0) / wall}
+    if flow is None:
+        m.update(rollout_idle_fraction=busy / wall, overlap=0.0)
+        return m
+    now = flow.busy_s()
+    m["rollout_idle_fraction"] = min(1.0, max(0.0, 1.0 - (now - busy0) / wall))
+    m["overlap"] = min(1.0, max(0.0, (now - busy1) / busy))
+    return m
 
 
 def _check_skips(cfg, step: int, metrics: dict, ckpt_dir: str) -> None:

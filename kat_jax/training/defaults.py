@@ -80,7 +80,8 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              kept first, comma-separated; tool results fused with their call)
   rl.*                       the online loop (rl or rft stage, rl.env set): kat_jax.flow.online
                              says what each key does; set without rl.env they are errors (the
-                             teacher keys act on rft only)
+                             teacher keys act on rft only); rl.max_staleness /
+                             rl.partial_rollouts: asynchronous sampling, kat_jax.flow.async_rollout
   mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
   distributed.*              jax.distributed.initialize arguments (multi-host): initialize,
                              coordinator_address HOST:PORT, num_processes, process_id (-1 / '' =
@@ -122,6 +123,11 @@ RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, gro
                    minibatches=1, epochs=1, max_turns=4, max_tokens=0, max_new_tokens=64,
                    temperature=1.0, concurrency=8, reference="", dynamic_sampling=False,
                    max_draws=4, overlong_filter=False,
+                   # asynchronous RL (kat_jax.flow.async_rollout; issue 19's flow.max_staleness):
+                   # sampling runs ahead of the trainer by at most max_staleness policy versions
+                   # (0 = the synchronous loop); partial_rollouts: weight updates reach episodes
+                   # in flight at their next model call instead of after a drain
+                   max_staleness=0, partial_rollouts=False,
                    # online rft: teachers ('' = the environment's bundled ones), the relative
                    # reward's weights, supervision during generation
                    teachers="", w_outcome=1.0, w_process=0.5, w_answer=0.5,
