@@ -4,6 +4,8 @@ ray.init for the module (2 CPUs, custom resources env:calculator=2 and env:maths
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import ml_collections
 import pytest
 
@@ -91,8 +93,9 @@ def fleet(cluster):
 
 
 def test_fleet_episodes_give_the_same_records_as_local_envs(fleet):
-    local = [_episode(make_env("calculator"), i) for i in range(3)]
-    remote = [_episode(fleet.env(), i) for i in range(3)]
+    local = [_episode(make_env("calculator"), i) for i in range(4)]
+    with ThreadPoolExecutor(4) as ex:   # 4 concurrent episodes on 2 workers: 2 wait for one
+        remote = list(ex.map(lambda i: _episode(fleet.env(), i), range(4)))
     assert remote == local
     assert all(r["status"] == "ok" and r["reward"] == 1.0 and r["tool_calls"] == 2
                for r in remote)

@@ -207,9 +207,24 @@ class RayEnvFleet:
                 raise ValueError(f"fleet.workers_per_host: {n} workers need {n} units of "
                                  f"{self.resource!r}; host {node} has {amount:g}")
             self._idle[node] = collections.deque(self._spawn(node) for _ in range(n))
-        # one round of pings: the warm pool is up (imports done) before the first episode
-        for w in list(self._workers):
-            self._healthy(w)
+        self._warm_up(list(self._workers))
+
+    def _warm_up(self, workers: list[_Worker]) -> None:
+        """Pings the new workers together: the warm pool is up (processes started, imports
+        done) before the first episode; one that does not answer within acquire_timeout_s is
+        dead (replaced, counted)."""
+        ray = _ray()
+        refs = {w.actor.ping.remote(): w for w in workers}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.acquire_timeout_s)
+        ready = set(ready)
+        for ref, w in refs.items():
+            try:
+                if ref not in ready:
+                    raise TimeoutError
+                ray.get(ref)
+                w.answered = True
+            except Exception:  # noqa: BLE001 - any failure: the worker is gone
+                self._bury(w)
 
     # -- pool ------------------------------------------------------------------------------------
 
@@ -279,7 +294,7 @@ class RayEnvFleet:
                         raise EnvError(f"fleet {self.resource}: no idle worker within "
                                        f"fleet.acquire_timeout_s={self.acquire_timeout_s}")
                     self._cv.wait(left)
-            if self._healthy(w):
+            if not w.dead and self._healthy(w):
                 w.acquired_at = time.monotonic()
                 return w
 
