@@ -602,8 +602,10 @@ def synthesize_instances(ctx: _Ctx, rev: str, k: int, seed: int, stats: Counter,
     process, each with one run of the suite. A mutation is kept when at least one test passing on
     the clean tree fails: FAIL_TO_PASS are those, PASS_TO_PASS the clean-passing tests that still
     pass (flaky ones excluded). The instance's tree is the mutated tree, its gold patch the reverse
-    of the mutation, its test patch empty, its statement swe_mutations.statement. Counts go to
-    ``stats`` as ``synth_*`` keys (``synth_tried``, ``synth_no_failure``, ``synth_kept`` ...)."""
+    of the mutation, its test patch empty, its statement swe_mutations.statement; a statement that
+    leaks the patch drops it (unless ``keep_flagged``), then the verification as for mined ones.
+    Counts go to ``stats`` as ``synth_*`` keys (``synth_tried``, ``synth_no_failure``,
+    ``synth_statement_leaks_patch``, ``synth_verify_failed``, ``synth_kept`` ...)."""
     opts = ctx.opts
     clean = os.path.join(ctx.trees, "_clean")
     export_tree(ctx.repo, rev, clean)
@@ -674,9 +676,10 @@ def synthesize_instances(ctx: _Ctx, rev: str, k: int, seed: int, stats: Counter,
             sb.close()
         instances = []
         for m, text, f2p, p2p, report in kept[:k]:
-            inst = _mutation_instance(ctx, clean, m, text, f2p, p2p, report, flaky, rev)
+            inst, reason = _mutation_instance(ctx, clean, m, text, f2p, p2p, report, flaky, rev)
             if inst is None:
-                stats["synth_verify_failed"] += 1
+                stats[f"synth_{reason}"] += 1
+                skipped.append((m.description, reason, ""))
                 continue
             instances.append(inst)
             stats["synth_kept"] += 1
@@ -689,7 +692,8 @@ def synthesize_instances(ctx: _Ctx, rev: str, k: int, seed: int, stats: Counter,
 
 def _mutation_instance(ctx: _Ctx, clean: str, m: Mutation, text: str, f2p: list[str],
                        p2p: list[str], report: str, flaky: list[str], rev: str
-                       ) -> dict[str, Any] | None:
+                       ) -> tuple[dict[str, Any] | None, str]:
+    """(instance, "kept") or (None, "statement_leaks_patch" / "verify_failed")."""
     key = hashlib.sha256(f"{rev}:{m}".encode()).hexdigest()[:10]
     iid = f"{_safe_id(ctx.repo_name)}-synth-{key}"
     tree = os.path.join(ctx.trees, iid)
@@ -698,17 +702,23 @@ def _mutation_instance(ctx: _Ctx, clean: str, m: Mutation, text: str, f2p: list[
         f.write(text)
     with open(os.path.join(clean, m.path), encoding="utf-8") as f:
         original = f.read()
+    statement, patch = mutation_statement(f2p, report), file_diff(m.path, text, original)
+    flags = statement_flags(statement, patch, 0)
     inst = {"repo": ctx.repo_name, "instance_id": iid, "base_commit": baseline_hash(tree),
-            "problem_statement": mutation_statement(f2p, report),
-            "patch": file_diff(m.path, text, original), "test_patch": "",
+            "problem_statement": statement, "patch": patch, "test_patch": "",
             "FAIL_TO_PASS": f2p, "PASS_TO_PASS": p2p, "repo_path": tree, **ctx.spec,
             "mined": {"from": "mutation", "commit": rev, "mutation": m.description,
-                      "kind": m.kind, "runs": ctx.opts.runs, "flaky": flaky, "flags": [],
+                      "kind": m.kind, "runs": ctx.opts.runs, "flaky": flaky, "flags": flags,
                       **_env_meta(ctx)}}
-    if ctx.opts.verify and _verify(inst, ctx):
+    reason = "kept"
+    if flags and not ctx.opts.keep_flagged:
+        reason = flags[0]
+    elif ctx.opts.verify and _verify(inst, ctx):
+        reason = "verify_failed"
+    if reason != "kept":
         shutil.rmtree(tree, ignore_errors=True)
-        return None
-    return inst
+        return None, reason
+    return inst, reason
 
 
 # -- the whole job ----------------------------------------------------------------------------------
