@@ -1,0 +1,215 @@
+"""Tag-driven placement (kat_jax.flow.placement): the scheduler's rules, and the two-sub-mesh mode
+on 8 simulated CPU devices (4 train, 4 rollout)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from kat_jax.flow.placement import PlacementError, Resource, Scheduler, split_devices
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _res(name, tags, slots=1, lends=()):
+    return Resource(name, frozenset(tags), slots, frozenset(lends))
+
+
+def test_items_go_to_resources_with_every_required_tag_least_loaded_first():
+    s = Scheduler([_res("a", {"rollout"}, 2), _res("b", {"rollout"}, 2),
+                   _res("sbx", {"env:swe", "env:maths"}, 1)])
+    got = [s.acquire({"rollout"}).name for _ in range(4)]
+    assert got == ["a", "b", "a", "b"]  # least loaded, then the order given
+    assert s.acquire({"env:maths"}).name == "sbx"
+    with pytest.raises(TimeoutError, match=r"no free resource with tags \['env:swe'\]"):
+        s.acquire({"env:swe"}, timeout=0.05)  # sbx's one slot is taken
+    with pytest.raises(PlacementError, match=r"no resource has the tags \['env:calculator'\]; "
+                                             r"tags offered: \['env:maths', 'env:swe', 'rollout'\]"):
+        s.acquire({"env:calculator"})
+    with pytest.raises(PlacementError):
+        s.acquire({"rollout", "env:swe"})  # no single resource has both
+    assert s.placed == {"a": 2, "b": 2, "sbx": 1}
+
+
+def test_a_training_device_lends_rollout_only_while_the_trainer_waits():
+    s = Scheduler([_res("train", {"train"}, 1, lends={"rollout"}), _res("roll", {"rollout"}, 1)])
+    r1 = s.acquire({"rollout"})
+    assert r1.name == "roll"
+    with pytest.raises(TimeoutError):  # the trainer is busy: it lends nothing
+        s.acquire({"rollout"}, timeout=0.05)
+    s.set_idle("train", True)
+    r2 = s.acquire({"rollout"})
+    assert r2.name == "train" and s.lent == {"train": 1, "roll": 0}
+    s.release(r1)
+    s.release(r2)
+    # own tags first: with both free and the trainer idle, rollout work goes to the rollout device
+    assert s.acquire({"rollout"}).name == "roll"
+    s.set_idle("train", False)
+    assert s.acquire({"train"}).name == "train"  # its own tag, idle or not
+
+
+def test_acquire_waits_for_a_release_and_errors_name_what_is_wrong():
+    s = Scheduler([_res("a", {"rollout"})])
+    first = s.acquire({"rollout"})
+    got = []
+    t = threading.Thread(target=lambda: got.append(s.acquire({"rollout"}).name))
+    t.start()
+    time.sleep(0.05)
+    assert not got  # blocked while the one slot is busy
+    s.release(first)
+    t.join(5)
+    assert got == ["a"] and s.wait_s > 0
+    s.release(first)
+    with pytest.raises(ValueError, match="release of 'a', which runs nothing"):
+        s.release(first)
+    with pytest.raises(ValueError, match="resource names must be unique"):
+        Scheduler([_res("a", {"x"}), _res("a", {"y"})])
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        _res("z", {"x"}, 0)
+    with pytest.raises(KeyError, match="unknown resource 'nope'"):
+        s.set_idle("nope", True)
+    assert split_devices(list(range(8)), 4, 4) == ([0, 1, 2, 3], [4, 5, 6, 7])
+    assert split_devices(list(range(8)), 8, 0) == (list(range(8)), [])
+    with pytest.raises(ValueError, match="5 training \\+ 4 rollout devices: only 8 available"):
+        split_devices(list(range(8)), 5, 4)
+
+
+class _FakeEngine:
+    """Samples "its device id, then the weights' version": shows where a call ran and with
+    which weights."""
+
+    context_length = 64
+
+    def __init__(self, params):
+        self.params = params
+
+    def generate(self, prompts, sp, n=1, seeds=None):
+        time.sleep(0.05)
+        return [[(self.params["device"], self.params["v"])] * n for _ in prompts]
+
+    def update_weights(self, params):
+        self.params = params
+
+
+def test_engine_fleet_places_calls_by_tags_and_updates_every_replica(monkeypatch):
+    from kat_jax.flow import placement
+
+    class Dev:
+        def __init__(self, i):
+            self.id = i
+
+    monkeypatch.setattr(placement, "reshard_params",
+                        lambda p, d, no_host=True: {**p, "device": d.id})
+    fleet = placement.EngineFleet(None, {"v": 0}, [Dev(4), Dev(5)], lend_devices=[Dev(0)],
+                                  slots=1, make_engine=_FakeEngine)
+    assert fleet.context_length == 64
+    assert [r.name for r in fleet.scheduler.resources] == ["rollout:4", "rollout:5", "train:0"]
+
+    def burst(k):
+        out = [None] * k
+        ts = [threading.Thread(target=lambda i=i: out.__setitem__(
+            i, fleet.generate([[1]], None)[0][0])) for i in range(k)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        return out
+
+    assert {d for d, _ in burst(6)} == {4, 5}  # the trainer is busy: its device samples nothing
+    fleet.update_weights({"v": 1})  # every replica, the lender's too
+    assert fleet.version == 1
+    assert all(e.params == {"v": 1, "device": e.params["device"]} for e in fleet.engines)
+    fleet.trainer_waiting(True)
+    got = burst(6)
+    assert {d for d, _ in got} == {0, 4, 5} and {v for _, v in got} == {1}
+    assert fleet.stats()["lent"]["train:0"] >= 1
+    fleet.trainer_waiting(False)
+    assert {d for d, _ in burst(4)} == {4, 5}
+    with pytest.raises(ValueError, match="at least one rollout"):
+        placement.EngineFleet(None, {}, [], make_engine=_FakeEngine)
+
+
+SUBMESH = textwrap.dedent("""
+    import os, sys, threading
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from flax import nnx
+    from kat_jax.flow.placement import EngineFleet, split_devices
+    from kat_jax.models.config import get_preset
+    from kat_jax.models.decoder import init_model
+    from kat_jax.rollout.sampler import EngineConfig, SamplingParams
+    from kat_jax.training.sharding import make_mesh, named, param_specs
+
+    assert jax.device_count() == 8
+    cfg = get_preset("tiny")
+    model = init_model(cfg, 0)
+    train_devs, roll_devs = split_devices(jax.devices(), 4, 4)
+    mesh = make_mesh(1, 4, 1, devices=train_devs)
+    shard = named(mesh, param_specs(model, mesh))
+    host = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = jax.device_put(host, shard)  # the trainer's parameters, sharded over 4 devices
+    q = params["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert set(q.devices()) == set(train_devs) and not q.sharding.is_fully_replicated
+    fleet = EngineFleet(cfg, params, roll_devs, slots=1,
+                        engine_config=EngineConfig(max_batch=4, cache_tokens=512))
+
+    def check_weights(want):
+        for res in fleet.scheduler.resources:  # each replica: its own device, the exact weights
+            dev, eng = res.handle
+            leaves = jax.tree.leaves(nnx.to_pure_dict(nnx.state(nnx.merge(eng.graphdef,
+                                                                          eng.params),
+                                                                 nnx.Param)))
+            assert {{d for a in leaves for d in a.devices()}} == {{dev}}
+            for a, b in zip(leaves, jax.tree.leaves(want)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    sp = SamplingParams(temperature=1.0, max_new_tokens=4, seed=5)
+    prompts = [[[1 + i, 2, 3 + i]] for i in range(6)]
+
+    def run_all():
+        out = [None] * len(prompts)
+        def one(i):
+            out[i] = [g.tokens for g in fleet.generate(prompts[i], sp, n=2)[0]]
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        return out
+
+    def same_on_every_replica(out):  # where a generation runs does not change it
+        for res in fleet.scheduler.resources:
+            got = [g.tokens for g in res.handle[1].generate(prompts[0], sp, n=2)[0]]
+            assert got == out[0], (res.name, got, out[0])
+
+    check_weights(host)
+    out = run_all()
+    placed = fleet.stats()["placed"]
+    assert sum(placed.values()) == 6 and sum(1 for v in placed.values() if v) >= 2, placed
+    same_on_every_replica(out)
+    # an update on the training mesh, then its weights to the replicas, device to device
+    update = jax.jit(lambda p: jax.tree.map(lambda x: x * 1.5 + 0.01, p),
+                     in_shardings=(shard,), out_shardings=shard)
+    params2 = update(params)
+    fleet.update_weights(params2)
+    check_weights(jax.device_get(params2))
+    out2 = run_all()
+    assert out2 != out
+    same_on_every_replica(out2)
+    print("OK", fleet.stats())
+""")
+
+
+def test_two_sub_meshes_train_on_four_devices_sample_on_four_with_device_to_device_weights():
+    """8 simulated CPU devices: the trainer's parameters sharded (fsdp) over devices 0-3, one
+    sampler replica on each of devices 4-7. Every replica holds exactly the trainer's weights on
+    its own device, before and after an update on the training mesh that is copied device to
+    device, and samples the same tokens for the same prompt and seed as every other replica.
+    (reshard_params also forbids host transfers with JAX's transfer guards, which act on
+    accelerators; on CPU, device memory is host memory and they never fire.)"""
+    proc = subprocess.run([sys.executable, "-c", SUBMESH.format(root=ROOT)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
