@@ -367,3 +367,17 @@ def test_exported_tree_hashes_as_the_sandbox_commits_it(tmp_path):
     assert sorted(p.name for p in tree.rglob("*")) == ["a.py", "c.txt", "sub"]
     with LocalSandbox(str(tree)) as sb:
         assert sb.base == base
+
+
+def test_an_environment_that_cannot_be_built_is_a_clear_error(history, tmp_path, monkeypatch):
+    from kat_jax.envs.sandbox import SandboxError
+
+    def fails(spec, cache_dir):
+        raise SandboxError("building the environment venv-x: pip install failed: no such package")
+
+    monkeypatch.setattr(sm, "ensure_venv", fails)
+    repo, _ = history
+    opts = sm.MineOptions(spec={"pip_packages": ["no-such-package-kat"]})
+    with pytest.raises(sm.MiningError, match="building the environment"):
+        sm.mine(str(repo), str(tmp_path / "t.jsonl"), opts=opts)
+    assert os.listdir(tmp_path) == []

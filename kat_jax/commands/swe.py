@@ -63,7 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--no-verify", action="store_true",
                    help="skip grading each instance with its gold and an empty patch")
     m.add_argument("--synthesize", type=int, default=0, metavar="K",
-                   help="also make up to K instances by mutating the code at --until")
+                   help="also make up to K instances by mutating the code at --until "
+                   "(--since REV with REV = --until: synthesis only)")
     m.add_argument("--seed", type=int, default=0, help="--synthesize: which sites are tried")
     m.add_argument("--max-candidates", type=int, default=None)
     m.add_argument("--repo-name", default=None,

@@ -792,8 +792,10 @@ def mine(repo: str, output: str, since: str | None = None, until: str = "HEAD",
     if max_candidates is not None:
         changes = changes[:max_candidates]
     until_sha = resolve_rev(repo, until)
-    check_spec(opts.spec)
-    spec, kwargs, key = prepare_environment(opts)
+    try:
+        spec, kwargs, key = prepare_environment(opts)
+    except SandboxError as e:                 # the environment (venv / image) could not be built
+        raise MiningError(str(e)) from None
     instances = []
     with _trees_dir(output) as trees:
         ctx = _Ctx(repo, repo_name, opts, spec, kwargs, key, trees)
