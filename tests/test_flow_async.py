@@ -179,13 +179,64 @@ def test_staleness_metrics_histogram():
     assert staleness_metrics({}, 0) == {}
 
 
+class WeightsEngine:
+    """Stands in for the JaxEngine in the full-loop tests (no sampler compilation): the text it
+    generates depends on the weights it holds (read at every call, so weights donated by the
+    train step would fail here) and on the seed; its behaviour log-probs are made up."""
+
+    def __init__(self, model, config=None):
+        self.context_length = 4096
+        self.params = None
+
+    def update_weights(self, params):
+        self.params = params
+
+    def generate(self, prompts, params, n=1, seeds=None):
+        import jax
+        import numpy as np
+
+        from kat_jax.rollout.sampler import Generation
+
+        key = float(np.asarray(jax.tree.leaves(self.params)[0]).ravel()[:64].sum())
+        out = []
+        for seed in seeds:
+            rng = random.Random(f"{key:.7f}/{seed}")
+            ids = TOK.encode("".join(rng.choice("abcdefgh") for _ in range(5))) + [IM_END]
+            lps = [-rng.uniform(0.5, 2.5) for _ in ids]
+            out.append([Generation(ids, lps, [1.0] * len(ids), "stop")] * n)
+        return out
+
+
+@pytest.fixture
+def fake_sampler(monkeypatch, tmp_path_factory):
+    """The fake engine, no plots, and a persistent compilation cache so that the runs after the first
+    reuse the train step's and the log-prob pass's executables."""
+    import jax
+
+    import kat_jax.rollout.sampler as sampler
+    import kat_jax.training.plots as plots
+
+    monkeypatch.setattr(sampler, "JaxEngine", WeightsEngine)
+    monkeypatch.setattr(plots, "plot_metrics", lambda *a, **k: None)  # PNGs: seconds of CPU
+    before = {k: getattr(jax.config, k) for k in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jit")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+
+
 FAST = ["--config.train.steps=2", "--config.rl.minibatches=1", "--config.rl.groups_per_round=1",
         "--config.loss.kl_coef=0", "--config.prune.budget=0", "--config.train.checkpoint_every=2",
-        "--config.rl.max_new_tokens=6"]
+        "--config.rl.max_new_tokens=6", "--config.train.log_entropy=false",
+        "--config.data.row_len=64"]
 
 
 def test_staleness_zero_through_the_async_machinery_gives_the_synchronous_losses(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, fake_sampler):
     sync = run_train(_cfg(FAST), str(tmp_path / "sync"))
     monkeypatch.setattr(online, "_asynchronous", lambda cfg: True)  # k = 0, in background
     got = run_train(_cfg(FAST), str(tmp_path / "async0"))
@@ -198,11 +249,11 @@ def test_staleness_zero_through_the_async_machinery_gives_the_synchronous_losses
     assert a[-1]["overlap"] == 0 and 0 < a[-1]["train_idle_fraction"] < 1
 
 
-def test_async_run_trains_within_the_bound_and_logs_the_flow(tmp_path):
-    cfg = _cfg(FAST + ["--config.train.steps=3", "--config.rl.max_staleness=1",
+def test_async_run_trains_within_the_bound_and_logs_the_flow(tmp_path, fake_sampler):
+    cfg = _cfg(FAST + ["--config.rl.max_staleness=1",
                        "--config.rl.partial_rollouts=true", "--config.rl.concurrency=2"])
     out = run_train(cfg, str(tmp_path / "w"))
-    assert out["step"] == 3 and out["rounds"] == 3
+    assert out["step"] == 2 and out["rounds"] == 2
     m = _metrics(tmp_path / "w")
     assert all(r["staleness_max"] <= 1 for r in m)
     for key in ("train_idle_fraction", "rollout_idle_fraction", "overlap", "queue_rounds_ready",
