@@ -80,7 +80,14 @@ def _episode(env, i: int, on_call=None) -> dict:
 def cluster():
     ray.init(num_cpus=2, resources={"env:calculator": 2, "env:maths": 1},
              include_dashboard=False, log_to_driver=False)
-    yield
+    # the maths fleet (through make_env_factory's ray path) starts in the background while the
+    # calculator tests run: its worker's process start overlaps them (test time)
+    cfg = ml_collections.ConfigDict({"rl": {"env": "maths"},
+                                     "fleet": {"backend": "ray", "max_retries": 1}})
+    maths = ThreadPoolExecutor(1).submit(make_env_factory, cfg)
+    yield maths
+    if maths.exception() is None:
+        maths.result()[1].shutdown()
     ray.shutdown()
 
 
@@ -142,11 +149,26 @@ def test_retries_exhausted_mask_the_episode_as_env_error_with_the_reason(fleet):
     assert after["workers_dead"] == before["workers_dead"] + 1
 
 
+def test_a_replay_that_differs_masks_the_episode_instead_of_continuing(fleet):
+    before = fleet.stats()
+    env = fleet.env()
+
+    def tamper_and_kill():  # what the policy read no longer matches what a replay gives
+        env._steps[0][1][0]["content"] = "tampered"
+        _kill(env.worker.actor)
+
+    rec = _episode(env, 3, on_call={1: tamper_and_kill})
+    assert rec["status"] == "env_error" and "different results at turn 1" in env.env_error
+    after = fleet.stats()
+    assert after["replays_diverged"] == before["replays_diverged"] + 1
+    assert after["episodes_masked"] == before["episodes_masked"] + 1
+
+
 def test_health_check_drops_a_dead_idle_worker_and_replaces_it(fleet):
     before = fleet.stats()
-    victim = next(q for q in fleet._idle.values() if q)[0]
+    victim = next(w for q in fleet._idle.values() for w in q if w.answered)  # picked first
     _kill(victim.actor)
-    w = fleet.acquire()     # pings the victim first (the pool's oldest), drops it, takes the next
+    w = fleet.acquire()     # pings the victim, drops it, takes another
     assert w is not victim and victim.dead and not w.dead
     fleet.release(w)
     after = fleet.stats()
@@ -169,26 +191,21 @@ def test_acquire_and_call_timeouts_act(fleet):
             fleet.release(w)
 
 
-def test_env_tags_route_work_to_the_actors_that_carry_the_resource(fleet):
-    cfg = ml_collections.ConfigDict({"rl": {"env": "maths"},
-                                     "fleet": {"backend": "ray", "max_retries": 1}})
-    make, maths = make_env_factory(cfg)
-    try:
-        assert maths.resource == "env:maths" and maths.stats()["workers_alive"] == 1
-        assert fleet_metrics(maths)["fleet/workers_alive"] == 1.0
-        env = make()
-        task = Task(id="m", messages=[{"role": "user", "content": "1+1?"}],
-                    metadata={"answer": "2"})
-        rec = run_episode(ScriptedEngine(["\\boxed{2}<|im_end|>"]), env, task, TOK,
-                          SamplingParams())
-        assert ray.get(env.worker.actor.ping.remote())["env"] == "maths"
-        env.close()
-        assert rec["reward"] == 1.0
-        # every unit of both tags is held by its fleet's warm pool
-        free = ray.available_resources()
-        assert free.get("env:calculator", 0) == 0 and free.get("env:maths", 0) == 0
-    finally:
-        maths.shutdown()
+def test_env_tags_route_work_to_the_actors_that_carry_the_resource(cluster, fleet):
+    make, maths = cluster.result(timeout=120)   # make_env_factory(rl.env=maths, backend=ray)
+    assert maths.resource == "env:maths" and maths.stats()["workers_alive"] == 1
+    assert fleet_metrics(maths)["fleet/workers_alive"] == 1.0
+    env = make()
+    task = Task(id="m", messages=[{"role": "user", "content": "1+1?"}],
+                metadata={"answer": "2"})
+    rec = run_episode(ScriptedEngine(["\\boxed{2}<|im_end|>"]), env, task, TOK,
+                      SamplingParams())
+    assert ray.get(env.worker.actor.ping.remote())["env"] == "maths"
+    env.close()
+    assert rec["reward"] == 1.0
+    # every unit of both tags is held by its fleet's warm pool
+    free = ray.available_resources()
+    assert free.get("env:calculator", 0) == 0 and free.get("env:maths", 0) == 0
     with pytest.raises(ValueError, match="fleet.resource.*env:swe"):
         RayEnvFleet("swe")
     with pytest.raises(ValueError, match="fleet.workers_per_host"):

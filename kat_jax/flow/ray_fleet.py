@@ -166,6 +166,7 @@ class _Worker:
         self.busy_s = 0.0      # time inside env calls (measured here, around the remote call)
         self.dead = False
         self.answered = False  # has answered a ping (its process is up)
+        self.probe = None      # the start-up ping's object ref
         self.acquired_at = 0.0
 
 
@@ -214,7 +215,7 @@ class RayEnvFleet:
         done) before the first episode; one that does not answer within acquire_timeout_s is
         dead (replaced, counted)."""
         ray = _ray()
-        refs = {w.actor.ping.remote(): w for w in workers}
+        refs = {w.probe: w for w in workers}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.acquire_timeout_s)
         ready = set(ready)
         for ref, w in refs.items():
@@ -242,6 +243,7 @@ class RayEnvFleet:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         actor = self._remote.options(**opts).remote(self.env_name, self.env_kwargs)
         w = _Worker(actor, node, len(self._workers))
+        w.probe = actor.ping.remote()   # start-up ping: answered once the process is up
         self._workers.append(w)
         self._counts["workers_started"] += 1
         return w
@@ -287,7 +289,7 @@ class RayEnvFleet:
                     # the host with the most idle workers first: spreads load over hosts
                     pools = [q for q in self._idle.values() if q]
                     if pools:
-                        w = max(pools, key=len).popleft()
+                        w = self._pick(pools)
                         break
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -297,6 +299,21 @@ class RayEnvFleet:
             if not w.dead and self._healthy(w):
                 w.acquired_at = time.monotonic()
                 return w
+
+    def _pick(self, pools: list[collections.deque[_Worker]]) -> _Worker:
+        """Takes an idle worker whose process is up (its start-up ping answered) when there is
+        one, from the host with the most idle workers; else the oldest idle one (a replacement
+        still starting: acquire then waits for it)."""
+        ray = _ray()
+        for q in sorted(pools, key=len, reverse=True):
+            for w in q:
+                if not w.answered and not w.dead and w.probe is not None:
+                    if ray.wait([w.probe], timeout=0)[0]:
+                        w.answered = True   # a failed probe is found by the health check
+                if w.answered:
+                    q.remove(w)
+                    return w
+        return max(pools, key=len).popleft()
 
     def release(self, w: _Worker) -> None:
         w.held_s += time.monotonic() - w.acquired_at
