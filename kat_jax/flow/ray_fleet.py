@@ -242,10 +242,11 @@ class RayEnvFleet:
         if node is not None:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         actor = self._remote.options(**opts).remote(self.env_name, self.env_kwargs)
-        w = _Worker(actor, node, len(self._workers))
+        w = _Worker(actor, node, self._counts["workers_started"])
         w.probe = actor.ping.remote()   # start-up ping: answered once the process is up
-        self._workers.append(w)
-        self._counts["workers_started"] += 1
+        with self._cv:
+            self._workers.append(w)
+            self._counts["workers_started"] += 1
         return w
 
     def _healthy(self, w: _Worker) -> bool:
