@@ -168,9 +168,12 @@ def test_health_check_drops_a_dead_idle_worker_and_replaces_it(fleet):
     before = fleet.stats()
     victim = next(w for q in fleet._idle.values() for w in q if w.answered)  # picked first
     _kill(victim.actor)
-    w = fleet.acquire()     # pings the victim, drops it, takes another
-    assert w is not victim and victim.dead and not w.dead
-    fleet.release(w)
+    held = []
+    while not victim.dead and len(held) < 2:   # the victim is pinged by the first acquire or the
+        held.append(fleet.acquire())          # second (2 workers), dropped, never handed out
+    assert victim.dead and victim not in held and not any(w.dead for w in held)
+    for w in held:
+        fleet.release(w)
     after = fleet.stats()
     assert after["workers_dead"] == before["workers_dead"] + 1
     assert after["workers_alive"] == 2      # a replacement joined the host's pool
@@ -210,6 +213,23 @@ def test_env_tags_route_work_to_the_actors_that_carry_the_resource(cluster, flee
         RayEnvFleet("swe")
     with pytest.raises(ValueError, match="fleet.workers_per_host"):
         RayEnvFleet("calculator", workers_per_host=3)
+
+
+def test_a_worker_lost_at_reset_without_retries_gives_an_env_error_record(fleet, monkeypatch):
+    acquire = fleet.acquire
+
+    def acquire_then_kill():
+        w = acquire()
+        _kill(w.actor)
+        return w
+
+    monkeypatch.setattr(fleet, "acquire", acquire_then_kill)
+    monkeypatch.setattr(fleet, "max_retries", 0)
+    env = fleet.env()
+    rec = run_episode(ScriptedEngine(["\\boxed{7}<|im_end|>"]), env, _task(0), TOK,
+                      SamplingParams())
+    env.close()
+    assert rec["status"] == "env_error" and "lost during reset" in env.env_error
 
 
 def test_fleet_config_keys_act_or_fail_naming_the_key():
