@@ -288,7 +288,7 @@ def export_hf(ckpt: str, out_dir: str, dtype: str | None = None,
     if original and storage.isfile(original):
         # Keep what the original config.json said beyond the shapes (token ids, names, ...).
         merged = json.loads(storage.read_text(original))
-        merged.pop("rope_parameters", None)
+        merged.pop("rope_parameters", None)  # superseded by the rope_theta / rope_scaling written
         merged.pop("layer_types", None)
         merged.update(hf_config)
         hf_config = merged

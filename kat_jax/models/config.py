@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kat_jax.models.remat import remat_policy_names
+from kat_jax.models.rope import YARN_DEFAULTS, rope_from_hf, rope_to_hf, rope_type_names
 from kat_jax.ops.attention_impls import attention_impl_names
 
 DTYPES = ("float32", "bfloat16")
@@ -29,6 +30,11 @@ class ModelConfig:
     head_dim is explicit: Qwen3 has num_heads * head_dim != hidden_size.
     param_dtype: storage dtype of the parameters; dtype: compute dtype of activations and matmuls.
     Norms, RoPE, softmax and log-softmax always run in float32.
+    rope_type: "default", "linear" or "yarn" (kat_jax.models.rope; as transformers computes them).
+    rope_factor is read by linear and yarn; the other rope_* keys by yarn only (a non-default value
+    for another type is an error). rope_original_max_position_embeddings 0 means
+    max_position_embeddings; rope_attention_factor None means derived from the factor (and
+    rope_mscale / rope_mscale_all_dim when both are set).
     """
 
     family: str = "qwen3"
@@ -45,6 +51,15 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = True
     max_position_embeddings: int = 2048
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_original_max_position_embeddings: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float | None = None
+    rope_mscale: float = 0.0
+    rope_mscale_all_dim: float = 0.0
+    rope_truncate: bool = True
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat_policy: str = "none"
@@ -91,6 +106,42 @@ class ModelConfig:
             bad("rope_theta", f"must be positive, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:
             bad("rms_norm_eps", f"must be positive, got {self.rms_norm_eps!r}")
+        self._validate_rope(bad)
+
+    def _validate_rope(self, bad: Callable[[str, str], None]) -> None:
+        if self.rope_type not in rope_type_names():
+            bad("rope_type", f"must be one of {rope_type_names()}, got {self.rope_type!r}")
+        if self.head_dim % 2:
+            bad("head_dim", f"must be even for RoPE, got {self.head_dim}")
+        if (isinstance(self.rope_factor, bool) or not isinstance(self.rope_factor, (int, float))
+                or not self.rope_factor > 0):
+            bad("rope_factor", f"must be a positive number, got {self.rope_factor!r}")
+        if self.rope_type == "default" and self.rope_factor != 1.0:
+            bad("rope_factor", f"is {self.rope_factor!r} but rope_type 'default' does not scale "
+                "(set rope_type to 'linear' or 'yarn')")
+        if self.rope_type != "yarn":
+            for key, default in YARN_DEFAULTS.items():
+                if getattr(self, key) != default:
+                    bad(key, f"is {getattr(self, key)!r} but only rope_type 'yarn' reads it "
+                        f"(rope_type is {self.rope_type!r})")
+            return
+        orig = self.rope_original_max_position_embeddings
+        if not isinstance(orig, int) or isinstance(orig, bool) or orig < 0:
+            bad("rope_original_max_position_embeddings",
+                f"must be a non-negative integer (0: max_position_embeddings), got {orig!r}")
+        for key in ("rope_beta_fast", "rope_beta_slow"):
+            if not getattr(self, key) > 0:
+                bad(key, f"must be positive, got {getattr(self, key)!r}")
+        if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+            bad("rope_attention_factor", f"must be positive or null, got "
+                f"{self.rope_attention_factor!r}")
+        mscales = (self.rope_mscale, self.rope_mscale_all_dim)
+        if any(mscales) and not all(mscales):
+            key = "rope_mscale" if self.rope_mscale else "rope_mscale_all_dim"
+            bad(key, "acts only together with the other of rope_mscale / rope_mscale_all_dim "
+                "(transformers ignores one alone)")
+        if any(mscales) and self.rope_attention_factor is not None:
+            bad("rope_mscale", "is ignored when rope_attention_factor is set (transformers)")
 
     @property
     def group_size(self) -> int:
@@ -241,22 +292,6 @@ def qwen2_5_32b() -> ModelConfig:
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
 
-def _hf_rope_theta(hf: dict[str, Any], path: str) -> float:
-    scaling = hf.get("rope_scaling")
-    params = hf.get("rope_parameters")
-    for block, key in ((scaling, "rope_scaling"), (params, "rope_parameters")):
-        if isinstance(block, dict):
-            kind = block.get("rope_type", block.get("type", "default"))
-            if kind not in (None, "default"):
-                raise ValueError(f"{path}: key '{key}' has rope_type {kind!r}; only the default "
-                                 "RoPE is supported")
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    if "rope_theta" in hf:
-        return float(hf["rope_theta"])
-    return 10000.0
-
-
 def from_hf_config(hf: dict[str, Any], path: str = "config.json", **overrides: Any) -> ModelConfig:
     """Convert a Hugging Face Qwen2/Qwen3 `config.json` dict. Unknown architectures are errors."""
     archs = hf.get("architectures") or []
@@ -297,7 +332,7 @@ def from_hf_config(hf: dict[str, Any], path: str = "config.json", **overrides: A
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=int(head_dim),
-        rope_theta=_hf_rope_theta(hf, path),
+        **rope_from_hf(hf, path),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
@@ -326,8 +361,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        **rope_to_hf(cfg),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "use_sliding_window": False,
         "sliding_window": None,

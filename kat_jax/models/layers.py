@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from kat_jax.models.config import ModelConfig
+from kat_jax.models.rope import apply_rope, rope_frequencies
 from kat_jax.ops.attention import tree_attention
 from kat_jax.ops.paged_attention import paged_attention, paged_write
 
@@ -45,22 +47,6 @@ class RMSNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * y
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding in Hugging Face's rotate_half layout at explicit positions.
-
-    x: [B, T, heads, H]; positions: int32[B, T] (tree depth). Computed in float32.
-    """
-    h = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., : h // 2], x32[..., h // 2:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 class Projection(nnx.Module):
@@ -102,17 +88,23 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, pd, "head_dim", rngs)
         else:
             self.q_norm = self.k_norm = None
-        self.rope_theta = cfg.rope_theta
+        inv_freq, self.rope_scaling = rope_frequencies(cfg)  # fixed by the config (host)
+        self.rope_inv_freq = tuple(float(f) for f in inv_freq)  # static: float32 values exactly
         self.attention_impl = cfg.attention_impl
         self.block_size = cfg.attention_block_size
+
+    def rope(self, x_bthh: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        """The config's RoPE (kat_jax.models.rope) of q or k [B, T, heads, H] at positions [B, T]:
+        the one path of the packed-tree forward and the KV-cached sampler."""
+        return apply_rope(x_bthh, positions_bt, np.asarray(self.rope_inv_freq, np.float32),
+                          self.rope_scaling)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, subtree_end_bt: jax.Array,
                  schedule: dict | None = None) -> jax.Array:
         q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         if self.q_norm is not None:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
-        q_btnh = rope(q_btnh, positions_bt, self.rope_theta)
-        k_btkh = rope(k_btkh, positions_bt, self.rope_theta)
+        q_btnh, k_btkh = self.rope(q_btnh, positions_bt), self.rope(k_btkh, positions_bt)
         out_btnh = tree_attention(q_btnh, k_btkh, v_btkh, subtree_end_bt, impl=self.attention_impl,
                                   schedule=schedule, block_size=self.block_size)
         out_btnh = checkpoint_name(out_btnh, "attention_out")
@@ -128,8 +120,7 @@ class Attention(nnx.Module):
         q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         if self.q_norm is not None:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
-        q_btnh = rope(q_btnh, positions_bt, self.rope_theta)
-        k_btkh = rope(k_btkh, positions_bt, self.rope_theta)
+        q_btnh, k_btkh = self.rope(q_btnh, positions_bt), self.rope(k_btkh, positions_bt)
         pool_k = paged_write(pool_k, k_btkh, slots_bt)
         pool_v = paged_write(pool_v, v_btkh, slots_bt)
         out_btnh = paged_attention(q_btnh, pool_k, pool_v, block_tables, positions_bt)
