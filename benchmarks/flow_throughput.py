@@ -174,10 +174,11 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
                 time.sleep(_tool_s(random.Random(), a))
                 return super().step(tool_calls)
 
-        register_env("calculator_slow", SlowCalculator, ENVS["calculator"].tasks)
+        register_env("calculator_slow", SlowCalculator, ENVS["calculator"].load_tasks)
     steps = a.rounds * 2
     cfg = config_lib.load_train_config(os.path.join(ROOT, "configs/rl.py:tiny_calculator"), [
-        "--config.rl.env=calculator_slow", f"--config.train.steps={steps}",
+        "--config.rl.env=calculator_slow", "--config.rl.split=all",
+        f"--config.train.steps={steps}",
         f"--config.train.checkpoint_every={steps}", f"--config.rl.max_staleness={k}",
         f"--config.rl.partial_rollouts={partial}", f"--config.rl.concurrency={a.concurrency}"])
     with tempfile.TemporaryDirectory() as wd:

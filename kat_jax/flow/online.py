@@ -791,7 +791,8 @@ def _round_metrics(episodes: list[dict], mstats: dict, round_index: int, rollout
         "policy_version": float(round_index),
     }
     for k, v in mstats.items():
-        m[k] = float(v)
+        if not isinstance(v, dict):  # token_versions: the staleness metrics' source
+            m[k] = float(v)
     counts: dict[str, int] = {}
     for e in episodes:
         counts[e["status"]] = counts.get(e["status"], 0) + 1
