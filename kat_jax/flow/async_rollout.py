@@ -261,7 +261,7 @@ class AsyncRollouts:
         return True
 
     def _new_round(self, r: int) -> _Round:
-        from kat_jax.flow.online import draw_tasks, round_episodes
+        from kat_jax.flow.rounds import draw_tasks, round_episodes
 
         gpr, seed = self.cfg.rl.groups_per_round, self.cfg.train.seed
         start = r * gpr  # as the synchronous loop draws (no dynamic sampling)
