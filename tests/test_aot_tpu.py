@@ -173,3 +173,40 @@ def test_every_host_of_a_v5p_slice_reads_whole_shards_counted_once(mesh_args):
     assert sorted(i for h in hosts for i in owned[h]) == list(range(shards))
     for i, procs in holders.items():
         assert all(i in local[h] for h in procs)
+
+
+def test_offload_remat_policies_keep_activations_in_tpu_host_memory():
+    """model.remat_policy offload_*: the tiny decoder's gradient compiled for v5e-1 keeps the
+    saved activations in pinned host memory (XLA's host temporaries): offload_attention_out
+    exactly the attention outputs of both layers, offload_dots_no_batch the weight-matmul
+    outputs (more)."""
+    _libtpu()
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from kat_jax.models.config import get_preset
+    from kat_jax.models.decoder import abstract_model, chain_inputs
+
+    mesh = _one_chip_mesh("v5e-1")
+    rep = NamedSharding(mesh, P())
+    t = 256
+    host_bytes = {}
+    for policy in ("offload_attention_out", "offload_dots_no_batch"):
+        cfg = get_preset("tiny").replace(remat_policy=policy, attention_impl="xla_dense")
+        graphdef, state = nnx.split(abstract_model(cfg))
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                             state)
+
+        def loss(st, tokens, graphdef=graphdef):
+            return jnp.mean(nnx.merge(graphdef, st)(tokens, *chain_inputs(tokens)) ** 2)
+
+        tokens = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=rep)
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
+        host_bytes[policy] = compiled.memory_analysis().host_temp_size_in_bytes
+    attention_out = cfg.num_layers * t * cfg.num_heads * cfg.head_dim * 4  # float32
+    assert host_bytes["offload_attention_out"] == attention_out
+    assert host_bytes["offload_dots_no_batch"] > attention_out

@@ -44,6 +44,23 @@ def _save_attention_out() -> RematPolicy:
     return jax.checkpoint_policies.save_only_these_names("attention_out")
 
 
+def _offload_dots_no_batch() -> RematPolicy:
+    import jax
+
+    # as dots_no_batch, but the kept weight-matmul outputs wait in pinned host memory (moved there
+    # in the forward, back for the backward) instead of device memory
+    return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+
+
+def _offload_attention_out() -> RematPolicy:
+    import jax
+
+    # as save_attention_out, with the attention output kept in pinned host memory
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["attention_out"],
+        offload_src="device", offload_dst="pinned_host")
+
+
 # name -> policy builder (module docstring). The single source of the names.
 REMAT_POLICIES: dict[str, Callable[[], RematPolicy | None]] = {
     "none": _none,
@@ -51,6 +68,8 @@ REMAT_POLICIES: dict[str, Callable[[], RematPolicy | None]] = {
     "dots": _dots,
     "dots_no_batch": _dots_no_batch,
     "save_attention_out": _save_attention_out,
+    "offload_dots_no_batch": _offload_dots_no_batch,
+    "offload_attention_out": _offload_attention_out,
 }
 
 
