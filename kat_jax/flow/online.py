@@ -102,7 +102,7 @@ from kat_jax.training.build import (
     train_step_setup,
 )
 from kat_jax.training.checkpointing import Checkpoints, export_model, model_exported
-from kat_jax.training.defaults import RL_DEFAULTS
+from kat_jax.training.defaults import FLEET_DEFAULTS, RL_DEFAULTS
 from kat_jax.training.progress import StepLogger
 from kat_jax.training.sharding import local_shard_ids, make_mesh
 from kat_jax.training.step import forward_logprobs
@@ -152,6 +152,20 @@ def _validate_rft_keys(cfg) -> None:
         _fail("rl.teachers", "no such file", rl.teachers)
 
 
+def _validate_fleet(cfg) -> None:
+    """fleet.*: checked by kat_jax.flow.ray_fleet.fleet_options (a ValueError naming fleet.KEY)."""
+    import re
+
+    from kat_jax.flow.ray_fleet import fleet_options
+
+    try:
+        fleet_options(cfg)
+    except ValueError as e:
+        m = re.match(r"fleet\.(\w+)", str(e))
+        key = m.group(1) if m else "backend"
+        raise config_lib.ConfigError(f"--config.fleet.{key}: {e}") from None
+
+
 def validate_online(cfg) -> None:
     """The rl.* keys: an error naming the key when one is bad or could not act."""
     from kat_jax.envs import ENVS
@@ -164,7 +178,12 @@ def validate_online(cfg) -> None:
             if key != "env" and rl[key] != default:
                 _fail(f"rl.{key}", "acts only in the online loop (set rl.env to an environment)",
                       rl[key])
+        for key, default in FLEET_DEFAULTS.items():
+            if "fleet" in cfg and cfg.fleet.get(key, default) != default:
+                _fail(f"fleet.{key}", "acts only in the online loop (set rl.env to an "
+                      "environment)", cfg.fleet[key])
         return
+    _validate_fleet(cfg)
     if cfg.stage not in ("rl", "rft"):
         _fail("rl.env", f"the online loop trains the rl or rft stage; stage is {cfg.stage!r}",
               rl.env)

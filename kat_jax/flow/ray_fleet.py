@@ -67,17 +67,9 @@ from kat_jax.envs.base import (
     parse_tool_call,
     tool_message,
 )
+from kat_jax.training.defaults import FLEET_DEFAULTS
 
-FLEET_DEFAULTS: dict[str, Any] = {
-    "backend": "local",
-    "address": "",
-    "resource": "",            # "": env:<rl.env>
-    "workers_per_host": 0,     # 0: the host's amount of the resource
-    "max_retries": 2,
-    "ping_timeout_s": 10.0,
-    "call_timeout_s": 600.0,
-    "acquire_timeout_s": 300.0,
-}
+# the keys, their defaults and comments: kat_jax.training.defaults.FLEET_DEFAULTS
 BACKENDS = ("local", "ray")
 
 

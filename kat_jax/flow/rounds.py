@@ -86,12 +86,13 @@ def round_episodes(engine, cfg, tasks, tokenizer, round_index: int, advantage: s
     """A round's episodes as work items, for run_round and the asynchronous loop
     (kat_jax.flow.async_rollout): (jobs [(task, sample)], one(job) -> episode record or None
     (thread-safe), finish(episodes) -> (groups, episodes, stats) once every job ran)."""
-    from kat_jax.envs import make_env
     from kat_jax.flow.manager import TrajectoryManager
+    from kat_jax.flow.ray_fleet import fleet_metrics, shared_env_factory
     from kat_jax.rollout.agent import run_episode
     from kat_jax.rollout.sampler import SamplingParams
 
     rl = cfg.rl
+    new_env, fleet = shared_env_factory(cfg)  # fleet.backend: in this process, or on Ray
     manager = TrajectoryManager(estimator=advantage)
     eng = _ReportingEngine(engine, manager, round_index)
     sp = SamplingParams(temperature=rl.temperature, max_new_tokens=rl.max_new_tokens,
@@ -125,7 +126,7 @@ def round_episodes(engine, cfg, tasks, tokenizer, round_index: int, advantage: s
         with eng._lock:  # the manager is not thread-safe; the agents' threads share it
             manager.start_session(session, group=task.id, task_id=task.id)
         eng.local.session = session
-        env = make_env(rl.env)
+        env = new_env()
         try:
             rec = run_episode(eng, env, task, tokenizer, sp, max_turns=rl.max_turns,
                               max_tokens=rl.max_tokens or cfg.data.row_len, seed=seed,
@@ -181,6 +182,7 @@ def round_episodes(engine, cfg, tasks, tokenizer, round_index: int, advantage: s
             stats["terminated_masked"] = sum(len(g) for g in groups) - sum(len(g) for g in kept)
             groups = [g for g in kept if g]
         stats["token_versions"] = dict(eng.token_versions)
+        stats.update(fleet_metrics(fleet))
         return groups, episodes, stats
 
     return jobs, one, finish

@@ -82,6 +82,11 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              says what each key does; set without rl.env they are errors (the
                              teacher keys act on rft only); rl.max_staleness /
                              rl.partial_rollouts: asynchronous sampling, kat_jax.flow.async_rollout
+  fleet.*                    where the online loop's environments run (kat_jax.flow.ray_fleet):
+                             backend local (in this process) | ray (Ray actors placed by the
+                             env:NAME custom resource, fleet.resource; warm pools, health checks,
+                             episodes of a lost worker re-run up to fleet.max_retries, then
+                             masked); set without rl.env they are errors
   mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
   distributed.*              jax.distributed.initialize arguments (multi-host): initialize,
                              coordinator_address HOST:PORT, num_processes, process_id (-1 / '' =
@@ -117,6 +122,18 @@ LOSS_DEFAULTS = dict(
 # prune.*: pruning on the training path (kat_jax.data.pipeline, kat_jax.trees.pruning); rft / rl
 PRUNE_DEFAULTS = dict(budget=0, reach="share", keep_tags="tool_call,tool_result,memory",
                       fuse_tool_results=True)
+
+# fleet.*: the online loop's environments on Ray (kat_jax.flow.ray_fleet, which checks them)
+FLEET_DEFAULTS = {
+    "backend": "local",        # local | ray
+    "address": "",             # a Ray cluster to join ('' = ray.init() here)
+    "resource": "",            # "": env:<rl.env>
+    "workers_per_host": 0,     # 0: the host's amount of the resource
+    "max_retries": 2,
+    "ping_timeout_s": 10.0,
+    "call_timeout_s": 600.0,
+    "acquire_timeout_s": 300.0,
+}
 
 # rl.*: the online loop (kat_jax.flow.online), rl stage with rl.env set
 RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, group_size=4,
@@ -199,6 +216,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(LOSS_DEFAULTS)
     c.prune = ml_collections.ConfigDict(PRUNE_DEFAULTS)
     c.rl = ml_collections.ConfigDict(RL_DEFAULTS)
+    c.fleet = ml_collections.ConfigDict(FLEET_DEFAULTS)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, unsharded_tolerance=0.02))
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=-1, process_id=-1,
