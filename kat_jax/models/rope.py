@@ -33,7 +33,9 @@ import numpy as np
 if TYPE_CHECKING:
     import jax
 
-    from kat_jax.models.config import ModelConfig
+# the model's config (kat_jax.models.config.ModelConfig, which imports this module: not imported
+# here, to keep the import graph acyclic); only its rope_* / head_dim / max_position keys are read
+ModelConfig = Any
 
 # ModelConfig keys only yarn reads, with their defaults (any other value is an error for other types).
 YARN_DEFAULTS: dict[str, Any] = {
