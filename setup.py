@@ -39,6 +39,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",  # the README's test command runs two workers
             "hypothesis>=6.100",
             "torch==2.13.0",
             "transformers>=4.51.0",
