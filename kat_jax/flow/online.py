@@ -623,6 +623,33 @@ def _load_teachers(cfg, tasks) -> dict:
     return teachers
 
 
+def _generated(e: dict) -> int:
+    return sum(x is not None for x in e["logprobs"])
+
+
+def _tokens_saved(episodes: list[dict]) -> dict[str, float]:
+    """Generated tokens early termination saved in a round, an estimate: a terminated episode
+    would have generated as many tokens as the mean of its task's episodes that ran to their end
+    this round (of every such episode in the round when its task has none; nothing when no
+    episode ran to its end); it saved that minus what it generated, at least 0.
+    generated_tokens_saved_fraction: saved / (generated + saved)."""
+    done = [e for e in episodes if "terminated" not in e]
+    if not done:
+        return {}
+    by_task: dict[Any, list[int]] = {}
+    for e in done:
+        by_task.setdefault(e.get("task_id"), []).append(_generated(e))
+    overall = float(np.mean([_generated(e) for e in done]))
+    saved = 0.0
+    for e in episodes:
+        if "terminated" in e:
+            full = by_task.get(e.get("task_id"))
+            saved += max(0.0, (float(np.mean(full)) if full else overall) - _generated(e))
+    generated = float(sum(_generated(e) for e in episodes))
+    return {"generated_tokens_saved": saved,
+            "generated_tokens_saved_fraction": saved / max(generated + saved, 1.0)}
+
+
 def _round_metrics(episodes: list[dict], mstats: dict, round_index: int, rollout_s: float,
                    logprob_s: float) -> dict[str, Any]:
     n = max(len(episodes), 1)
@@ -632,14 +659,14 @@ def _round_metrics(episodes: list[dict], mstats: dict, round_index: int, rollout
         "pass_rate": sum(bool(e.get("passed")) for e in episodes) / n,
         "turns": turns / n,
         "tool_calls_per_turn": sum(e["tool_calls"] for e in episodes) / max(turns, 1),
-        "generated_tokens": float(sum(sum(x is not None for x in e["logprobs"])
-                                      for e in episodes)),
+        "generated_tokens": float(sum(_generated(e) for e in episodes)),
         "episodes": float(len(episodes)),
         "rollout_time_s": rollout_s, "logprob_time_s": logprob_s,
         **({"outcome_reward": sum(e["outcome_reward"] for e in episodes) / n,
             "termination_rate": sum("terminated" in e for e in episodes) / n,
             **({"termination_turn": float(np.mean([e["terminated"]["turn"] for e in episodes
-                                                   if "terminated" in e]))}
+                                                   if "terminated" in e])),
+                **_tokens_saved(episodes)}
                if any("terminated" in e for e in episodes) else {})}
            if episodes and "outcome_reward" in episodes[0] else {}),
         "policy_version": float(round_index),
