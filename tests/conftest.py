@@ -55,14 +55,14 @@ def build_hf_model(family: str, seed: int = 0, **kwargs):
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def hf_dirs(tmp_path_factory):
-    """name -> directory of a saved tiny random HF model (built once per session)."""
+def saved_hf_models(tmp_path_factory, cases: dict):
+    """name -> (directory, model) of the tiny random HF model ``cases[name]`` = (family, kwargs),
+    built and saved on first use."""
     cache = {}
 
     def get(name: str):
         if name not in cache:
-            family, kwargs = HF_CASES[name]
+            family, kwargs = cases[name]
             model = build_hf_model(family, **kwargs)
             path = tmp_path_factory.mktemp(name)
             model.save_pretrained(path)
@@ -70,6 +70,12 @@ def hf_dirs(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """name -> directory of a saved tiny random HF model (built once per session)."""
+    return saved_hf_models(tmp_path_factory, HF_CASES)
 
 
 # ---------------------------------------------------------------------------------------------

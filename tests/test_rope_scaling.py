@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import build_hf_model
+from conftest import saved_hf_models
 from flax import nnx
 
 from kat_jax.models.checkpoint import export_hf, load_model
@@ -115,18 +115,7 @@ HF_SCALED = {
 
 @pytest.fixture(scope="module")
 def scaled_dirs(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            family, kwargs = HF_SCALED[name]
-            model = build_hf_model(family, **kwargs)
-            path = tmp_path_factory.mktemp(name)
-            model.save_pretrained(path)
-            cache[name] = (str(path), model)
-        return cache[name]
-
-    return get
+    return saved_hf_models(tmp_path_factory, HF_SCALED)
 
 
 @nnx.jit
