@@ -78,6 +78,7 @@ import numpy as np
 from flax import nnx
 
 from kat_jax import storage
+from kat_jax.flow.placement import sampler_model
 from kat_jax.flow.rounds import (  # noqa: F401 - part of this module's API
     _ReportingEngine,
     _task_order,
@@ -410,7 +411,7 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             with ref_cfg.unlocked():
                 ref_cfg.model.checkpoint = rl.reference
         reference = initial_params(ref_cfg, model_cfg, setup.p_shard)
-    engine = JaxEngine(_sampler_model(model_cfg, state["params"]),
+    engine = JaxEngine(sampler_model(model_cfg, state["params"]),
                        EngineConfig(max_batch=max(8, rl.concurrency)))
     logprob_fn = jax.jit(make_logprob_fn(setup.graphdef, cfg.loss.temperature, setup.constrain))
     jit_step = None
@@ -574,17 +575,6 @@ def _check_skips(cfg, step: int, metrics: dict, ckpt_dir: str) -> None:
     from kat_jax.training.trainer import _check_skips as check
 
     check(cfg, step, metrics, ckpt_dir)
-
-
-def _sampler_model(model_cfg, params):
-    """A model object for the sampler with the trainer's parameters (its arrays, on device)."""
-    from kat_jax.models.decoder import init_model
-
-    model = nnx.eval_shape(lambda: init_model(model_cfg, 0))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
-    return model
 
 
 def _load_tasks(rl) -> list:
