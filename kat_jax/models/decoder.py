@@ -20,6 +20,7 @@ from flax import nnx
 from kat_jax.models.config import ModelConfig
 from kat_jax.models.layers import DTYPE, DecoderLayer, RMSNorm, param
 from kat_jax.models.remat import REMAT_POLICIES
+from kat_jax.ops.paged_attention import paged_attention
 
 
 class Decoder(nnx.Module):
@@ -85,21 +86,24 @@ class Decoder(nnx.Module):
 
     def paged(self, layers: list[DecoderLayer], tokens: jax.Array, positions: jax.Array,
               slots: jax.Array, kv_pool: list[tuple[jax.Array, jax.Array]],
-              block_tables: jax.Array) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+              block_tables: jax.Array, attention=paged_attention
+              ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         """Causal forward of new tokens int32[B, T] at positions int32[B, T] over a paged KV
         cache (prefill: T new tokens past a cached prefix; decode: T = 1). `layers`: the layers
         as separate modules (from unstacked_layer_states), run as a Python loop so each reads its
         own weight and pool buffers in place (a scan would slice the stacked weights and caches
         every step); slots int32[B, T]: where each token's keys and values go
         (kat_jax.ops.paged_attention.token_slots); block_tables int32[B, M]. Returns (hidden
-        [B, T, D] after the final norm, the updated pools). The same parameters and arithmetic as
+        [B, T, D] after the final norm, the updated pools). attention: the paged attention
+        function (Attention.paged). The same parameters and arithmetic as
         __call__, so a token's log-prob from here equals its score in the packed-tree forward (to
         float32 rounding)."""
         dtype = DTYPE[self.cfg.dtype]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
         new_pool = []
         for layer, (pool_k, pool_v) in zip(layers, kv_pool):
-            x, pool_k, pool_v = layer.paged(x, positions, pool_k, pool_v, slots, block_tables)
+            x, pool_k, pool_v = layer.paged(x, positions, pool_k, pool_v, slots, block_tables,
+                                            attention)
             new_pool.append((pool_k, pool_v))
         return self.norm(x), new_pool
 

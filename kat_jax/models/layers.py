@@ -111,19 +111,21 @@ class Attention(nnx.Module):
         return self.o_proj(out_btnh)
 
     def paged(self, x_btd: jax.Array, positions_bt: jax.Array, pool_k: jax.Array,
-              pool_v: jax.Array, slots_bt: jax.Array, block_tables: jax.Array
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+              pool_v: jax.Array, slots_bt: jax.Array, block_tables: jax.Array,
+              attention=paged_attention) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Causal attention of new tokens x [B, T, D] (at positions [B, T]) over a paged KV cache
         (kat_jax.ops.paged_attention): the new keys and values are written at slots [B, T] first,
         then the query at position p of row b sees the row's positions 0 .. p through its block
-        table int32[B, M]. Returns (out [B, T, D], pool_k, pool_v)."""
+        table int32[B, M]. attention: paged_attention (the XLA gather path) or a function of the
+        same signature (kat_jax.ops.pallas.paged.pallas_paged_attention). Returns
+        (out [B, T, D], pool_k, pool_v)."""
         q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         if self.q_norm is not None:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         q_btnh, k_btkh = self.rope(q_btnh, positions_bt), self.rope(k_btkh, positions_bt)
         pool_k = paged_write(pool_k, k_btkh, slots_bt)
         pool_v = paged_write(pool_v, v_btkh, slots_bt)
-        out_btnh = paged_attention(q_btnh, pool_k, pool_v, block_tables, positions_bt)
+        out_btnh = attention(q_btnh, pool_k, pool_v, block_tables, positions_bt)
         return self.o_proj(out_btnh), pool_k, pool_v
 
 
@@ -156,10 +158,10 @@ class DecoderLayer(nnx.Module):
                                        schedule)
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
 
-    def paged(self, x, positions, pool_k, pool_v, slots, block_tables):
+    def paged(self, x, positions, pool_k, pool_v, slots, block_tables, attention=paged_attention):
         """As __call__ for new tokens over a paged KV cache (Attention.paged); returns
         (x, pool_k, pool_v)."""
         a, pool_k, pool_v = self.self_attn.paged(self.input_layernorm(x), positions, pool_k,
-                                                 pool_v, slots, block_tables)
+                                                 pool_v, slots, block_tables, attention)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), pool_k, pool_v

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kat_jax.ops.paged_attention import token_slots
+from kat_jax.ops.paged_attention import paged_attention, token_slots
 from kat_jax.rollout.kv_cache import BlockAllocator, PrefixCache
 from kat_jax.trees.packing import bucket_length
 
@@ -167,7 +167,10 @@ class EngineConfig:
     cache_tokens: KV pool capacity in tokens, the cache's memory budget (None: the larger of the
         context and 32768).
     prefix_cache: keep finished sequences' blocks in the radix tree for later calls.
-    on_weight_update: "recompute" or "keep" (cached prefixes and in-flight sequences)."""
+    on_weight_update: "recompute" or "keep" (cached prefixes and in-flight sequences).
+    attention: how prefill and decode read the pool: "xla" (the gather path,
+        kat_jax.ops.paged_attention), "pallas" (kat_jax.ops.pallas.paged; interpreted on CPU) or
+        "auto" (pallas on GPU / TPU, xla on CPU)."""
 
     max_batch: int = 32
     chunk_steps: int = 16
@@ -175,6 +178,7 @@ class EngineConfig:
     cache_tokens: int | None = None
     prefix_cache: bool = True
     on_weight_update: str = "recompute"
+    attention: str = "auto"
 
     def __post_init__(self):
         if min(self.max_batch, self.chunk_steps, self.block_size) < 1 or (
@@ -183,6 +187,9 @@ class EngineConfig:
         if self.on_weight_update not in ("recompute", "keep"):
             raise ValueError(f"on_weight_update must be 'recompute' or 'keep', got "
                              f"{self.on_weight_update!r}")
+        if self.attention not in ("auto", "xla", "pallas"):
+            raise ValueError(f"EngineConfig.attention must be 'auto', 'xla' or 'pallas', got "
+                             f"{self.attention!r}")
 
 
 @dataclasses.dataclass
@@ -250,12 +257,20 @@ class JaxEngine:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         graphdef, layer_graphdef = self.graphdef, self._layer_graphdef
+        self.attention = cfg.attention
+        if self.attention == "auto":
+            self.attention = "xla" if jax.default_backend() == "cpu" else "pallas"
+        if self.attention == "pallas":
+            from kat_jax.ops.pallas import paged as pallas_paged
+            attention = pallas_paged.pallas_paged_attention
+        else:
+            attention = paged_attention
 
         def forward(params, layer_states, pool, tokens, positions, valid, tables):
             m = nnx.merge(graphdef, params)
             layers = [nnx.merge(layer_graphdef, s) for s in layer_states]
             slots = token_slots(tables, positions, valid, bs)
-            hidden, pool = m.paged(layers, tokens, positions, slots, pool, tables)
+            hidden, pool = m.paged(layers, tokens, positions, slots, pool, tables, attention)
             return m, hidden, pool
 
         def prefill(params, layer_states, pool, tokens, positions, valid, tables, last, copy_src,
