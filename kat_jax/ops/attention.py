@@ -113,11 +113,20 @@ def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, subtree_end: jax.Ar
     Without it, block-sparse visits every lower-triangular block pair (exact, about half the
     dense work) and pallas computes its lists inside jit (exact, no extra work).
 
+    A schedule holding 'block_perm' is the layout of a row permuted for context parallelism
+    (kat_jax.ops.context_parallel.context_layout): it runs context_tree_attention.
+
     When the resolved impl is pallas and a mesh is set (jax.set_mesh) with axes named in
     BATCH_MESH_AXES / HEAD_MESH_AXES that are not already manual, the kernel runs inside
     shard_map over them (a custom call cannot be partitioned by GSPMD)."""
     name = resolve_attention_impl(impl, head_dim=q.shape[-1], row_len=q.shape[1],
                                   block_size=block_size)
+    if schedule is not None and "block_perm" in schedule and q_index is None:
+        # a row permuted for context parallelism (kat_jax.ops.context_parallel)
+        from kat_jax.ops.context_parallel import context_tree_attention
+
+        return context_tree_attention(q, k, v, subtree_end, schedule, impl=name, scale=scale,
+                                      block_size=block_size)
     if name == "pallas" and q_index is None:
         mesh = jax.sharding.get_abstract_mesh()
         free = () if mesh.empty else tuple(a for a in mesh.axis_names

@@ -88,7 +88,8 @@ def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8) -
     validate(cfg)
     topo = resolve_topology(topology)
     devices = topology_devices(topo)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices,
+                     context=cfg.mesh.context)
     model_cfg = compile_model_config(cfg)
     jit_step, (state, batch), setup = abstract_train_setup(cfg, mesh, model_cfg)
     t0 = time.perf_counter()

@@ -82,12 +82,26 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              says what each key does; set without rl.env they are errors (the
                              teacher keys act on rft only); rl.max_staleness /
                              rl.partial_rollouts: asynchronous sampling, kat_jax.flow.async_rollout
+  rl.teacher_loss / teacher_coef   online rft: teachers in the loss. none: they only shape the
+                             reward; sft: each group's teacher transcripts join its prefix tree
+                             (chat-rendered like the rollouts, so they share the prompt) and the
+                             objective becomes stage loss + teacher_coef x mean NLL of the
+                             teachers' assistant tokens (their own token mean over the whole step,
+                             whatever loss.agg_mode; no policy-gradient term on them; the rollouts'
+                             advantages are computed without them); logged as teacher_nll.
+                             off_policy (teachers as importance-weighted samples) is not
+                             implemented: an error. sft needs prune.budget 0
   fleet.*                    where the online loop's environments run (kat_jax.flow.ray_fleet):
                              backend local (in this process) | ray (Ray actors placed by the
                              env:NAME custom resource, fleet.resource; warm pools, health checks,
                              episodes of a lost worker re-run up to fleet.max_retries, then
                              masked); set without rl.env they are errors
   mesh.data / fsdp / tensor  mesh axis sizes, -1 fills the rest; mesh.unsharded_tolerance
+  mesh.context               splits each row's tokens over this many devices (context
+                             parallelism, kat_jax.ops.context_parallel: q blocks balanced by live
+                             block pairs, K / V all-gathered for attention); default 1. The rows'
+                             attention blocks must split evenly (else an error names the key);
+                             the offline trainer and compile-check only
   distributed.*              jax.distributed.initialize arguments (multi-host): initialize,
                              coordinator_address HOST:PORT, num_processes, process_id (-1 / '' =
                              detect: Cloud TPU, SLURM), initialization_timeout_s, heartbeat_timeout_s
@@ -149,7 +163,10 @@ RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, gro
                    # reward's weights, supervision during generation
                    teachers="", w_outcome=1.0, w_process=0.5, w_answer=0.5,
                    divergence_threshold=0.0, patience=1, on_terminate="mask",
-                   termination_penalty=-1.0)
+                   termination_penalty=-1.0,
+                   # online rft: teachers in the loss (none | sft; off_policy is reserved and
+                   # an error) and the SFT term's coefficient
+                   teacher_loss="none", teacher_coef=0.1)
 
 # loss.algorithm presets: the loss keys each paper uses (resolve_loss applies them). None of these
 # papers uses a dual clip (Ye et al. 2020), so each turns it off; KL is left as configured except
@@ -217,7 +234,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.prune = ml_collections.ConfigDict(PRUNE_DEFAULTS)
     c.rl = ml_collections.ConfigDict(RL_DEFAULTS)
     c.fleet = ml_collections.ConfigDict(FLEET_DEFAULTS)
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, unsharded_tolerance=0.02))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1,
+                                            unsharded_tolerance=0.02))
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=-1, process_id=-1,
         initialization_timeout_s=300, heartbeat_timeout_s=100))

@@ -1,9 +1,11 @@
 """Device mesh, logical-axis rules and the shardings of parameters, optimizer state and batches.
 
-The mesh has three axes ('data', 'fsdp', 'tensor'), sized from config keys mesh.data, mesh.fsdp,
-mesh.tensor (one of them may be -1: it takes what the others leave). Batches are split over
-('data', 'fsdp') (every device of both axes sees different rows); parameters are split over 'fsdp'
-(ZeRO-3 style: gathered per layer inside the scan) and over 'tensor' (Megatron style heads / MLP).
+The mesh has four axes ('data', 'fsdp', 'context', 'tensor'), sized from config keys mesh.data,
+mesh.fsdp, mesh.context, mesh.tensor (one of them may be -1: it takes what the others leave).
+Batches are split over ('data', 'fsdp') (every device of both axes sees different rows);
+parameters are split over 'fsdp' (ZeRO-3 style: gathered per layer inside the scan) and over
+'tensor' (Megatron style heads / MLP). 'context' (default 1) splits each row's tokens inside the
+step (kat_jax.ops.context_parallel: balanced q blocks, K / V all-gathered for attention).
 
 Every parameter carries `logical_axes` (kat_jax.models.layers); LOGICAL_RULES map each name to a
 mesh axis (or None). A dimension whose size the mesh axis does not divide stays unsharded on it,
@@ -23,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kat_jax.ops.context_parallel import CONTEXT_AXIS
 from kat_jax.ops.tree_mask import BATCH_MESH_AXES, HEAD_MESH_AXES
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 # The mesh axis names are defined once, in kat_jax.ops.tree_mask (attention shards its kernels
 # over the same axes); BATCH_AXES is that tuple under the name the training code uses.
 BATCH_AXES = BATCH_MESH_AXES
-MESH_AXES = (*BATCH_MESH_AXES, *HEAD_MESH_AXES)   # ('data', 'fsdp', 'tensor')
+MESH_AXES = (*BATCH_MESH_AXES, CONTEXT_AXIS, *HEAD_MESH_AXES)  # ('data', 'fsdp', 'context', 'tensor')
 
 # logical axis name -> mesh axis (or None). Stacked layers keep their leading axis unsharded
 # (the scan walks it); the model dim is FSDP-sharded; heads, MLP hidden and vocab are tensor-split.
@@ -45,9 +48,12 @@ LOGICAL_RULES: dict[str, str | None] = {
 }
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-    """Resolve -1 (at most one) so the product equals num_devices; errors name the key."""
-    sizes = {"mesh.data": int(data), "mesh.fsdp": int(fsdp), "mesh.tensor": int(tensor)}
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int,
+               context: int = 1) -> tuple[int, int, int, int]:
+    """(data, fsdp, context, tensor) with -1 (at most one) resolved so the product equals
+    num_devices; errors name the key."""
+    sizes = {"mesh.data": int(data), "mesh.fsdp": int(fsdp), "mesh.context": int(context),
+             "mesh.tensor": int(tensor)}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
         raise ValueError(f"only one mesh axis may be -1; got {', '.join(free)}")
@@ -66,11 +72,12 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
     return tuple(sizes.values())
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), tensor innermost so that
-    tensor-parallel groups are neighbours on the interconnect."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None,
+              context: int = 1) -> Mesh:
+    """A ('data', 'fsdp', 'context', 'tensor') mesh over `devices` (default: all), tensor
+    innermost so that tensor-parallel groups are neighbours on the interconnect, context next."""
     devices = jax.devices() if devices is None else list(devices)
-    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    shape = mesh_shape(data, fsdp, tensor, len(devices), context)
     try:
         from jax.experimental import mesh_utils
 

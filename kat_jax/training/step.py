@@ -10,7 +10,8 @@ fields [N, L] or [N], as documented there.
 
 The stage changes only the loss (kat_jax.training.losses.STAGES). Losses are (numerator,
 denominator) sums, so the accumulated gradient is sum(grad num) / sum(den): the same global mean
-whatever M and S are (exact, up to float summation order).
+whatever M and S are (exact, up to float summation order). RFT's teacher SFT term (a second mean,
+over the teacher tokens) joins the same way: teacher_weight.
 
 A non-finite loss or gradient norm leaves params and optimizer state unchanged (the step counter
 still advances with the data), and counts in `skipped` / `consecutive_skips`; the loop stops the run
@@ -27,9 +28,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from kat_jax.ops.context_parallel import CONTEXT_AXIS, context_layout, context_shards, permute_parent
+from kat_jax.ops.context_parallel import attention_schedule as context_attention_schedule
 from kat_jax.ops.logprobs import tree_logprobs
-from kat_jax.training.losses import LossSpec, stage_loss
+from kat_jax.ops.tree_mask import BATCH_MESH_AXES as BATCH_AXES
+from kat_jax.training.losses import TEACHER_METRIC, LossSpec, stage_loss
 from kat_jax.trees.batch import StepBatch, merge_leading
 from kat_jax.trees.packing import gather_per_trajectory
 
@@ -42,10 +47,35 @@ def forward_logprobs(model, rows: StepBatch, temperature: float = 1.0,
     entropy is not computed and comes back None. The train, eval and scoring steps all run
     this."""
     tokens_bt = rows.tokens if constrain is None else constrain(rows.tokens)
+    if context_shards() > 1:
+        return _context_forward_logprobs(model, rows, tokens_bt, temperature, entropy)
     sched = None if rows.schedule is None else rows.schedule.as_dict()
     hidden_btd = model(tokens_bt, rows.positions, rows.subtree_end, sched)
     return tree_logprobs(hidden_btd, model.head_kernel(), tokens_bt, rows.parent,
                          model.cfg.vocab_chunk_size, temperature, entropy)
+
+
+def _context_forward_logprobs(model, rows: StepBatch, tokens_bt, temperature: float,
+                              entropy: bool):
+    """forward_logprobs under a mesh with a 'context' axis of size C > 1 (mesh.context): the rows'
+    q blocks are permuted in jit so that each context shard holds a balanced share
+    (kat_jax.ops.context_parallel.context_layout), the forward and the log-probs run in that
+    order with tokens split over 'context', and logp / entropy come back in the original order
+    (exact; the host-built schedule, if any, is replaced by each shard's own)."""
+    layout = context_layout(rows.subtree_end, model.cfg.attention_block_size, context_shards())
+    perm = layout["token_perm"]
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    split = lambda x: jax.lax.with_sharding_constraint(x, P(batch_axes or None, CONTEXT_AXIS))
+    take = lambda x: split(jnp.take_along_axis(x, perm, axis=1))
+    tokens_p = take(tokens_bt)
+    hidden_btd = model(tokens_p, take(rows.positions), take(rows.subtree_end),
+                       context_attention_schedule(layout))
+    logp, ent = tree_logprobs(hidden_btd, model.head_kernel(), tokens_p,
+                              split(permute_parent(rows.parent, layout)),
+                              model.cfg.vocab_chunk_size, temperature, entropy)
+    back = lambda x: None if x is None else jnp.take_along_axis(x, layout["token_inv"], axis=1)
+    return back(logp), back(ent)
 
 
 def microbatch_loss(graphdef: nnx.GraphDef, params: dict, mb: StepBatch, spec: LossSpec,
@@ -66,6 +96,28 @@ def microbatch_loss(graphdef: nnx.GraphDef, params: dict, mb: StepBatch, spec: L
     return stage_loss(spec, per_trajectory(logp_bt), ent, merge_leading(mb))
 
 
+def teacher_weight(spec: LossSpec, batch: StepBatch) -> jax.Array | None:
+    """lambda of RFT's teacher SFT term (spec.teacher_coef > 0 and a batch with teacher tokens;
+    else None). The objective is loss = num / den + teacher_coef * t_num / t_den, each term over
+    the whole batch [M, S, ...] (every microbatch and shard), so the step differentiates
+    num + lambda * t_num per microbatch and divides by the global den as it always does, with
+    lambda = teacher_coef * den / t_den (0 when the batch has no teacher token). den is the stage
+    loss's denominator, which depends on the batch's masks only (true of every registered loss):
+    it is computed here by the loss on zero log-probs (no model pass); t_den counts the teacher
+    tokens. A batch whose den is 0 is not applied (empty), teachers or not."""
+    if not spec.teacher_coef or batch.teacher is None:
+        return None
+
+    def den_of(mb: StepBatch) -> jax.Array:
+        mb = merge_leading(mb)
+        zeros = jnp.zeros(mb.traj_index.shape, jnp.float32)
+        return stage_loss(spec, zeros, zeros if spec.entropy else None, mb)[1]
+
+    den = jnp.sum(jax.vmap(den_of)(batch))
+    t_den = jnp.sum(batch.teacher.astype(jnp.float32))
+    return jnp.where(t_den > 0, spec.teacher_coef * den / jnp.maximum(t_den, 1.0), 0.0)
+
+
 def _sum_metrics(a: dict, b: dict) -> dict:
     return jax.tree.map(jnp.add, a, b)
 
@@ -76,9 +128,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     """The pure (state, batch) -> (state, metrics); jit it with shardings
     (kat_jax.training.build.jit_train_step)."""
 
-    def loss_and_grad(params, mb):
+    def loss_and_grad(params, mb, lam=None):
         def f(p):
             num, den, metrics = microbatch_loss(graphdef, p, mb, spec, constrain)
+            if lam is not None:  # the teacher SFT term (teacher_weight)
+                num = num + lam * metrics[TEACHER_METRIC][0]
             return num, (den, metrics)
 
         (num, (den, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -86,12 +140,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def train_step(state: dict, batch: StepBatch) -> tuple[dict, dict]:
         params = state["params"]
+        lam = teacher_weight(spec, batch)
         first = jax.tree.map(lambda x: x[0], batch)
-        num0, den0, met0, g0 = loss_and_grad(params, first)
+        num0, den0, met0, g0 = loss_and_grad(params, first, lam)
 
         def body(carry, mb):
             num, den, met, grads = carry
-            n, d, m, g = loss_and_grad(params, mb)
+            n, d, m, g = loss_and_grad(params, mb, lam)
             return (num + n, den + d, _sum_metrics(met, m), jax.tree.map(jnp.add, grads, g)), None
 
         rest = jax.tree.map(lambda x: x[1:], batch)

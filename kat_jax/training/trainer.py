@@ -177,7 +177,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str,
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the model's "
                             f"vocabulary of {model_cfg.vocab_size}")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, context=cfg.mesh.context)
     data = DataFeed(cfg, sources["train_files"], tokenizer, model_cfg, mesh, train=True)
     if jax.process_index() == 0:
         config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
