@@ -381,3 +381,66 @@ def test_an_environment_that_cannot_be_built_is_a_clear_error(history, tmp_path,
     with pytest.raises(sm.MiningError, match="building the environment"):
         sm.mine(str(repo), str(tmp_path / "t.jsonl"), opts=opts)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def docker_engine_client():
+    """A client of a real Docker engine holding the sandbox image; skips with the reason otherwise
+    (`bash scripts/docker_engine.sh` starts one and builds the image, as CI does)."""
+    try:
+        from docker.errors import DockerException
+
+        import docker
+    except ImportError:
+        pytest.skip("no docker package: the docker mining test needs the docker extra")
+    from kat_jax.envs.docker_sandbox import default_image
+    try:
+        client = docker.from_env()
+        client.ping()
+        client.images.get(default_image())
+    except DockerException as e:
+        pytest.skip(f"no Docker engine with {default_image()!r} ({e}); scripts/docker_engine.sh")
+    return client
+
+
+@pytest.mark.docker_engine
+def test_docker_mining_builds_instance_layers_reused_and_removed(history, tmp_path,
+                                                                docker_engine_client):
+    """Mining with the docker backend: the kept fix gets its own image (base -> environment ->
+    instance layers) that its sandboxes start from, with the same F2P/P2P lists as the local
+    backend; mining again reuses it; a candidate that is not kept leaves no image; the written
+    instance grades gold 1, empty 0 through `env check --backend docker`."""
+    from kat_jax import cli
+    from kat_jax.envs.docker_sandbox import default_image as ds_default_image
+
+    client = docker_engine_client
+    repo, c = history
+    before = {t for i in client.images.list(name=sm.DOCKER_INSTANCE_REPO) for t in i.tags}
+    out = tmp_path / "d.jsonl"
+    # c[3]: the fix (kept); c[4]: no test change; c[5]: gold_breaks_tests (ran, then dropped)
+    res = sm.mine(str(repo), str(out), since=c[2], until=c[5],
+                  opts=sm.MineOptions(backend="docker", verify=False,
+                                      sandbox_kwargs={"client": client}))
+    (inst,) = res.instances
+    try:
+        assert res.stats["kept"] == 1 and res.stats["gold_breaks_tests"] == 1
+        assert inst["FAIL_TO_PASS"] == ["tests/test_mean.py::test_mean_empty"]
+        assert inst["PASS_TO_PASS"] == ["tests/test_core.py::test_add",
+                                        "tests/test_core.py::test_clamp",
+                                        "tests/test_mean.py::test_mean_values"]
+        assert inst["image"].startswith(sm.DOCKER_INSTANCE_REPO + ":")
+        assert inst["workdir"] == "/testbed"
+        image = client.images.get(inst["image"])
+        assert image.labels["kat_jax.base_commit"] == inst["base_commit"]
+        after = {t for i in client.images.list(name=sm.DOCKER_INSTANCE_REPO) for t in i.tags}
+        assert after - before == {inst["image"]}          # the dropped candidate's image is gone
+        assert json.loads(out.read_text())["image"] == inst["image"]
+        # the same instance on the same environment: the tag is reused, not rebuilt
+        assert sm.ensure_docker_instance_image(inst, inst["repo_path"], ds_default_image(),
+                                               client) == (inst["image"], False)
+        assert client.images.get(inst["image"]).id == image.id
+        # graded from its own image (nothing copied in): gold 1, empty 0
+        assert cli.main(["env", "check", "--env", "swe", "--tasks", str(out),
+                         "--backend", "docker"]) == 0
+    finally:
+        client.images.remove(inst["image"], force=True)

@@ -43,10 +43,16 @@ environment rebuilds the same sandbox. ``pip_packages`` are installed once per s
 sandboxes (which have no network): local backend: a virtual environment in ``cache_dir``
 (``venv-<key>``, key = hash of the spec's environment keys), the instances' ``python``, its
 ``bin`` first on the PATH of their setup and test commands (prefixed ``export PATH=...``); docker
-backend: an image ``kat-jax-swe-env:<key>`` built on the sandbox image (base -> environment layers;
-the instance layer is the repository copied in when the sandbox starts), passed as the sandbox
-image (recorded as ``mined.sandbox_image``; env check: ``--sandbox-image``). The docker path is
-not exercised by the tests.
+backend: an image ``kat-jax-swe-env:<key>`` built on the sandbox image (the environment layer over
+the base), recorded as ``mined.sandbox_image``; on it, each instance gets its own image
+``kat-jax-swe-inst:<key>`` (the instance layer: the instance's base tree in ``/testbed``; key = hash
+of the environment image's id, the instance id and its ``base_commit``, so the same instance on the
+same environment is built once and reused), recorded as the instance's ``image`` (with ``workdir``),
+so its sandboxes start from it with nothing copied in, the tests run while mining included; the
+setup commands still run when a sandbox starts. A candidate that is not kept has its instance image
+removed. Layers, as SWE-bench builds them: base (kat-jax-sandbox) -> environment (per repository
+and spec, shared by its instances) -> instance. ``tests/test_swe_mining_docker.py`` mines with a
+real engine.
 
 Output: the JSONL and, beside it, ``<output name>.repos/<instance_id>/``: each instance's base tree
 (``repo_path``, relative to the JSONL). ``base_commit`` is that tree's baseline commit (what the
@@ -102,6 +108,8 @@ FILTERS = ("bad_revision", "no_test_change", "no_source_change", "statement_too_
            "no_fail_to_pass", "verify_failed")
 ENV_KEYS = ("python", "pip_packages")        # what the cached environment (venv / image) holds
 DOCKER_ENV_REPO = "kat-jax-swe-env"
+DOCKER_INSTANCE_REPO = "kat-jax-swe-inst"
+INSTANCE_WORKDIR = "/testbed"
 
 
 class MiningError(ValueError):
@@ -476,6 +484,84 @@ def ensure_docker_env_image(spec: dict[str, Any], base_image: str | None = None)
     return tag
 
 
+def _docker_client(kwargs: dict[str, Any]) -> Any:
+    if kwargs.get("client") is not None:
+        return kwargs["client"]
+    import docker  # lazy: the docker extra
+    return docker.from_env()
+
+
+def instance_image_tag(env_image_id: str, inst: dict[str, Any]) -> str:
+    """The deterministic tag of an instance's docker image (module docstring)."""
+    blob = json.dumps([env_image_id, inst["instance_id"], inst["base_commit"]])
+    return f"{DOCKER_INSTANCE_REPO}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def ensure_docker_instance_image(inst: dict[str, Any], tree: str, env_image: str,
+                                 client: Any = None) -> tuple[str, bool]:
+    """(tag, built now): the instance layer, ``env_image`` plus ``tree`` (the instance's base tree,
+    COPY_IGNORE left out) in INSTANCE_WORKDIR, built unless the engine has the tag already."""
+    import io
+    import tarfile
+
+    from kat_jax.envs.docker_sandbox import missing_image_message
+
+    client = client if client is not None else _docker_client({})
+    try:
+        env_id = client.images.get(env_image).id
+    except Exception as e:  # noqa: BLE001  (docker.errors.ImageNotFound, APIError)
+        raise SandboxError(missing_image_message(env_image) + f" ({e})") from None
+    tag = instance_image_tag(env_id, inst)
+    try:
+        client.images.get(tag)
+        return tag, False
+    except Exception:  # noqa: BLE001  (ImageNotFound: build it)
+        pass
+    dockerfile = (f"FROM {env_image}\nUSER root\nCOPY tree/ {INSTANCE_WORKDIR}/\n"
+                  f"LABEL kat_jax.swe_instance={json.dumps(inst['instance_id'])} "
+                  f"kat_jax.base_commit={inst['base_commit']}\n").encode()
+    ignore = shutil.ignore_patterns(*COPY_IGNORE)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile))
+        tar.add(tree, arcname="tree", recursive=False)
+        for dirpath, dirs, files in os.walk(tree):
+            skip = ignore(dirpath, dirs + files)
+            dirs[:] = sorted(d for d in dirs if d not in skip)
+            for name in sorted(dirs + [f for f in files if f not in skip]):
+                full = os.path.join(dirpath, name)
+                tar.add(full, arcname=os.path.join("tree", os.path.relpath(full, tree)),
+                        recursive=False)
+    buf.seek(0)
+    try:
+        client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True, forcerm=True)
+    except Exception as e:  # noqa: BLE001  (docker.errors.BuildError, APIError)
+        raise SandboxError(f"{inst['instance_id']}: building its image {tag} on {env_image} "
+                           f"failed: {e}") from None
+    return tag, True
+
+
+def _instance_layer(inst: dict[str, Any], tree: str, ctx: _Ctx) -> Callable[[], None]:
+    """With the docker backend, gives ``inst`` its own image (ensure_docker_instance_image) and
+    returns what removes it again (a no-op when the image existed before); else a no-op."""
+    if ctx.opts.backend != "docker":
+        return lambda: None
+    from kat_jax.envs.docker_sandbox import default_image
+
+    client = _docker_client(ctx.sandbox_kwargs)
+    tag, built = ensure_docker_instance_image(
+        inst, tree, ctx.sandbox_kwargs.get("image") or default_image(), client)
+    inst.update(image=tag, workdir=INSTANCE_WORKDIR)
+
+    def remove() -> None:
+        if built:
+            with contextlib.suppress(Exception):
+                client.images.remove(tag, force=True)
+    return remove
+
+
 def prepare_environment(opts: MineOptions) -> tuple[dict[str, Any], dict[str, Any], str]:
     """(the setup keys every instance records, the sandbox kwargs, the environment key)."""
     spec = check_spec(opts.spec)
@@ -542,8 +628,10 @@ def mine_change(change: Change, ctx: _Ctx) -> tuple[dict[str, Any] | None, str, 
             "patch": gold, "test_patch": test_patch, "FAIL_TO_PASS": [], "PASS_TO_PASS": [],
             "created_at": change.created_at, "repo_path": tree, **ctx.spec}
     reason, detail = "kept", ""
+    remove_image: Callable[[], None] = lambda: None  # noqa: E731
     try:
         try:
+            remove_image = _instance_layer(inst, tree, ctx)
             sb = _start(inst, ctx)
         except (SandboxError, OSError) as e:
             reason, detail = "setup_failed", str(e)
@@ -577,6 +665,7 @@ def mine_change(change: Change, ctx: _Ctx) -> tuple[dict[str, Any] | None, str, 
     finally:
         if reason != "kept":
             shutil.rmtree(tree, ignore_errors=True)
+            remove_image()
 
 
 # -- synthesis ------------------------------------------------------------------------------------
@@ -710,13 +799,19 @@ def _mutation_instance(ctx: _Ctx, clean: str, m: Mutation, text: str, f2p: list[
             "mined": {"from": "mutation", "commit": rev, "mutation": m.description,
                       "kind": m.kind, "runs": ctx.opts.runs, "flaky": flaky, "flags": flags,
                       **_env_meta(ctx)}}
-    reason = "kept"
+    reason, remove_image = "kept", (lambda: None)
     if flags and not ctx.opts.keep_flagged:
         reason = flags[0]
-    elif ctx.opts.verify and _verify(inst, ctx):
-        reason = "verify_failed"
+    else:
+        try:
+            remove_image = _instance_layer(inst, tree, ctx)
+        except SandboxError:
+            reason = "setup_failed"
+        if reason == "kept" and ctx.opts.verify and _verify(inst, ctx):
+            reason = "verify_failed"
     if reason != "kept":
         shutil.rmtree(tree, ignore_errors=True)
+        remove_image()
         return None, reason
     return inst, reason
 
