@@ -7,6 +7,9 @@
                              `calculator` call on the question's expression, the tool's result as
                              the env returns it, then "The answer is \\boxed{N}."
   teachers_maths.jsonl       one per bundled maths problem (the env has no tools): the final answer
+  teachers_swe.jsonl         one per bundled swe instance (local sandbox backend): `bash` runs
+                             `git apply` on the gold patch, then `submit`; the sandbox directory
+                             is written as the instance's workdir (/testbed, the docker backend's)
 
 Records are SFT chat records (id, group, tools, messages) plus task_id, env, split and reward; the
 generation is kat_jax.envs.teachers.teacher_records (tests/test_teachers.py compares the files with

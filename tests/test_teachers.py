@@ -39,7 +39,7 @@ def _tasks(name: str) -> dict:
 
 
 # -- the bundled files ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["calculator", "maths"])
+@pytest.mark.parametrize("name", ["calculator", "maths", "swe"])
 def test_bundled_files_are_what_the_script_generates(name):
     with open(T.BUNDLED_TEACHERS[name], encoding="utf-8") as f:
         assert f.read() == _script().render(name)
@@ -81,7 +81,7 @@ def test_every_teacher_replays_through_the_real_env_and_passes(name):
             assert [c[0] for c in T.tool_call_sequence(msgs)] == ["calculator"]
 
 
-@pytest.mark.parametrize("name", ["calculator", "maths"])
+@pytest.mark.parametrize("name", ["calculator", "maths", "swe"])
 def test_bundled_teachers_are_valid_sft_chat_records(name):
     tok = ByteTokenizer()
     for k, rec in enumerate(_records(name)):
@@ -90,6 +90,20 @@ def test_bundled_teachers_are_valid_sft_chat_records(name):
         assert traj.trainable.any()
     groups = JsonlGroups([T.BUNDLED_TEACHERS[name]], "chat")   # the sft stage's reader
     assert len(groups) == len(_records(name))
+
+
+def test_swe_teachers_apply_the_gold_patch_and_submit_in_the_docker_workdir():
+    # generated through the local backend and graded there (the file test above regenerates
+    # them); the sandbox's temporary directory is written as the instance's workdir
+    recs = _records("swe")
+    tasks = _tasks("swe")
+    assert [r["task_id"] for r in recs] == sorted(tasks)
+    for r in recs:
+        assert r["reward"] == 1.0 and r["split"] == "all"
+        assert "/testbed" in r["messages"][0]["content"]
+        assert [c[0] for c in T.tool_call_sequence(r["messages"])] == ["bash", "submit"]
+        cmd = json.loads(r["messages"][2]["tool_calls"][0]["function"]["arguments"])["command"]
+        assert tasks[r["task_id"]].metadata["instance"]["patch"] in cmd
 
 
 def test_teacher_transcript_of_a_calculator_task_calls_the_tool_on_the_expression():
@@ -141,16 +155,16 @@ def test_a_bad_teacher_record_names_file_and_line(tmp_path, line, message):
 
 
 def test_load_teachers_rejects_an_unknown_env_and_an_empty_file(tmp_path):
-    with pytest.raises(ValueError, match="unknown environment 'swe'.*calculator"):
-        T.load_teachers("swe")
+    with pytest.raises(ValueError, match="unknown environment 'nope'.*calculator"):
+        T.load_teachers("nope")
     p = tmp_path / "empty.jsonl"
     p.write_text("\n")
     with pytest.raises(ValueError, match="no teacher records"):
         T.load_teachers(str(p))
     with pytest.raises(FileNotFoundError):
         T.load_teachers(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(ValueError, match="no bundled teachers for 'swe'"):
-        T.teacher_records("swe")
+    with pytest.raises(ValueError, match="no bundled teachers for 'nope'"):
+        T.teacher_records("nope")
 
 
 # -- the relative reward on hand-built cases ------------------------------------------------------

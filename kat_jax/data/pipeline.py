@@ -167,8 +167,10 @@ class ChatConverter(RecordConverter):
 class RolloutConverter(RecordConverter):
     """Scored rollouts -> trajectories with behaviour (and, as `fields` ask, old-policy and
     reference) log-probs and advantages (missing ones from the group's rewards). env_error
-    rollouts become None (excluded and counted by the batcher); teacher rollouts only serve as
-    the rft baseline."""
+    rollouts become None (excluded and counted by the batcher); teacher rollouts serve as the
+    rft baseline, and are dropped then unless the batches carry the 'teacher' field (RFT's
+    rl.teacher_loss=sft): then they stay in their group's tree as teacher trajectories (their
+    generated tokens, "logprobs" not null, take the teacher SFT term; never the policy loss)."""
 
     def __call__(self, group):
         out: list[Trajectory | None] = []
@@ -186,16 +188,19 @@ class RolloutConverter(RecordConverter):
                         raise missing_field(where, f, self.why)
                     per_token[f] = values
             is_teacher = bool(obj.get("teacher", False))
-            t = Trajectory(np.asarray(obj["tokens"]), trainable=gen & (not is_teacher),
+            as_teacher = is_teacher and "teacher" in self.fields
+            t = Trajectory(np.asarray(obj["tokens"]), trainable=gen & (as_teacher or not is_teacher),
                            tags=tag_array(obj), entropies=per_token_array(obj, "entropies"),
                            reward=obj.get("reward"), advantage=obj.get("advantage"),
-                           group_id=obj.get("group"), id=obj.get("id", where), **per_token)
+                           group_id=obj.get("group"), id=obj.get("id", where),
+                           teacher=as_teacher, **per_token)
             out.append(self._checked(t, where))
             rewards.append(obj.get("reward") if obj.get("reward") is not None else 0.0)
             teacher.append(is_teacher)
         kept = [t for t in out if t is not None]
         _group_advantages(kept, rewards, teacher, self.stage, estimator=self.advantage)
-        return [t for t, te in zip(kept, teacher) if not te] + [None] * (len(out) - len(kept))
+        return [t for t, te in zip(kept, teacher) if t.teacher or not te] + [None] * (
+            len(out) - len(kept))
 
 
 # Data kind -> converter class, registered explicitly (with each kind's record check in

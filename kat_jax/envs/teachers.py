@@ -13,10 +13,12 @@ stage reads it as ``chat`` data) plus the task it solves::
 Required: task_id (non-empty string) and messages (non-empty, with an assistant message); the rest
 is informative (split: the task's train/test split, registry.task_split).
 
-The bundled files (kat_jax/assets/data/teachers_calculator.jsonl, teachers_maths.jsonl) are written
-by scripts/make_teacher_data.py from :func:`teacher_records`: every task of the calculator's split
-pool (400 generated tasks, train and test) and every bundled maths problem, each solved by the
-real environment (its ``reset`` messages, its tool results via ``step``), sorted by task id.
+The bundled files (kat_jax/assets/data/teachers_calculator.jsonl, teachers_maths.jsonl,
+teachers_swe.jsonl) are written by scripts/make_teacher_data.py from :func:`teacher_records`:
+every task of the calculator's split pool (400 generated tasks, train and test), every bundled
+maths problem and every bundled swe instance (its gold patch applied with ``git apply``, then
+``submit``), each solved by the real environment (its ``reset`` messages, its tool results via
+``step``, its grading), sorted by task id.
 
 The measure. Let a rollout's tool-call sequence be the list of ``(name, arguments)`` of the calls
 in its assistant messages, in order, arguments canonicalised (JSON-parsed, keys sorted, every string
@@ -44,6 +46,13 @@ Divergence (to stop deviating rollouts early): for the ``k`` tool calls made so 
 (0 before any call, 1 when no teacher's first ``k`` calls share anything with them). It looks at
 tool calls only; text without calls diverges from nothing.
 
+Teachers in the loss (rl.teacher_loss=sft, kat_jax.flow.online): :func:`teacher_rollout_record`
+renders a transcript with the rollouts' chat template (kat_jax.data.chat, the same segments the
+agent tokenizes, so a teacher shares its task's prompt prefix in the group's tree) as a rollout
+record with ``"teacher": true``, a behaviour log-prob of 0 on its assistant tokens (the tokens
+the teacher SFT term reads: a deterministic demonstration, mu = 1) and null elsewhere, advantage
+0 (it never shifts the rollouts' advantages, computed before it joins the group).
+
 Exact: all of it is deterministic pure Python. Not covered: the "final diff" of swe episodes (the
 answer term reads the final text answer only).
 """
@@ -66,7 +75,7 @@ from kat_jax.jsonl import JsonlError, read_jsonl
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "data")
 BUNDLED_TEACHERS = {name: os.path.join(DATA_DIR, f"teachers_{name}.jsonl")
-                    for name in ("calculator", "maths")}
+                    for name in ("calculator", "maths", "swe")}
 
 Transcript = dict[str, Any]   # a teacher record: {"task_id", "messages", ...}
 Call = tuple[str, str]        # (tool name, canonical arguments)
@@ -79,21 +88,68 @@ def _final(answer: str) -> Message:
     return {"role": "assistant", "content": f"The answer is \\boxed{{{answer}}}."}
 
 
+def _call(turn: int, name: str, arguments: dict) -> dict[str, Any]:
+    return {"id": f"call_{turn}_0", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+SWE_DONE = "I applied the fix and submitted it."
+
+
+def _swe_teacher(env, task: Task, messages: list[Message]) -> str:
+    """The swe teacher's turns (appended to ``messages``): ``bash`` applies the instance's gold
+    patch with ``git apply`` (a here-document), then ``submit``, then a closing sentence. Returns
+    the sandbox's working directory (the caller writes the instance's ``workdir`` in its place)."""
+    patch = task.metadata["instance"]["patch"]
+    if not patch.endswith("\n"):
+        patch += "\n"
+    workdir = env.sb.workdir if getattr(env, "sb", None) is not None else ""
+    for turn, (name, args) in enumerate(
+            [("bash", {"command": f"git apply <<'KAT_JAX_PATCH'\n{patch}KAT_JAX_PATCH"}),
+             ("submit", {})], 1):
+        call = _call(turn, name, args)
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        messages.extend(env.step([call]))
+    messages.append({"role": "assistant", "content": SWE_DONE})
+    return workdir
+
+
+def _replace_text(messages: list[Message], old: str, new: str) -> list[Message]:
+    if not old or old == new:
+        return messages
+    out = []
+    for m in messages:
+        m = dict(m)
+        if isinstance(m.get("content"), str):
+            m["content"] = m["content"].replace(old, new)
+        out.append(m)
+    return out
+
+
 def teacher_transcript(env_name: str, task: Task) -> Transcript:
     """One ground-truth transcript of ``task``, run through a fresh ``env_name`` environment.
 
     If the environment offers a ``calculator`` tool and the question is "What is EXPR?", the teacher
     calls it once on EXPR (call id ``call_1_0``, as the rollout agent numbers its first call) and
-    states the tool's result; otherwise it states the gold answer directly. ValueError when the
-    transcript does not pass the environment's own grading (the tool result is not the answer)."""
+    states the tool's result. If it offers ``bash`` and ``submit`` and the task is an instance
+    with a gold ``patch`` (swe), the teacher applies the patch with ``git apply`` in ``bash``,
+    submits, and says so; the sandbox's working directory (a temporary directory on the local
+    backend) is written as the instance's ``workdir`` (default /testbed, the docker backend's:
+    what the rollouts of the pod presets see). Otherwise it states the gold answer directly.
+    ValueError when the transcript does not pass the environment's own grading (the tool result
+    is not the answer; the patch does not resolve the instance)."""
     env = make_env(env_name)
+    sandbox_dir = ""
     try:
         messages, tools = env.reset(task)
         messages = [dict(m) for m in messages]
         names = {t["function"]["name"] for t in tools}
         question = task.messages[-1].get("content", "") if task.messages else ""
         m = _QUESTION.search(question) if isinstance(question, str) else None
-        if "calculator" in names and m:
+        instance = task.metadata.get("instance") if isinstance(task.metadata, dict) else None
+        if {"bash", "submit"} <= names and isinstance(instance, dict) and instance.get("patch"):
+            sandbox_dir = _swe_teacher(env, task, messages)
+        elif "calculator" in names and m:
             call = {"id": "call_1_0", "type": "function", "function": {
                 "name": "calculator", "arguments": json.dumps({"expression": m.group(1)})}}
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
@@ -107,13 +163,17 @@ def teacher_transcript(env_name: str, task: Task) -> Transcript:
         env.close()
     if not result.passed:
         raise ValueError(f"task {task.id}: the teacher transcript does not pass ({result.details})")
+    if sandbox_dir:
+        messages = _replace_text(messages, sandbox_dir, instance.get("workdir", "/testbed"))
     return {"id": f"teacher-{task.id}", "group": task.id, "task_id": task.id, "env": env_name,
             "reward": float(result.reward), "tools": tools, "messages": messages}
 
 
 def teacher_records(env_name: str) -> list[Transcript]:
     """The bundled teachers of ``env_name`` ("calculator": its split pool of 400 generated tasks;
-    "maths": the bundled problems), one per task, sorted by task id, each with its split."""
+    "maths": the bundled problems; "swe": the bundled instances, through the local sandbox
+    backend), one per task, sorted by task id, each with its split ("all" for an environment
+    without one)."""
     if env_name not in BUNDLED_TEACHERS:
         raise ValueError(f"no bundled teachers for {env_name!r}; known: {sorted(BUNDLED_TEACHERS)}")
     spec = env_spec(env_name)
@@ -122,7 +182,8 @@ def teacher_records(env_name: str) -> list[Transcript]:
     for task in sorted(tasks, key=lambda t: t.id):
         rec = teacher_transcript(env_name, task)
         out.append({**{k: rec[k] for k in ("id", "group", "task_id", "env")},
-                    "split": task_split(task, spec.test_fraction),
+                    "split": "all" if spec.test_fraction is None else task_split(
+                        task, spec.test_fraction),
                     **{k: rec[k] for k in ("reward", "tools", "messages")}})
     return out
 
@@ -163,6 +224,30 @@ def load_teachers(env_or_path: str) -> dict[str, list[Transcript]]:
     if not out:
         raise ValueError(f"{path}: no teacher records")
     return out
+
+
+def teacher_rollout_record(transcript: Transcript, tokenizer, group: Any,
+                           index: int = 0) -> dict[str, Any]:
+    """A teacher transcript as a rollout record of ``group`` (module docstring): tokens of the
+    Qwen chat rendering of its messages and tools, "logprobs" 0.0 on the assistant tokens (the
+    trainable ones of kat_jax.data.chat) and null elsewhere, "teacher": true, advantage 0, its
+    reward (default 1). A transcript that does not render is a ValueError naming its id."""
+    from kat_jax.data.chat import ChatError, encode_chat
+    from kat_jax.data.records import rollout_record
+    from kat_jax.trees.trajectory import TAGS
+
+    name = transcript.get("id", f"teacher-{group}-{index}")
+    try:
+        t = encode_chat(tokenizer, list(transcript["messages"]), transcript.get("tools") or None)
+    except ChatError as e:
+        raise ValueError(f"teacher {name!r}: {e}") from None
+    tag_names = {v: k for k, v in TAGS.items()}
+    return rollout_record(
+        f"teacher/{group}#{index}", group, t.tokens.tolist(),
+        [0.0 if x else None for x in t.trainable], [None] * len(t), [tag_names.get(int(x))
+                                                                    for x in t.tags],
+        float(transcript.get("reward", 1.0)), "ok", teacher=True, advantage=0.0,
+        task_id=transcript.get("task_id", group))
 
 
 # -- the measure --------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ it trains offline on data.train_files (kat_jax.training.trainer). One round:
  5. rl.epochs passes of the minibatches, one optimizer step each (from the second on, the ratio
     differs from 1 and the clip acts: clip_fraction is real).
 
+RFT (stage rft): the reward is relative to the task's teachers (kat_jax.flow.rounds.run_round),
+and with rl.teacher_loss=sft each group's teacher transcripts join it after the advantages and the
+round's filters (_teacher_records: chat-rendered like the rollouts, so they share the prompt in
+the tree; StepBatch.teacher marks their assistant tokens), adding rl.teacher_coef x their mean
+NLL to the loss (kat_jax.training.step.teacher_weight); metric teacher_nll.
+
 Asynchronous (rl.max_staleness = k > 0; kat_jax.flow.async_rollout): the rollouts of later
 rounds run in background threads while the trainer trains, each token at most k policy versions
 behind the trainer (admission control, nothing discarded); rl.partial_rollouts lets a weight
@@ -124,7 +130,8 @@ def _fail(key: str, rule: str, value: Any) -> None:
 
 
 RFT_KEYS = ("teachers", "w_outcome", "w_process", "w_answer", "divergence_threshold", "patience",
-            "on_terminate", "termination_penalty")
+            "on_terminate", "termination_penalty", "teacher_loss", "teacher_coef")
+TEACHER_LOSSES = ("none", "sft")  # rl.teacher_loss; "off_policy" is reserved (an error)
 
 
 def _validate_rft_keys(cfg) -> None:
@@ -151,6 +158,27 @@ def _validate_rft_keys(cfg) -> None:
               rl.termination_penalty)
     if rl.teachers and not storage.exists(rl.teachers):
         _fail("rl.teachers", "no such file", rl.teachers)
+    _validate_teacher_loss(cfg)
+
+
+def _validate_teacher_loss(cfg) -> None:
+    """rl.teacher_loss / rl.teacher_coef (online rft: teachers in the loss)."""
+    rl = cfg.rl
+    if rl.teacher_loss == "off_policy":
+        _fail("rl.teacher_loss", "off_policy (teachers as importance-weighted samples) is not "
+              "implemented in this version; use sft (or none)", rl.teacher_loss)
+    if rl.teacher_loss not in TEACHER_LOSSES:
+        _fail("rl.teacher_loss", f"must be one of {TEACHER_LOSSES}", rl.teacher_loss)
+    if rl.teacher_loss == "none":
+        if rl.teacher_coef != RL_DEFAULTS["teacher_coef"]:
+            _fail("rl.teacher_coef", "acts only with rl.teacher_loss=sft", rl.teacher_coef)
+        return
+    if not rl.teacher_coef > 0:
+        _fail("rl.teacher_coef", "must be > 0 with rl.teacher_loss=sft", rl.teacher_coef)
+    if cfg.prune.budget > 0:
+        _fail("rl.teacher_loss", "sft does not combine with pruning on the training path "
+              f"(prune.budget={cfg.prune.budget}) in this version; set prune.budget=0",
+              rl.teacher_loss)
 
 
 def _validate_fleet(cfg) -> None:
@@ -392,9 +420,11 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     shards = data_shards(cfg, mesh)
     shard_ids = local_shard_ids(mesh, shards)
     prune = prune_config(cfg)
+    teacher_records = _teacher_records(cfg, teachers, tokenizer)
     shape = BatchShape(cfg.data.rows, cfg.data.row_len, cfg.data.trajectories,
                        model_cfg.attention_block_size,
-                       ("behaviour_logprobs",) + (("pruned",) if prune is not None else ()), prune)
+                       ("behaviour_logprobs",) + (("pruned",) if prune is not None else ())
+                       + (("teacher",) if teacher_records is not None else ()), prune)
     config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
     model_cfg.save_json(os.path.join(workdir, "model_config.json"))
     setup = train_step_setup(cfg, mesh, model_cfg)
@@ -447,6 +477,8 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                 groups, episodes, mstats = collect_groups(engine, cfg, tasks, tokenizer,
                                                           position, advantage, teachers,
                                                           runner=from_flow)
+            if teacher_records is not None:
+                groups = teacher_records(groups)
             t1 = time.perf_counter()
             busy = (rollout_busy0, flow.busy_s()) if flow is not None else (0.0, 0.0)
             batches = []
@@ -611,6 +643,29 @@ def _load_teachers(cfg, tasks) -> dict:
         _fail(key, f"{len(missing)} of the {len(tasks)} tasks have no teacher transcript "
               f"(e.g. {missing[:3]})", rl.teachers or rl.env)
     return teachers
+
+
+def _teacher_records(cfg, teachers: dict | None, tokenizer):
+    """rl.teacher_loss=sft: groups -> the same groups, each followed by its task's teacher
+    transcripts as teacher rollout records (kat_jax.envs.teachers.teacher_rollout_record; they
+    join after the advantages and the round's filters, so they shift neither). None otherwise."""
+    if teachers is None or cfg.rl.teacher_loss != "sft":
+        return None
+    from kat_jax.envs.teachers import teacher_rollout_record
+
+    cache: dict[Any, list[dict]] = {}
+
+    def add(groups: list[list[dict]]) -> list[list[dict]]:
+        out = []
+        for g in groups:
+            task = g[0].get("task_id", g[0].get("group"))
+            if task not in cache:
+                cache[task] = [teacher_rollout_record(t, tokenizer, g[0].get("group"), i)
+                               for i, t in enumerate(teachers[task])]
+            out.append(list(g) + cache[task])
+        return out
+
+    return add
 
 
 def _generated(e: dict) -> int:

@@ -228,9 +228,12 @@ def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
                               entropy_coef=lc["entropy_coef"], old_policy=lc["old_logprobs"],
                               ratio_level=lc["ratio_level"],
                               log_ratio_clamp=lc["log_ratio_clamp"], kl_clamp=lc["kl_clamp"])
+    rl = cfg.get("rl") or {}
+    teacher_coef = float(rl.get("teacher_coef", 0.0)) if rl.get("env") and rl.get(
+        "teacher_loss", "none") == "sft" else 0.0  # RFT's teacher SFT term (kat_jax.flow.online)
     return LossSpec(stage=cfg.stage, agg_mode=lc["agg_mode"], temperature=lc["temperature"],
                     count_pruned_in_denominator=lc["count_pruned_in_denominator"],
-                    policy=policy, entropy=cfg.train.log_entropy)
+                    policy=policy, entropy=cfg.train.log_entropy, teacher_coef=teacher_coef)
 
 
 def batch_fields(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -245,6 +248,10 @@ def batch_fields(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], dict[
     if cfg.loss.kl_coef > 0:
         fields.append("ref_logprobs")
         why["ref_logprobs"] = f"--config.loss.kl_coef={cfg.loss.kl_coef}"
+    rl = cfg.get("rl") or {}
+    if rl.get("env") and rl.get("teacher_loss", "none") == "sft":  # online rft's teacher tokens
+        fields.append("teacher")
+        why["teacher"] = "--config.rl.teacher_loss=sft"
     return tuple(fields), why
 
 

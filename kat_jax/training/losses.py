@@ -142,6 +142,10 @@ class LossSpec:
     # stage and the entropy bonus (policy.entropy_coef > 0 needs it). False: the step's log-prob
     # pass computes no entropy and the losses get None.
     entropy: bool = True
+    # RFT's teacher SFT term (config rl.teacher_coef with rl.teacher_loss=sft; 0: off): the
+    # objective is the stage loss + teacher_coef * teacher_nll (teacher_term; the train step
+    # normalises each term by its own global denominator, kat_jax.training.step)
+    teacher_coef: float = 0.0
 
 
 def _ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array, cfg: PolicyLossConfig,
@@ -312,14 +316,29 @@ def register_stage(name: str, loss: StageLossFn, data_kind: str, policy: bool = 
     STAGE_KIND[name] = data_kind
 
 
+TEACHER_METRIC = "teacher_nll"
+
+
+def teacher_term(logp: jax.Array, batch: StepBatch) -> dict:
+    """The teacher SFT term as a (numerator, denominator) metric: {"teacher_nll": (sum of
+    -logp over the teacher tokens batch.teacher [N, L], their number)}, a token mean whatever
+    loss.agg_mode is; {} when the batch carries no teacher field. The stage loss never includes
+    it: the train step adds teacher_coef * num / (global den) (kat_jax.training.step)."""
+    if batch.teacher is None:
+        return {}
+    return {TEACHER_METRIC: aggregate(-logp, batch.teacher, "token-mean")}
+
+
 def stage_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array | None,
              batch: StepBatch):
     """The loss of spec.stage from per-trajectory views logp, entropy [N, L] (entropy None when
     spec.entropy is False) and the batch's per-trajectory fields ([N, ...]). Returns (num, den,
-    metrics); metrics["entropy"] is the mean entropy over the loss tokens when it is given.
+    metrics); metrics["entropy"] is the mean entropy over the loss tokens when it is given, and
+    metrics["teacher_nll"] the teacher term (teacher_term) when the batch has teacher tokens.
 
     count_pruned_in_denominator: tokens removed by pruning still count in the denominators (the
     loss is then the unpruned loss with pruned terms set to 0); default False."""
     if spec.stage not in STAGES:
         raise ValueError(f"unknown stage {spec.stage!r}; known: {tuple(STAGES)}")
-    return STAGES[spec.stage].loss(spec, logp, entropy, batch)
+    num, den, metrics = STAGES[spec.stage].loss(spec, logp, entropy, batch)
+    return num, den, {**metrics, **teacher_term(logp, batch)}

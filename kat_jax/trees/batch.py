@@ -29,6 +29,9 @@ Optional (None when the batch does not carry them):
                                        from the behaviour ones (then truncated importance weights
                                        min(exp(old - behaviour), tis_cap) correct the mismatch)
     ref_logprobs        float32[N, L]  log-probs of the reference policy (KL penalty)
+    teacher             bool[N, L]     the assistant tokens of teacher (demonstration) trajectories
+                                       (RFT, rl.teacher_loss=sft): they take the teacher SFT term;
+                                       a teacher trajectory has no trainable token
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ import numpy as np
 from flax import struct
 
 # Per-trajectory fields a batch may or may not carry (float log-probs, except the pruning mask).
-OPTIONAL_FIELDS = ("pruned", "behaviour_logprobs", "old_logprobs", "ref_logprobs")
+OPTIONAL_FIELDS = ("pruned", "behaviour_logprobs", "old_logprobs", "ref_logprobs", "teacher")
+MASK_FIELDS = ("pruned", "teacher")  # the bool ones
 LOGPROB_FIELDS = ("behaviour_logprobs", "old_logprobs", "ref_logprobs")
 
 
@@ -79,6 +83,7 @@ class StepBatch:
     behaviour_logprobs: Any = None
     old_logprobs: Any = None
     ref_logprobs: Any = None
+    teacher: Any = None
 
     @property
     def num_rows(self) -> int:
@@ -107,7 +112,7 @@ def empty_step_batch(rows: int, row_len: int, trajectories: int, traj_len: int,
     n, length = trajectories, traj_len
     opt: dict[str, np.ndarray] = {}
     for f in fields:
-        opt[f] = np.zeros((n, length), bool if f == "pruned" else np.float32)
+        opt[f] = np.zeros((n, length), bool if f in MASK_FIELDS else np.float32)
     sched = None
     if schedule_pairs is not None:
         z = np.zeros((rows, schedule_pairs), np.int32)

@@ -232,11 +232,13 @@ def _layout_piece(trie: Trie, piece: _Piece, rows: dict[str, np.ndarray], r: int
 
 def _fields_of(trajs: list[Trajectory], fields, keep) -> tuple[str, ...]:
     """The optional StepBatch fields to fill: `fields` as given, or (None) the log-prob fields any
-    trajectory carries plus 'pruned' when a keep mask is given. Every trajectory must then carry
-    each log-prob field (an error names the first that does not)."""
+    trajectory carries plus 'pruned' when a keep mask is given, plus 'teacher' when a trajectory
+    is a teacher's. Every trajectory must then carry each log-prob field (an error names the
+    first that does not)."""
     if fields is None:
         fields = tuple(f for f in LOGPROB_FIELDS if any(getattr(t, f) is not None for t in trajs))
-        fields = (("pruned",) if keep is not None else ()) + fields
+        fields = (("pruned",) if keep is not None else ()) + fields + (
+            ("teacher",) if any(t.teacher for t in trajs) else ())
     fields = tuple(fields)
     unknown = set(fields) - set(OPTIONAL_FIELDS)
     if unknown:
@@ -262,7 +264,9 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     attention schedule of the rows (`attention_schedule`, padded to schedule_pairs when given).
     keep: bool[num_nodes] from the pruner (closed under ancestors): pruned nodes are not laid out,
     cost no compute, and their tokens get traj_index -1, valid and trainable False, and pruned True
-    (a loss may still count them in its denominators: a config choice).
+    (a loss may still count them in its denominators: a config choice). A teacher trajectory
+    (Trajectory.teacher) has no trainable token: its would-be trainable tokens are its `teacher`
+    mask (the field must then be carried).
     fields: the optional StepBatch fields to fill (default: see _fields_of)."""
     trajs = trie.trajectories
     fields = _fields_of(trajs, fields, keep)
@@ -296,6 +300,7 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
     valid = np.zeros((n_traj, l_max), bool)
     trainable_nl = np.zeros((n_traj, l_max), bool)
     pruned = np.zeros((n_traj, l_max), bool)
+    teacher_nl = np.zeros((n_traj, l_max), bool)
     logprobs = {f: np.zeros((n_traj, l_max), np.float32) for f in fields if f in LOGPROB_FIELDS}
     advantage = np.zeros(n_traj, np.float32)
     for k, traj in enumerate(trajs):
@@ -309,13 +314,18 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
         valid[k, :n] = kept
         trainable = traj.trainable.copy()
         trainable[0] = False
-        trainable_nl[k, :n] = trainable & kept
-        pruned[k, :n] = trainable & ~kept
+        if traj.teacher:
+            teacher_nl[k, :n] = trainable & kept
+        else:
+            trainable_nl[k, :n] = trainable & kept
+            pruned[k, :n] = trainable & ~kept
         for f, arr in logprobs.items():
             arr[k, :n] = getattr(traj, f)
         advantage[k] = 0.0 if traj.advantage is None else traj.advantage
     if "pruned" not in fields and pruned.any():
         raise ValueError("pack_trie: pruned tokens need the 'pruned' field")
+    if "teacher" not in fields and teacher_nl.any():
+        raise ValueError("pack_trie: teacher trajectories need the 'teacher' field")
     schedule = None
     if attention_block_size:
         schedule = attention_schedule(rows["subtree_end"], attention_block_size, schedule_pairs)
@@ -323,7 +333,8 @@ def pack_trie(trie: Trie, row_len: int, num_rows: int | None = None,
         tokens=rows["tokens"], positions=rows["positions"], parent=rows["parent"],
         subtree_end=rows["subtree_end"], traj_index=traj_index, valid=valid,
         trainable=trainable_nl, advantage=advantage, schedule=schedule,
-        pruned=pruned if "pruned" in fields else None, **logprobs)
+        pruned=pruned if "pruned" in fields else None,
+        teacher=teacher_nl if "teacher" in fields else None, **logprobs)
     return PackedTrees(batch=batch, primary=rows["primary"], used_rows=len(groups),
                        total_tokens=trie.total_tokens,
                        tree_tokens=int(sub[trie.roots].sum()),

@@ -12,7 +12,9 @@ Per token (arrays of length L):
                                   from the sampling policy (optional)
     ref_logprobs         float32  log-prob under the reference policy of the KL term (optional)
     entropies            float32  entropy of the distribution the token was sampled from (optional)
-Per trajectory: id, reward, advantage, group_id, policy_version (all optional).
+Per trajectory: id, reward, advantage, group_id, policy_version (all optional); teacher (a
+ground-truth demonstration, RFT's rl.teacher_loss=sft: its trainable tokens take a supervised
+term, never the policy loss; default False).
 
 Token 0 of a trajectory has no prediction (nothing precedes it); its trainable flag is ignored.
 """
@@ -54,6 +56,7 @@ class Trajectory:
     group_id: Any = None
     policy_version: int | None = None
     id: Any = None
+    teacher: bool = False
 
     def __post_init__(self):
         self.tokens = np.asarray(self.tokens, np.int64)
