@@ -133,7 +133,7 @@ def test_tiny_train_step_compiles_and_fits_on_a_v5e_topology():
         "--config.data.row_len=512", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
     r = aot.compile_check(cfg, "v5e-4")
     assert r["fits"] and r["chips"] == 4 and r["device_kind"] == "TPU v5 lite"
-    assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 2}
     assert r["attention_impl"] == "pallas" and r["mosaic_kernels"] >= 3
     mem = r["memory_per_device"]
     assert 0 < mem["total"] < r["hbm_per_device"] and mem["argument"] > 0

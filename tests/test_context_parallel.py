@@ -182,14 +182,47 @@ SCRIPT = textwrap.dedent("""
             assert err <= 1e-5, (impl, name, err)
             worst = max(worst, err)
             print(impl, name, float(l1), float(l2), err, flush=True)
-    print("OK", worst)
+
+    # the trainer's path: --config.mesh.context=4 builds the mesh (sharding.mesh_from_config, as
+    # the trainer and compile-check do) and the real jitted train step equals one device's
+    from kat_jax.training import config_lib
+    from kat_jax.training.build import batch_shardings, jit_train_step, train_step_setup
+    from kat_jax.training.sharding import mesh_from_config
+    from kat_jax.training.step import init_state
+
+    sft = os.path.join({root!r}, "configs", "sft.py")
+    mcfg = get_preset("tiny", attention_block_size=BS, attention_impl="xla_block_sparse")
+    batch = jax.tree.map(lambda v: v[None], batches["forest"])          # [M=1, S=2, ...]
+    params0 = jax.device_get(nnx.to_pure_dict(nnx.state(init_model(mcfg, 0), nnx.Param)))
+    outs = {{}}
+    for flags, devs in ((["--config.mesh.fsdp=2", "--config.mesh.context=4"], jax.devices()),
+                        (["--config.mesh.fsdp=1"], jax.devices()[:1])):
+        cfg = config_lib.load_train_config(sft + ":tiny", flags)
+        mesh = mesh_from_config(cfg.mesh, devices=devs)
+        setup = train_step_setup(cfg, mesh, mcfg)
+        bsh = batch_shardings(batch, mesh)
+        step = jit_train_step(setup, bsh)
+        state = jax.device_put(init_state(params0, setup.tx), setup.state_shard)
+        with jax.set_mesh(mesh):
+            if mesh.shape["context"] > 1:
+                assert "manual_axes" in step.lower(state, batch).as_text()
+            new, met = step(state, jax.device_put(batch, bsh))
+        outs[mesh.shape["context"]] = (jax.device_get(new["params"]), jax.device_get(met))
+    (p4, m4), (p1, m1) = outs[4], outs[1]
+    assert abs(float(m4["loss"]) - float(m1["loss"])) <= 1e-5, (m4["loss"], m1["loss"])
+    assert abs(float(m4["grad_norm"]) - float(m1["grad_norm"])) <= 1e-5 * float(m1["grad_norm"])
+    for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+    print("OK", worst, float(m4["loss"]), float(m1["loss"]))
 """)
 
 
 def test_context4_fsdp2_losses_and_gradients_equal_one_device_on_trees_chains_forests():
     """8 simulated CPU devices, float32 tiny model, dense and block-sparse attention: the loss and
     every parameter gradient with the rows' tokens split over context=4 (and rows over fsdp=2)
-    equal the single-device ones within 1e-5, and the compiled step holds the context shard_map."""
+    equal the single-device ones within 1e-5, and the compiled step holds the context shard_map;
+    then the trainer's own train step built from --config.mesh.context=4 gives one device's loss,
+    gradient norm and updated parameters."""
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

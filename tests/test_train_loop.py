@@ -237,7 +237,7 @@ def test_sharded_step_equals_single_device_and_restore_onto_another_mesh(referen
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
     out = _run(tmp_path, ["--config.mesh.fsdp=1"])
-    assert out["step"] == 4 and out["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert out["step"] == 4 and out["mesh"] == {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
     got, want = losses(tmp_path), losses(reference_run)
     assert sorted(got) == [1, 2, 3, 4]
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)],

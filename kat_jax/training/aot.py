@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from kat_jax.training.build import abstract_train_setup, model_config_for, validate
-from kat_jax.training.sharding import make_mesh
+from kat_jax.training.sharding import mesh_from_config
 
 # ---------------------------------------------------------------------------------------------
 # compile check
@@ -88,8 +88,7 @@ def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8) -
     validate(cfg)
     topo = resolve_topology(topology)
     devices = topology_devices(topo)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices,
-                     context=cfg.mesh.context)
+    mesh = mesh_from_config(cfg.mesh, devices=devices)
     model_cfg = compile_model_config(cfg)
     jit_step, (state, batch), setup = abstract_train_setup(cfg, mesh, model_cfg)
     t0 = time.perf_counter()

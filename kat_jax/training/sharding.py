@@ -87,6 +87,13 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None,
     return Mesh(arr, MESH_AXES)
 
 
+def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
+    """The mesh of config keys mesh.data / fsdp / context / tensor (the trainer's and
+    compile-check's one way to build it)."""
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices=devices,
+                     context=mesh_cfg.get("context", 1))
+
+
 def _logical_axes(var: nnx.Variable) -> tuple:
     axes = tuple(getattr(var, "logical_axes", None) or ())
     ndim = len(var.shape)

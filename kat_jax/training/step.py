@@ -13,6 +13,9 @@ denominator) sums, so the accumulated gradient is sum(grad num) / sum(den): the 
 whatever M and S are (exact, up to float summation order). RFT's teacher SFT term (a second mean,
 over the teacher tokens) joins the same way: teacher_weight.
 
+Under a mesh with a 'context' axis of size > 1 (config mesh.context) the forward splits each row's
+tokens over it (kat_jax.ops.context_parallel; `forward_logprobs`), with the same results.
+
 A non-finite loss or gradient norm leaves params and optimizer state unchanged (the step counter
 still advances with the data), and counts in `skipped` / `consecutive_skips`; the loop stops the run
 after train.max_consecutive_skips of them. A batch with no trainable token (den == 0) is also not

@@ -51,7 +51,7 @@ from kat_jax.training.build import (
 )
 from kat_jax.training.checkpointing import Checkpoints, export_model, model_exported
 from kat_jax.training.progress import Profiler, StepLogger
-from kat_jax.training.sharding import global_batch, local_shard_ids, make_mesh, owned_shard_ids
+from kat_jax.training.sharding import global_batch, local_shard_ids, mesh_from_config, owned_shard_ids
 from kat_jax.training.step import make_eval_step
 from kat_jax.training.watchdog import StepWatchdog
 
@@ -177,7 +177,7 @@ def train_stage(cfg: ml_collections.ConfigDict, workdir: str,
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"tokenizer: {tokenizer.vocab_size} tokens do not fit the model's "
                             f"vocabulary of {model_cfg.vocab_size}")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, context=cfg.mesh.context)
+    mesh = mesh_from_config(cfg.mesh)
     data = DataFeed(cfg, sources["train_files"], tokenizer, model_cfg, mesh, train=True)
     if jax.process_index() == 0:
         config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
