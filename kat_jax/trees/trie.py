@@ -74,7 +74,11 @@ def build_trie(trajectories: list[Trajectory]) -> Trie:
     """The prefix trie of `trajectories` (duplicates and prefixes of one another allowed)."""
     if not trajectories:
         raise ValueError("build_trie: no trajectories")
-    order = sorted(range(len(trajectories)), key=lambda i: trajectories[i].tokens.tolist())
+    # Lexicographic order of the token sequences, compared as big-endian uint32 bytes (ids are
+    # 0 <= id < 2^31, so byte order is numeric order and a prefix sorts first, as with lists):
+    # memcmp instead of Python int lists, ~20x faster for long multi-turn agent trajectories.
+    order = sorted(range(len(trajectories)),
+                   key=lambda i: trajectories[i].tokens.astype(">u4").tobytes())
     roots: list[_Node] = []
     stack: list[_Node] = []
     prev = None
