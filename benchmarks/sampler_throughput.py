@@ -5,14 +5,26 @@ multi_turn: a scripted 20-turn episode (generation of --new-tokens per turn, the
   result of 50-500 tokens, --quick: 50-150): tokens prefilled over the episode vs its distinct
   tokens (target <= 1.05x), and the wall time with the prefix cache vs without it (prefix_cache
   False: every turn re-prefills the whole conversation, as the sampler did before), same run.
+  prefill_over_minimal: tokens prefilled over the fewest possible (every token fed once: the
+  distinct tokens less those the decode loop fed); partial_block_tokens, the difference, is what the
+  partly filled last cache block costs (the prefix tree holds whole blocks only, so each turn
+  re-prefills its context's last partial block).
 group: 8 episodes x 8 turns sharing a prompt, run concurrently (continuous batching): tokens
   prefilled vs the distinct tokens of the 8 trajectories (their prefix trie).
 decode: tokens/s at batch 1, 8, 32 (tokens of the decode chunks / their wall time, compile
   excluded) for the tiny model and a ~100M Qwen3-shaped model; step_over_forward = the time of one
   decode step of batch B (the on-device loop, divided by its steps) over one forward of B new tokens
   of one row against a cache of the same length (the prefill program), both called directly.
-peer: Tunix's sampler on the same weights needs google-tunix in a separate environment; the JSON
-  records whether it was found and why not.
+  bandwidth_fraction: the bytes one decode step must read (all parameters + the rows' live keys and
+  values) / that step's measured time, over the host memory bandwidth measured in the same run
+  (host_bandwidth: the best of a large array sum (read) and a scale (read + write)); 1.0 would be a
+  decode step bound by memory bandwidth alone.
+peer: Tunix's sampler (google-tunix in a separate environment, TUNIX_PYTHON; the runner is
+  benchmarks/sampler_tunix_peer.py) on the same weights (the ~100M model exported as a Hugging
+  Face directory): greedy, batch 1 (512-token prompt), 8 and 32 (128-token prompts), --peer-tokens
+  new tokens (batch 1: --peer-tokens-b1); each side timed end to end (prefill + decode) on its
+  second call with the same prompts (the first compiles); the tokens are compared and kat_over_tunix
+  is the ratio of generated tokens per second. Without Tunix the JSON records why.
 
     python benchmarks/sampler_throughput.py [--quick] [--json FILE]
 """
@@ -34,7 +46,7 @@ MODELS = {
         intermediate_size=2048, vocab_size=32768, tie_word_embeddings=True,
         max_position_embeddings=8192, param_dtype="float32", dtype="float32")),
 }
-TUNIX_PYTHON = "/tmp/tunix-venv/bin/python"
+TUNIX_PYTHON = os.environ.get("TUNIX_PYTHON", "/tmp/tunix-venv/bin/python")
 
 
 def make_engine(name: str, **config):
@@ -57,18 +69,21 @@ def distinct(seqs: list[list[int]]) -> int:
 
 
 def episode(eng, rng, prompt_len, turns, new_tokens, tool_range, seed):
-    """One scripted episode; returns its final tokens (what the model fed: the last generated
-    token of the last turn excluded)."""
+    """One scripted episode; returns (its final tokens (what the model fed: the last generated
+    token of the last turn excluded), the tokens the decode loop fed: all generated tokens but
+    each turn's last)."""
     from kat_jax.rollout.sampler import SamplingParams
 
     sp = SamplingParams(temperature=1.0, max_new_tokens=new_tokens)
     tokens = rng.integers(0, 256, prompt_len).tolist()
+    decoded = 0
     for turn in range(turns):
         gen = eng.generate([tokens], sp, seeds=[seed * 1000 + turn])[0][0]
         tokens = tokens + gen.tokens
+        decoded += len(gen.tokens) - 1
         if turn < turns - 1:
             tokens += rng.integers(0, 256, int(rng.integers(*tool_range))).tolist()
-    return tokens[:-1]
+    return tokens[:-1], decoded
 
 
 def multi_turn(args) -> dict:
@@ -82,11 +97,15 @@ def multi_turn(args) -> dict:
         run(0)  # compile every shape (the same lengths as the timed run)
         before = eng.stats["prefill_tokens"]
         t0 = time.perf_counter()
-        tokens = run(1)
+        tokens, decoded = run(1)
         seconds = time.perf_counter() - t0
         if cached:
-            out.update(prefill_tokens=eng.stats["prefill_tokens"] - before,
-                       distinct_tokens=len(tokens), seconds=round(seconds, 3))
+            prefilled = eng.stats["prefill_tokens"] - before
+            minimal = len(tokens) - decoded
+            out.update(prefill_tokens=prefilled, distinct_tokens=len(tokens),
+                       minimal_prefill_tokens=minimal, partial_block_tokens=prefilled - minimal,
+                       prefill_over_minimal=round(prefilled / minimal, 3),
+                       block_size=eng.config.block_size, seconds=round(seconds, 3))
         else:
             out.update(prefill_tokens_without_cache=eng.stats["prefill_tokens"] - before,
                        seconds_without_cache=round(seconds, 3))
@@ -127,9 +146,10 @@ def group(args) -> dict:
             "seconds_with_compile": round(time.perf_counter() - t0, 2)}
 
 
-def step_over_forward(eng, batch: int, cache_len: int, reps: int) -> float:
-    """Time of one decode step of `batch` rows over a cache of cache_len, over the time of one
-    forward of `batch` new tokens of one row after a cache of cache_len (direct program calls)."""
+def step_and_forward(eng, batch: int, cache_len: int, reps: int) -> tuple[float, float]:
+    """(seconds of one decode step of `batch` rows over a cache of cache_len (rows advance
+    chunk_steps positions from there), seconds of one forward of `batch` new tokens of one row
+    after a cache of cache_len), best of reps direct program calls."""
     import jax
     import numpy as np
 
@@ -166,10 +186,43 @@ def step_over_forward(eng, batch: int, cache_len: int, reps: int) -> float:
 
     step = timed(eng._decode, dec_args) / steps
     fwd = timed(eng._prefill, fwd_args)
-    return round(step / fwd, 3)
+    return step, fwd
 
 
-def decode(args) -> list[dict]:
+def host_bandwidth(mib: int = 256, reps: int = 5) -> dict:
+    """Host memory bandwidth in GB/s: a float32 array of `mib` MiB summed (bytes read / time) and
+    scaled (bytes read + written / time), best of reps; `GBps` is the larger."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(mib * 2**20 // 4, jnp.float32)
+    out = {}
+    for name, fn, moved in (("read", jax.jit(jnp.sum), 1), ("copy", jax.jit(lambda a: a * 2.0), 2)):
+        jax.block_until_ready(fn(x))
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            best = min(best, time.perf_counter() - t0)
+        out[f"{name}_GBps"] = round(moved * x.nbytes / best / 1e9, 2)
+    out["GBps"] = max(out["read_GBps"], out["copy_GBps"])
+    return out
+
+
+def step_bytes(eng, batch: int, cache_len: int) -> int:
+    """Bytes a decode step of `batch` rows at cache_len (+ half a chunk) must read: every parameter
+    once and the rows' live keys and values of every layer."""
+    import jax
+
+    params = sum(x.nbytes for x in jax.tree.leaves(eng.params))
+    cfg = eng.cfg
+    itemsize = eng._pool[0][0].dtype.itemsize
+    live = cache_len + 1 + eng.config.chunk_steps // 2
+    kv = batch * live * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return params + kv
+
+
+def decode(args, bandwidth: dict) -> list[dict]:
     import numpy as np
 
     from kat_jax.rollout.sampler import SamplingParams
@@ -187,15 +240,41 @@ def decode(args) -> list[dict]:
             s0, t0 = eng.stats["decode_seconds"], eng.stats["decode_tokens"]
             eng.generate(prompts, sp, seeds=list(range(b)))
             tps = (eng.stats["decode_tokens"] - t0) / (eng.stats["decode_seconds"] - s0)
+            step, fwd = step_and_forward(eng, b, args.decode_prompt, args.reps)
+            nbytes = step_bytes(eng, b, args.decode_prompt)
             out.append({"model": name, "batch": b, "prompt_len": args.decode_prompt,
                         "new_tokens": args.decode_tokens, "tokens_per_s": round(tps, 1),
-                        "step_over_forward": step_over_forward(eng, b, args.decode_prompt,
-                                                               args.reps)})
+                        "step_over_forward": round(step / fwd, 3),
+                        "step_ms": round(step * 1e3, 3), "step_bytes": nbytes,
+                        "step_GBps": round(nbytes / step / 1e9, 2),
+                        "bandwidth_fraction": round(nbytes / step / 1e9 / bandwidth["GBps"], 3)})
             print(json.dumps(out[-1]), flush=True)
     return out
 
 
-def peer() -> dict:
+def _export_hf(name: str, out_dir: str) -> None:
+    """The benchmark's model `name` (make_engine's weights: init_model seed 0) as a Hugging Face
+    directory (config.json + model.safetensors)."""
+    from kat_jax.models.checkpoint import params_to_pure_dict
+    from kat_jax.models.config import get_preset, to_hf_config
+    from kat_jax.models.decoder import init_model
+    from kat_jax.models.hf_io import write_hf_safetensors
+
+    spec = MODELS[name]
+    cfg = get_preset(spec["preset"], **spec["overrides"])
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(to_hf_config(cfg), f)
+    write_hf_safetensors(params_to_pure_dict(init_model(cfg, seed=0)), cfg, out_dir)
+
+
+def peer(args) -> dict:
+    """kat_jax and Tunix side by side on the same weights and prompts (module docstring)."""
+    import tempfile
+
+    import numpy as np
+
+    from kat_jax.rollout.sampler import SamplingParams
+
     if not os.path.exists(TUNIX_PYTHON):
         return {"available": False, "reason": f"{TUNIX_PYTHON} not found: create it with `python3 -m "
                 "venv /tmp/tunix-venv && /tmp/tunix-venv/bin/pip install google-tunix==0.1.7 "
@@ -203,8 +282,52 @@ def peer() -> dict:
     r = subprocess.run([TUNIX_PYTHON, "-c", "import tunix"], capture_output=True, text=True)
     if r.returncode:
         return {"available": False, "reason": "import tunix failed: " + r.stderr[-300:]}
-    return {"available": False, "reason": "tunix imports, but the side-by-side runner (the same "
-            "weights in Tunix's Qwen3 and its sampler) is not written yet"}
+    name = "qwen3_100m"
+    last = MODELS[name]["overrides"]["vocab_size"] - 1   # Tunix's pad and eos id in the runner
+    rng = np.random.default_rng(11)
+    cases = [{"name": f"batch{b}", "prompts": rng.integers(1, 256, (b, p)).tolist(),
+              "new_tokens": new}
+             for b, p, new in ((1, 512, args.peer_tokens_b1), (8, 128, args.peer_tokens),
+                               (32, 128, args.peer_tokens))]
+    with tempfile.TemporaryDirectory() as tmp:
+        _export_hf(name, tmp)
+        with open(os.path.join(tmp, "cases.json"), "w") as f:
+            json.dump(cases, f)
+        runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix_peer.py")
+        t0 = time.perf_counter()
+        r = subprocess.run([TUNIX_PYTHON, runner, "--hf-dir", tmp, "--cases",
+                            os.path.join(tmp, "cases.json"), "--out",
+                            os.path.join(tmp, "out.json")], capture_output=True, text=True,
+                           timeout=args.peer_timeout)
+        tunix_seconds = time.perf_counter() - t0
+        if r.returncode:
+            return {"available": False, "reason": "the Tunix runner failed: " + r.stderr[-600:]}
+        with open(os.path.join(tmp, "out.json")) as f:
+            theirs = json.load(f)
+    eng = make_engine(name, prefix_cache=False, max_batch=32,
+                      cache_tokens=32 * (128 + args.peer_tokens) + 512 + args.peer_tokens_b1 + 64)
+    out = {"available": True, "model": name, "tunix_version": theirs["tunix_version"],
+           "tunix_jax": theirs["jax"], "tunix_wall_seconds": round(tunix_seconds, 1), "cases": []}
+    for case, tun in zip(cases, theirs["cases"]):
+        sp = SamplingParams(temperature=0.0, max_new_tokens=case["new_tokens"], stop_tokens=(last,))
+        eng.generate(case["prompts"], sp)  # compile
+        t0 = time.perf_counter()
+        gens = eng.generate(case["prompts"], sp)
+        seconds = time.perf_counter() - t0
+        ours = [g[0].tokens for g in gens]
+        kat_tps = sum(map(len, ours)) / seconds
+        agree = [next((i for i, (a, b) in enumerate(zip(o, t)) if a != b), min(len(o), len(t)))
+                 / max(len(o), len(t)) for o, t in zip(ours, tun["tokens"])]
+        out["cases"].append({
+            "case": case["name"], "batch": len(case["prompts"]),
+            "prompt_len": len(case["prompts"][0]), "new_tokens": case["new_tokens"],
+            "kat_seconds": round(seconds, 3), "tunix_seconds": tun["seconds"],
+            "kat_tokens_per_s": round(kat_tps, 1), "tunix_tokens_per_s": tun["tokens_per_s"],
+            "kat_over_tunix": round(kat_tps / tun["tokens_per_s"], 2),
+            "same_tokens": ours == tun["tokens"],
+            "agreeing_prefix_fraction": round(float(np.mean(agree)), 3)})
+        print(json.dumps(out["cases"][-1]), flush=True)
+    return out
 
 
 def main() -> None:
@@ -216,9 +339,13 @@ def main() -> None:
     ap.add_argument("--decode-prompt", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--peer-tokens", type=int, default=128, help="peer: new tokens at batch 8, 32")
+    ap.add_argument("--peer-tokens-b1", type=int, default=128, help="peer: new tokens at batch 1")
+    ap.add_argument("--peer-timeout", type=int, default=1800, help="seconds for the Tunix run")
+    ap.add_argument("--sections", default="multi_turn,group,decode,peer")
     ap.add_argument("--quick", action="store_true",
                     help="CPU-sized: tool results of 50-150 tokens, 16 new tokens per turn, 32 "
-                    "decode tokens")
+                    "decode tokens, 32 peer tokens at batch 8 and 32")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "sampler_throughput.json"))
     args = ap.parse_args()
@@ -226,13 +353,20 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.quick:
         args.tool_range, args.new_tokens, args.decode_tokens = (50, 151), 16, 32
+        args.peer_tokens = 32
     t0 = time.time()
     out = {"benchmark": "sampler_throughput", "date": time.strftime("%Y-%m-%d"),
-           "machine": f"{platform.machine()} {os.cpu_count()} cpus", "quick": args.quick,
-           "multi_turn": multi_turn(args), "group": group(args)}
-    print(json.dumps(out), flush=True)
-    out["decode"] = decode(args)
-    out["peer"] = peer()
+           "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+           "load_before": os.getloadavg()[0], "quick": args.quick,
+           "host_bandwidth": host_bandwidth(), "section_seconds": {}}
+    sections = {"multi_turn": lambda: multi_turn(args), "group": lambda: group(args),
+                "decode": lambda: decode(args, out["host_bandwidth"]), "peer": lambda: peer(args)}
+    for name in args.sections.split(","):
+        t1 = time.time()
+        out[name] = sections[name]()
+        out["section_seconds"][name] = round(time.time() - t1, 1)
+        print(json.dumps({name: out[name]}), flush=True)
+    out["load_after"] = os.getloadavg()[0]
     out["seconds"] = round(time.time() - t0, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
