@@ -6,8 +6,9 @@
 1. A generated repository of ``--commits`` commits (a seeded mix: a feature with its test, a fix
    with a one-word message, a message quoting the fix, a refactor, a docs change, a test-only
    change, a change whose new test already passes, a change that breaks an existing test, a flaky
-   test) is mined with the local backend (verification on): instances per minute, and for each
-   filter the share of candidates it removed and the share still kept after it.
+   test) is mined with ``--backend`` (local, default, or docker: every kept instance then has its
+   own image, and the instance images are removed at the end) (verification on): instances per
+   minute, and for each filter the share of candidates it removed and the share still kept after it.
 2. With ``--synthesize K``: the source distribution of ``--package`` (``pip download --no-binary``)
    is unpacked into a fresh git repository (one commit) and K mutation instances are synthesised at
    its HEAD; then `env check` grades each with its gold patch and an empty one: instances produced
@@ -148,12 +149,21 @@ def bench_history(args: argparse.Namespace, tmp: str) -> dict:
     t = time.monotonic()
     repo, made = generate_repo(tmp, args.commits, args.seed)
     gen_s = time.monotonic() - t
-    opts = sm.MineOptions(workers=args.workers, runs=args.runs, verify=not args.no_verify)
+    opts = sm.MineOptions(workers=args.workers, runs=args.runs, verify=not args.no_verify,
+                          backend=args.backend)
     t = time.monotonic()
     res = sm.mine(repo, os.path.join(tmp, "hist.jsonl"), opts=opts)
     secs = time.monotonic() - t
     stats = dict(res.stats)
-    return {"commits": args.commits, "commit_kinds": made, "generate_seconds": round(gen_s, 1),
+    images = sorted({i["image"] for i in res.instances if i.get("image")})
+    if images:
+        import docker
+
+        client = docker.from_env()
+        for tag in images:
+            client.images.remove(tag, force=True)
+    return {"backend": args.backend, "instance_images": len(images), "commits": args.commits,
+            "commit_kinds": made, "generate_seconds": round(gen_s, 1),
             "mine_seconds": round(secs, 1), "instances": len(res.instances),
             "instances_per_minute": round(60 * len(res.instances) / secs, 2),
             "candidates_per_minute": round(60 * stats.get("candidates", 0) / secs, 2),
@@ -202,6 +212,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--backend", choices=["local", "docker"], default="local")
     ap.add_argument("--synthesize", type=int, default=0)
     ap.add_argument("--package", default="six==1.16.0")
     ap.add_argument("--skip-history", action="store_true")
