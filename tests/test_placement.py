@@ -1,6 +1,7 @@
 """Tag-driven placement (kat_jax.flow.placement): the scheduler's rules, and the two-sub-mesh mode
 on 8 simulated CPU devices (4 train, 4 rollout)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -213,3 +214,80 @@ def test_two_sub_meshes_train_on_four_devices_sample_on_four_with_device_to_devi
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+ONLINE_SPLIT = textwrap.dedent('''
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    sys.path.insert(0, {root!r})
+    import jax
+    from kat_jax.envs.base import Env, EvalResult, Task
+    from kat_jax.envs.registry import register_env
+    from kat_jax.training import config_lib
+    import kat_jax.flow.online  # noqa: F401  (registers the online loop)
+    from kat_jax.training.trainer import run_train
+
+    class Parity(Env):
+        name = "parity_split"
+        def reset(self, task):
+            return [dict(m) for m in task.messages], []
+        def evaluate(self, messages=()):
+            text = next((m.get("content") or "" for m in reversed(messages)
+                         if m["role"] == "assistant"), "")
+            share = sum(ord(c) % 2 == 0 for c in text) / max(len(text), 1)
+            return EvalResult(reward=float(share), passed=share > 0.5)
+
+    register_env("parity_split", Parity,
+                 lambda path=None: [Task(f"v{{i}}", [{{"role": "user", "content": f"Say {{i}}."}}])
+                                    for i in range(4)])
+    small = ["--config.rl.env=parity_split", "--config.rl.split=all",
+             "--config.rl.groups_per_round=2", "--config.rl.group_size=3",
+             "--config.rl.minibatches=2", "--config.rl.max_turns=1",
+             "--config.rl.max_new_tokens=8", "--config.rl.concurrency=3",
+             "--config.data.rows=2", "--config.data.row_len=64", "--config.data.trajectories=4",
+             "--config.train.steps=2", "--config.train.log_every=1",
+             "--config.train.checkpoint_every=2"]
+    out = {{}}
+    for name, extra in (("shared", []), ("split", ["--config.rl.rollout_devices=2",
+                                                  "--config.rl.lend_train_devices=true"])):
+        cfg = config_lib.load_train_config("configs/rl.py:tiny_calculator", small + extra)
+        wd = os.path.join(sys.argv[1], name)
+        res = run_train(cfg, wd)
+        out[name] = dict(res=res.get("mesh"),
+                         metrics=[json.loads(x) for x in open(wd + "/metrics.jsonl") if x.strip()])
+    try:
+        config_lib.load_train_config("configs/rl.py:tiny_calculator",
+                                     small + ["--config.rl.rollout_devices=4"])
+        run_train(config_lib.load_train_config("configs/rl.py:tiny_calculator",
+                                               small + ["--config.rl.rollout_devices=4"]),
+                  os.path.join(sys.argv[1], "bad"))
+    except Exception as e:
+        out["error"] = str(e)
+    print("RESULT" + json.dumps(out))
+''')
+
+
+def test_online_loop_samples_on_its_own_devices_and_lends_training_devices(tmp_path):
+    """rl.rollout_devices=2 and rl.lend_train_devices on 4 simulated devices: the trainer's mesh
+    holds the other 2 devices, the sampler replicas (2 own + 2 lent) serve the round's calls on
+    both kinds of device, and the round samples what the time-shared loop samples (same weights,
+    same seeds: same rewards and tokens; losses equal up to the meshes' summation order);
+    rl.rollout_devices that leaves the trainer no device is an error naming the key."""
+    proc = subprocess.run([sys.executable, "-c", ONLINE_SPLIT.format(root=ROOT), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    shared, split = out["shared"], out["split"]
+    assert shared["res"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
+    assert split["res"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 1}
+    a, b = shared["metrics"], split["metrics"]
+    assert "placement/replicas" not in a[-1]
+    rnd = b[-1]
+    assert rnd["placement/replicas"] == 4
+    assert rnd["placement/calls_rollout_devices"] > 0 and rnd["placement/calls_lent_train_devices"] > 0
+    assert rnd["placement/calls_rollout_devices"] + rnd["placement/calls_lent_train_devices"] == 6
+    assert a[-1]["reward"] == b[-1]["reward"]
+    assert a[-1]["generated_tokens"] == b[-1]["generated_tokens"]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    assert "rl.rollout_devices" in out["error"] and "[0, 4)" in out["error"]

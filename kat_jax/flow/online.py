@@ -13,7 +13,11 @@ it trains offline on data.train_files (kat_jax.training.trainer). One round:
     existing agent loop (kat_jax.rollout.agent.run_episode) with rl.concurrency episodes at a
     time, against the in-process sampler (kat_jax.rollout.sampler.JaxEngine) holding the current
     parameters: the trainer's arrays are handed to it on device (update_weights: no host copy, no
-    recompilation).
+    recompilation). With rl.rollout_devices = k > 0 the sampler is an EngineFleet
+    (kat_jax.flow.placement) of one replica on each of the last k devices, the training mesh
+    takes the others, and each update is copied device to device to every replica; with
+    rl.lend_train_devices every training device also holds a replica that takes calls only while
+    the trainer waits for the round (own rollout devices first); metrics placement/*.
  2. The trajectory manager (kat_jax.flow.TrajectoryManager) receives one record per model call
     (the engine the agents use reports each call: prompt ids, generated ids, behaviour log-probs,
     entropies, policy version) and each episode's outcome, rebuilds the trajectories by token
@@ -84,7 +88,7 @@ import numpy as np
 from flax import nnx
 
 from kat_jax import storage
-from kat_jax.flow.placement import sampler_model
+from kat_jax.flow.placement import EngineFleet, sampler_model, split_devices
 from kat_jax.flow.rounds import (  # noqa: F401 - part of this module's API
     _ReportingEngine,
     _task_order,
@@ -111,7 +115,7 @@ from kat_jax.training.build import (
 from kat_jax.training.checkpointing import Checkpoints, export_model, model_exported
 from kat_jax.training.defaults import FLEET_DEFAULTS, RL_DEFAULTS
 from kat_jax.training.progress import StepLogger
-from kat_jax.training.sharding import local_shard_ids, make_mesh
+from kat_jax.training.sharding import local_shard_ids, mesh_from_config
 from kat_jax.training.step import forward_logprobs
 from kat_jax.trees.batch import merge_leading
 from kat_jax.trees.packing import gather_per_trajectory
@@ -233,6 +237,9 @@ def validate_online(cfg) -> None:
                      ("epochs", 1), ("max_turns", 1), ("max_new_tokens", 1), ("concurrency", 1)):
         if rl[key] < low:
             _fail(f"rl.{key}", f"must be >= {low}", rl[key])
+    if not 0 <= rl.rollout_devices < jax.device_count():
+        _fail("rl.rollout_devices", f"must be in [0, {jax.device_count()}): the training mesh "
+              f"keeps at least one of the {jax.device_count()} devices", rl.rollout_devices)
     if rl.groups_per_round % rl.minibatches:
         _fail("rl.minibatches", f"must divide rl.groups_per_round={rl.groups_per_round}",
               rl.minibatches)
@@ -416,7 +423,9 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         _fail("rl.groups_per_round", f"exceeds the {len(tasks)} tasks of {rl.env} "
               f"(split {rl.split})", rl.groups_per_round)
     teachers = _load_teachers(cfg, tasks) if cfg.stage == "rft" else None
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    train_devices, rollout_devices = split_devices(
+        jax.devices(), jax.device_count() - rl.rollout_devices, rl.rollout_devices)
+    mesh = mesh_from_config(cfg.mesh, devices=train_devices)
     shards = data_shards(cfg, mesh)
     shard_ids = local_shard_ids(mesh, shards)
     prune = prune_config(cfg)
@@ -441,8 +450,15 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             with ref_cfg.unlocked():
                 ref_cfg.model.checkpoint = rl.reference
         reference = initial_params(ref_cfg, model_cfg, setup.p_shard)
-    engine = JaxEngine(sampler_model(model_cfg, state["params"]),
-                       EngineConfig(max_batch=max(8, rl.concurrency)))
+    engine_cfg = EngineConfig(max_batch=max(8, rl.concurrency))
+    if rollout_devices or rl.lend_train_devices:
+        lend = train_devices if rl.lend_train_devices else []
+        # the episodes' concurrent calls spread over the replicas (own devices first, then lent)
+        slots = -(-rl.concurrency // (len(rollout_devices) + len(lend)))
+        engine = EngineFleet(model_cfg, state["params"], rollout_devices, lend_devices=lend,
+                             engine_config=engine_cfg, slots=slots)
+    else:
+        engine = JaxEngine(sampler_model(model_cfg, state["params"]), engine_cfg)
     logprob_fn = jax.jit(make_logprob_fn(setup.graphdef, cfg.loss.temperature, setup.constrain))
     jit_step = None
     advantage = cfg.loss.get("advantage_estimator", "grpo")
@@ -461,6 +477,8 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             r = position.rounds
             t0 = time.perf_counter()
             fm: dict[str, Any] = {}
+            if isinstance(engine, EngineFleet):
+                engine.trainer_waiting(True)     # lent training devices sample until trained on
             if flow is None:
                 engine.update_weights(state["params"])
                 groups, episodes, mstats = collect_groups(engine, cfg, tasks, tokenizer,
@@ -477,6 +495,9 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                 groups, episodes, mstats = collect_groups(engine, cfg, tasks, tokenizer,
                                                           position, advantage, teachers,
                                                           runner=from_flow)
+            if isinstance(engine, EngineFleet):
+                engine.trainer_waiting(False)
+                fm.update(_placement_metrics(engine))
             if teacher_records is not None:
                 groups = teacher_records(groups)
             t1 = time.perf_counter()
@@ -578,6 +599,17 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             "loss": logger.logged.get("loss"), "reward": logger.logged.get("reward"),
             "mesh": dict(mesh.shape), "total_tokens": totals["total_tokens"],
             "computed_tokens": totals["computed_tokens"]}
+
+
+def _placement_metrics(fleet: EngineFleet) -> dict[str, float]:
+    """Where the sampler calls ran so far (rl.rollout_devices / rl.lend_train_devices): calls on
+    the rollout devices, on lent training devices, and the time spent waiting for a replica."""
+    st = fleet.stats()
+    on_lent = sum(st["lent"].values())
+    return {"placement/replicas": float(len(fleet.engines)),
+            "placement/calls_rollout_devices": float(sum(st["placed"].values()) - on_lent),
+            "placement/calls_lent_train_devices": float(on_lent),
+            "placement/wait_s": float(st["wait_s"])}
 
 
 def _asynchronous(cfg) -> bool:

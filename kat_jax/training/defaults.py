@@ -82,6 +82,10 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              says what each key does; set without rl.env they are errors (the
                              teacher keys act on rft only); rl.max_staleness /
                              rl.partial_rollouts: asynchronous sampling, kat_jax.flow.async_rollout
+  rl.rollout_devices / lend_train_devices   rollout placement (kat_jax.flow.placement): the last
+                             rollout_devices devices sample (a replica each) and the training mesh
+                             (mesh.*) takes the rest; lend_train_devices: training devices also
+                             sample while the trainer waits. Metrics placement/*
   rl.teacher_loss / teacher_coef   online rft: teachers in the loss. none: they only shape the
                              reward; sft: each group's teacher transcripts join its prefix tree
                              (chat-rendered like the rollouts, so they share the prompt) and the
@@ -159,6 +163,12 @@ RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, gro
                    # (0 = the synchronous loop); partial_rollouts: weight updates reach episodes
                    # in flight at their next model call instead of after a drain
                    max_staleness=0, partial_rollouts=False,
+                   # rollout placement (kat_jax.flow.placement): rollout_devices > 0 samples on
+                   # that many devices of their own (the last ones; one sampler replica each,
+                   # weights copied device to device after each update) and trains on the rest;
+                   # lend_train_devices: every training device also holds a replica that samples
+                   # while the trainer waits for data (0 / False: one sampler time-shares them)
+                   rollout_devices=0, lend_train_devices=False,
                    # online rft: teachers ('' = the environment's bundled ones), the relative
                    # reward's weights, supervision during generation
                    teachers="", w_outcome=1.0, w_process=0.5, w_answer=0.5,
