@@ -20,7 +20,7 @@ from kat_jax.envs import register_env
 from kat_jax.envs.base import Env, EvalResult, Task, tool_message
 from kat_jax.flow.async_rollout import AsyncRollouts, staleness_metrics
 from kat_jax.training import config_lib
-from kat_jax.training.trainer import run_train
+from kat_jax.training.trainer import Preempted, run_train
 
 TOK = ByteTokenizer()
 IM_END = TOK.special("<|im_end|>")
@@ -261,6 +261,30 @@ def test_async_run_trains_within_the_bound_and_logs_the_flow(tmp_path, fake_samp
         assert key in m[-1] or key in m[0], key
     assert all(0 <= r["overlap"] <= 1 and 0 <= r["train_idle_fraction"] <= 1 for r in m)
     json.dumps(m)
+
+
+def test_an_async_run_restarted_mid_run_resumes_at_the_checkpointed_round(tmp_path, fake_sampler):
+    """Staleness 1, stopped after round 1's update (checkpoint at step 2) while round 2 may be in
+    flight, then restarted: the run ends at step 4 with rounds 2 and 3 trained once each (what
+    was in flight is sampled again, from the restored weights: staleness 0 at the restart); the
+    rounds before the stop are the uninterrupted run's (round 0 exactly: version 0 weights)."""
+    cfg = FAST + ["--config.train.steps=4", "--config.rl.max_staleness=1",
+                  "--config.rl.concurrency=2"]
+    wd = tmp_path / "stopped"
+    with pytest.raises(Preempted):
+        run_train(_cfg(cfg + ["--config.train.stop_at_step=2"]), str(wd))
+    assert [r["step"] for r in _metrics(wd)] == [1, 2]
+    out = run_train(_cfg(cfg), str(wd))
+    assert out["step"] == 4 and out["rounds"] == 4
+    got = _metrics(wd)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["episodes"] for r in got] == [3, 3, 3, 3]      # nothing dropped, nothing doubled
+    assert got[2]["staleness_max"] == 0                      # re-sampled from restored weights
+    assert all(r["staleness_max"] <= 1 for r in got)
+    full = run_train(_cfg(cfg), str(tmp_path / "full"))
+    want = _metrics(tmp_path / "full")
+    assert full["step"] == 4
+    assert got[0]["loss"] == want[0]["loss"] and got[0]["reward"] == want[0]["reward"]
 
 
 @pytest.mark.parametrize("override,match", [
