@@ -113,3 +113,27 @@ def test_engine_attention_pallas_gives_the_xla_tokens_and_unknown_values_are_err
     for a, b in zip(gens["xla"], gens["pallas"]):
         assert a.tokens == b.tokens
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_batch_one_decode_program_copies_no_pool():
+    """paged_write indexes the pool by (block, offset): through a flat [P * S_blk, K, H] view,
+    XLA:CPU copied each layer's pools twice per decode step at batch 1 (16 pool copies here)."""
+    import re
+
+    from kat_jax.models.config import get_preset
+    from kat_jax.models.decoder import init_model
+    from kat_jax.rollout.sampler import EngineConfig, JaxEngine
+
+    eng = JaxEngine(init_model(get_preset("tiny"), seed=0),
+                    EngineConfig(block_size=16, chunk_steps=4, cache_tokens=1024, max_batch=8,
+                                 attention="xla"))
+    b, m = 1, 4
+    z, ones = np.zeros(b, np.int32), np.ones(b, np.float32)
+    args = (eng.params, eng._layer_states, eng._pool, np.zeros((b, m), np.int32), z, z,
+            np.zeros((b, 2), np.uint32), z, np.ones(b, np.int32), np.ones(b, bool),
+            np.full((b, 1), -1, np.int32), ones, ones, z, 0, 4)
+    hlo = eng._decode.lower(*args).compile().as_text()
+    p, s, k, h = eng._pool[0][0].shape
+    pool_copy = rf"= f32\[({p},{s},{k},{h}|{p * s},{k},{h})\]\{{[^}}]*\}} copy\("
+    copies = [ln for ln in hlo.splitlines() if re.search(pool_copy, ln)]
+    assert not copies, copies[:2]

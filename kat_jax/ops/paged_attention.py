@@ -38,11 +38,12 @@ def token_slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array,
 
 
 def paged_write(pool: jax.Array, new_btkh: jax.Array, slots_bt: jax.Array) -> jax.Array:
-    """pool [P, S_blk, K, H] with new[b, t] written at flat slot slots[b, t]."""
-    p, s, k, h = pool.shape
-    flat = pool.reshape(p * s, k, h).at[slots_bt.reshape(-1)].set(
-        new_btkh.reshape(-1, k, h).astype(pool.dtype))
-    return flat.reshape(p, s, k, h)
+    """pool [P, S_blk, K, H] with new[b, t] written at flat slot slots[b, t]. Indexed by (block,
+    offset) rather than through a flat [P * S_blk, K, H] view: XLA:CPU copied the reshaped pool
+    (twice per layer and step inside the decode loop) to give the view its layout."""
+    _, s, k, h = pool.shape
+    slots = slots_bt.reshape(-1)
+    return pool.at[slots // s, slots % s].set(new_btkh.reshape(-1, k, h).astype(pool.dtype))
 
 
 def paged_attention(q_btnh: jax.Array, pool_k: jax.Array, pool_v: jax.Array,
