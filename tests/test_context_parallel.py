@@ -1,8 +1,9 @@
 """Context parallelism (kat_jax.ops.context_parallel): the balance of q blocks over shards against a
 brute-force count of visible block pairs, the layout's per-shard schedules against the token-level
 mask, the mesh.context errors, and (8 simulated CPU devices, one subprocess) context 4 x fsdp 2
-losses and gradients against one device on trees, chains and packed forests, through the model and
-through the trainer's real train step."""
+losses and gradients against one device on trees, chains and packed forests (dense and
+block-sparse attention), through the model and through the trainer's real train step, and the
+Pallas kernel's attention under the same mesh against the dense reference."""
 
 import os
 import subprocess
@@ -183,6 +184,35 @@ SCRIPT = textwrap.dedent("""
             worst = max(worst, err)
             print(impl, name, float(l1), float(l2), err, flush=True)
 
+    # attention alone with the Pallas kernels (the GPU kernel, interpreted on CPU): the output
+    # and the gradients of q, k, v of a permuted tree row and a chain equal the dense reference
+    from kat_jax.ops.attention import tree_attention
+    from kat_jax.ops.context_parallel import attention_schedule, context_layout, permute_tokens
+    from kat_jax.ops.dense import xla_dense_attention
+
+    rng = np.random.default_rng(0)
+    se = np.concatenate([batches["tree"].subtree_end[0, :1],
+                         np.full((1, ROW), ROW, np.int32)])             # [2, 128]
+    q, w = (jnp.asarray(rng.normal(size=(2, ROW, 4, 16)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(2, ROW, 2, 16)), jnp.float32) for _ in range(2))
+    ref = jax.value_and_grad(lambda q, k, v: jnp.sum(
+        xla_dense_attention(q, k, v, jnp.asarray(se)) * w), argnums=(0, 1, 2))(q, k, v)
+    lay = context_layout(se, 16, 4)
+    tp = jnp.asarray(lay["token_perm"])
+    sched = {{key: jnp.asarray(x) for key, x in attention_schedule(lay).items()}}
+    se_p = jnp.take_along_axis(jnp.asarray(se), tp, 1)
+
+    def attn(q, k, v):
+        qp, kp, vp, wp = (permute_tokens(x, tp) for x in (q, k, v, w))
+        return jnp.sum(tree_attention(qp, kp, vp, se_p, impl="pallas", schedule=sched,
+                                      block_size=16) * wp)
+
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.value_and_grad(attn, argnums=(0, 1, 2)))(q, k, v)
+    assert abs(float(got[0]) - float(ref[0])) <= 1e-5 * abs(float(ref[0])) + 1e-4
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
     # the trainer's path: --config.mesh.context=4 builds the mesh (sharding.mesh_from_config, as
     # the trainer and compile-check do) and the real jitted train step equals one device's
     from kat_jax.training import config_lib
@@ -221,7 +251,8 @@ def test_context4_fsdp2_losses_and_gradients_equal_one_device_on_trees_chains_fo
     """8 simulated CPU devices, float32 tiny model, dense and block-sparse attention: the loss and
     every parameter gradient with the rows' tokens split over context=4 (and rows over fsdp=2)
     equal the single-device ones within 1e-5, and the compiled step holds the context shard_map;
-    then the trainer's own train step built from --config.mesh.context=4 gives one device's loss,
+    Pallas attention (interpreted) under the same mesh equals the dense reference; then the
+    trainer's own train step built from --config.mesh.context=4 gives one device's loss,
     gradient norm and updated parameters."""
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT)],
                           capture_output=True, text=True, timeout=600)
