@@ -104,8 +104,9 @@ Every stage config has the same keys; the stage changes the data kind and the lo
   mesh.context               splits each row's tokens over this many devices (context
                              parallelism, kat_jax.ops.context_parallel: q blocks balanced by live
                              block pairs, K / V all-gathered for attention); default 1. The rows'
-                             attention blocks must split evenly (else an error names the key);
-                             the offline trainer and compile-check only
+                             attention blocks must split evenly (else an error names the key
+                             when the step compiles); every mesh built from the config
+                             (sharding.mesh_from_config: trainer, compile-check, online loop)
   distributed.*              jax.distributed.initialize arguments (multi-host): initialize,
                              coordinator_address HOST:PORT, num_processes, process_id (-1 / '' =
                              detect: Cloud TPU, SLURM), initialization_timeout_s, heartbeat_timeout_s
