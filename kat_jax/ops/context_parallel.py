@@ -34,13 +34,21 @@ un-permuted to the original order. Each shard then attends only its own q blocks
                     own blocks are non-zero. Work follows the shard's pairs; memory holds
                     full-length float32 accumulators (O(T * N * H) per device, like the gathered
                     K and V times G).
-  pallas            the same full-length query array with the kernel's lists computed in jit and
-                    q_kv_count zeroed for other shards' q blocks (forward and dQ skip them; the
-                    dK/dV kernel still walks them, contributing exact zeros). Exact, not balanced
-                    in the backward.
+  pallas            the same full-length query array. GPU (Triton; interpreted on CPU, tested):
+                    the kernel's lists computed in jit with q_kv_count zeroed for other shards'
+                    q blocks, so forward and dQ skip them; the dK/dV kernel still walks them
+                    (exact zeros): not balanced in the backward. TPU: the kernel builds its own
+                    full schedule, so every shard does the whole row's attention work (exact, no
+                    saving; not run here).
 Gradients: autodiff through the all-gather (its transpose is a reduce-scatter) returns dK and dV
 to the shards that own those tokens; dQ stays on its shard. Exact: every query sees exactly the
 keys it sees unsharded, so outputs and gradients equal the single-device ones up to float rounding.
+
+Where the layout is built: inside the step (jit, `kat_jax.training.step.forward_logprobs`), from
+subtree_end, not by the host packer: the StepBatch and the data pipeline stay as they are and the
+same batches run on any mesh. It costs O(B * nb^2) integer work per step, repeated on every
+context shard (nb = 1024 at 128k tokens with blocks of 128: ~13 ms in numpy on one CPU core,
+benchmarks/long_context_pack.py). Under context > 1 the batch's host-built schedule is unused.
 
 Without a 'context' axis (or with one of size 1) `context_tree_attention` runs the same code on one
 shard, so a permuted batch gives the same result on one device.
