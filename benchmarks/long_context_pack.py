@@ -11,7 +11,9 @@ seconds in `wall`):
   pack          kat_jax.trees.packing.pack_trie (no schedule): rows + per-trajectory arrays
   schedule      packing.attention_schedule (block-sparse pairs, fixed length schedule_length)
   kernel_lists  the Pallas kernels' lists (ops.pallas.schedule.kernel_schedule_host)
-  context_layout  ops.context_parallel.context_layout on numpy (C = 4)
+  context_layout  ops.context_parallel.context_layout on numpy (C = 4); context_balance: the
+                most live block pairs on one of C = 4 / 8 context shards over the mean, balanced
+                (the layout) and contiguous (shard s = the s-th slice of blocks)
   prune_nodes   the pruner's host part (trees.pruning.node_arrays)
   prune_jit     the jitted pruner on those arrays (compiled; compile time reported apart)
   pipeline      data.pipeline.TreeBatcher.next_batch: the data pipeline's whole row building
@@ -130,6 +132,18 @@ def measure(tokens: int, turns: int, repeat: int) -> dict:
     res["schedule_pairs"], res["live_pairs"] = pairs, int((sched.kind > 0).sum())
     res["kernel_lists_s"], _ = _best(lambda: kernel_schedule_host(se, BLOCK), repeat)
     res["context_layout_s"], _ = _best(lambda: context_layout(se, BLOCK, 4), repeat)
+    from kat_jax.ops.block_sparse import classify_block_pairs
+
+    per_block = (classify_block_pairs(se, BLOCK)[0] > 0).sum(axis=1)       # live pairs per q block
+    res["context_balance"] = {}
+    for c in (4, 8):
+        perm = context_layout(se, BLOCK, c)["block_perm"][0]
+        m, mean = len(per_block) // c, per_block.sum() / c
+        res["context_balance"][c] = {
+            "balanced_max_over_mean": float(max(per_block[perm[s * m:(s + 1) * m]].sum()
+                                                for s in range(c)) / mean),
+            "contiguous_max_over_mean": float(max(per_block[s * m:(s + 1) * m].sum()
+                                                  for s in range(c)) / mean)}
     pad = 1 << max(4, (trie.num_nodes - 1).bit_length())
     res["prune_nodes_s"], nodes = _best(lambda: node_arrays(trie, pad_to=pad), repeat)
     import jax
