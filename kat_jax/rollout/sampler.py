@@ -229,6 +229,71 @@ class _Seq:
             self.finish = "length"
 
 
+def resolve_engine_attention(attention: str) -> str:
+    """EngineConfig.attention with auto resolved: pallas on GPU / TPU, xla on CPU."""
+    if attention == "auto":
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return attention
+
+
+def engine_programs(graphdef, layer_graphdef, bs: int, attention_impl: str):
+    """The engine's two device programs, unjitted: prefill (new tokens of some rows into the pool,
+    then the next token of each) and decode (a lax.while_loop of up to n_steps steps with stop
+    checks on device); JaxEngine jits them with the pool donated, lower_engine_programs lowers them
+    for abstract inputs."""
+    if attention_impl == "pallas":
+        from kat_jax.ops.pallas import paged as pallas_paged
+        attention = pallas_paged.pallas_paged_attention
+    else:
+        attention = paged_attention
+
+    def forward(params, layer_states, pool, tokens, positions, valid, tables):
+        m = nnx.merge(graphdef, params)
+        layers = [nnx.merge(layer_graphdef, s) for s in layer_states]
+        slots = token_slots(tables, positions, valid, bs)
+        hidden, pool = m.paged(layers, tokens, positions, slots, pool, tables, attention)
+        return m, hidden, pool
+
+    def prefill(params, layer_states, pool, tokens, positions, valid, tables, last, copy_src,
+                copy_dst, rows, keys, steps, temperature, top_p, top_k, k_bound):
+        m, hidden, pool = forward(params, layer_states, pool, tokens, positions, valid, tables)
+        h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        logits = m.logits(h_last)
+        pool = [(k.at[copy_dst].set(k[copy_src]), v.at[copy_dst].set(v[copy_src]))
+                for k, v in pool]
+        tok, lp, ent = sample_step(logits[rows], keys, steps, temperature, top_p, top_k,
+                                   k_bound)
+        return pool, tok, lp, ent
+
+    def decode(params, layer_states, pool, tables, tok, pos, keys, step, left, active, stops,
+               temperature, top_p, top_k, k_bound, n_steps):
+        b = tok.shape[0]
+        out = (jnp.full((b, n_steps), -1, jnp.int32), jnp.zeros((b, n_steps), jnp.float32),
+               jnp.zeros((b, n_steps), jnp.float32))
+
+        def cond(carry):
+            return (carry[0] < n_steps) & jnp.any(carry[6])
+
+        def body(carry):
+            i, pool, tok, pos, step, left, active, (o_t, o_lp, o_e) = carry
+            m, hidden, pool = forward(params, layer_states, pool, tok[:, None], pos[:, None],
+                                      active[:, None], tables)
+            t, lp, e = sample_step(m.logits(hidden[:, 0]), keys, step, temperature, top_p,
+                                   top_k, k_bound)
+            o_t = o_t.at[:, i].set(jnp.where(active, t, -1))
+            o_lp, o_e = o_lp.at[:, i].set(lp), o_e.at[:, i].set(e)
+            ended = jnp.any(t[:, None] == stops, axis=-1) | (left <= 1)
+            inc = active.astype(jnp.int32)
+            return (i + 1, pool, jnp.where(active, t, tok), pos + inc, step + inc, left - inc,
+                    active & ~ended, (o_t, o_lp, o_e))
+
+        carry = (jnp.int32(0), pool, tok, pos, step, left, active, out)
+        carry = jax.lax.while_loop(cond, body, carry)
+        return carry[1], carry[7], carry[0]
+
+    return prefill, decode
+
+
 class JaxEngine:
     """The built-in policy engine (see the module docstring). Thread-safe: concurrent generate
     calls are batched continuously by one scheduler thread."""
@@ -256,60 +321,8 @@ class JaxEngine:
         self._running: list[_Seq] = []
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        graphdef, layer_graphdef = self.graphdef, self._layer_graphdef
-        self.attention = cfg.attention
-        if self.attention == "auto":
-            self.attention = "xla" if jax.default_backend() == "cpu" else "pallas"
-        if self.attention == "pallas":
-            from kat_jax.ops.pallas import paged as pallas_paged
-            attention = pallas_paged.pallas_paged_attention
-        else:
-            attention = paged_attention
-
-        def forward(params, layer_states, pool, tokens, positions, valid, tables):
-            m = nnx.merge(graphdef, params)
-            layers = [nnx.merge(layer_graphdef, s) for s in layer_states]
-            slots = token_slots(tables, positions, valid, bs)
-            hidden, pool = m.paged(layers, tokens, positions, slots, pool, tables, attention)
-            return m, hidden, pool
-
-        def prefill(params, layer_states, pool, tokens, positions, valid, tables, last, copy_src,
-                    copy_dst, rows, keys, steps, temperature, top_p, top_k, k_bound):
-            m, hidden, pool = forward(params, layer_states, pool, tokens, positions, valid, tables)
-            h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-            logits = m.logits(h_last)
-            pool = [(k.at[copy_dst].set(k[copy_src]), v.at[copy_dst].set(v[copy_src]))
-                    for k, v in pool]
-            tok, lp, ent = sample_step(logits[rows], keys, steps, temperature, top_p, top_k,
-                                       k_bound)
-            return pool, tok, lp, ent
-
-        def decode(params, layer_states, pool, tables, tok, pos, keys, step, left, active, stops,
-                   temperature, top_p, top_k, k_bound, n_steps):
-            b = tok.shape[0]
-            out = (jnp.full((b, n_steps), -1, jnp.int32), jnp.zeros((b, n_steps), jnp.float32),
-                   jnp.zeros((b, n_steps), jnp.float32))
-
-            def cond(carry):
-                return (carry[0] < n_steps) & jnp.any(carry[6])
-
-            def body(carry):
-                i, pool, tok, pos, step, left, active, (o_t, o_lp, o_e) = carry
-                m, hidden, pool = forward(params, layer_states, pool, tok[:, None], pos[:, None],
-                                          active[:, None], tables)
-                t, lp, e = sample_step(m.logits(hidden[:, 0]), keys, step, temperature, top_p,
-                                       top_k, k_bound)
-                o_t = o_t.at[:, i].set(jnp.where(active, t, -1))
-                o_lp, o_e = o_lp.at[:, i].set(lp), o_e.at[:, i].set(e)
-                ended = jnp.any(t[:, None] == stops, axis=-1) | (left <= 1)
-                inc = active.astype(jnp.int32)
-                return (i + 1, pool, jnp.where(active, t, tok), pos + inc, step + inc, left - inc,
-                        active & ~ended, (o_t, o_lp, o_e))
-
-            carry = (jnp.int32(0), pool, tok, pos, step, left, active, out)
-            carry = jax.lax.while_loop(cond, body, carry)
-            return carry[1], carry[7], carry[0]
-
+        self.attention = resolve_engine_attention(cfg.attention)
+        prefill, decode = engine_programs(self.graphdef, self._layer_graphdef, bs, self.attention)
         self._prefill = jax.jit(prefill, donate_argnums=2, static_argnums=16)
         self._decode = jax.jit(decode, donate_argnums=2, static_argnums=(14, 15))
 
@@ -580,3 +593,56 @@ def engine_from_checkpoint(spec: str, config: EngineConfig | None = None,
 
     model, _ = load_model(spec, **overrides)
     return JaxEngine(model, config)
+
+
+def lower_engine_programs(model_cfg, config: EngineConfig | None = None, sharding=None,
+                          prompt_tokens: int = 2048) -> dict[str, Any]:
+    """JaxEngine's decode and prefill programs lowered for abstract inputs (nothing
+    materialised), as the engine would run them with ``config`` on the device(s) of ``sharding``
+    (e.g. one TPU device of an abstract topology: compile the result to check memory): decode
+    of a full running batch (config.max_batch rows, block tables for the whole context, one
+    chunk of config.chunk_steps steps), and prefill of one ``prompt_tokens`` prompt. Returns
+    {"decode": lowered, "prefill": lowered, "num_blocks", "pool_bytes"}."""
+    from kat_jax.models.decoder import init_model
+
+    config = config or EngineConfig()
+    model = nnx.eval_shape(lambda: init_model(model_cfg, 0))
+    graphdef, params = nnx.split(model)
+    layer_graphdef = nnx.split(model.layers)[0]
+    bs = config.block_size
+    context = model_cfg.max_position_embeddings
+    num_blocks = -(-(config.cache_tokens or max(context, 32768)) // bs) + 1
+
+    def place(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    def pure(state):
+        return jax.tree.map(place, state)
+
+    layer_states = jax.eval_shape(lambda p: nnx.merge(graphdef, p).unstacked_layer_states(),
+                                  params)
+    pool = jax.eval_shape(lambda p: nnx.merge(graphdef, p).init_kv_pool(num_blocks, bs), params)
+    params, layer_states, pool = pure(params), pure(layer_states), pure(pool)
+    prefill, decode = engine_programs(graphdef, layer_graphdef, bs,
+                                      resolve_engine_attention(config.attention))
+
+    def arr(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    b, m = _pow2(config.max_batch), _pow2(-(-context // bs))
+    f32, i32 = jnp.float32, jnp.int32
+    dec = jax.jit(decode, donate_argnums=2, static_argnums=(14, 15)).lower(
+        params, layer_states, pool, arr((b, m), i32), arr((b,), i32), arr((b,), i32),
+        arr((b, 2), jnp.uint32), arr((b,), i32), arr((b,), i32), arr((b,), jnp.bool_),
+        arr((b, 1), i32), arr((b,), f32), arr((b,), f32), arr((b,), i32), 0,
+        config.chunk_steps)
+    t = min(bucket_length(prompt_tokens), context)
+    mp = _pow2(-(-t // bs))
+    pre = jax.jit(prefill, donate_argnums=2, static_argnums=16).lower(
+        params, layer_states, pool, arr((1, t), i32), arr((1, t), i32), arr((1, t), jnp.bool_),
+        arr((1, mp), i32), arr((1,), i32), arr((1,), i32), arr((1,), i32), arr((1,), i32),
+        arr((1, 2), jnp.uint32), arr((1,), i32), arr((1,), f32), arr((1,), f32), arr((1,), i32),
+        0)
+    pool_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+                     for x in jax.tree.leaves(pool))
+    return {"decode": dec, "prefill": pre, "num_blocks": num_blocks, "pool_bytes": pool_bytes}
