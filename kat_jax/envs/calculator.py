@@ -8,6 +8,15 @@ Default tasks: 100 generated ones. Train/test split (`kat-jax eval`, registry.ta
 20% of the tasks are "test", chosen by a hash of the question; without a tasks file the split
 partitions a pool of SPLIT_POOL = 400 generated tasks (the default 100 among them): 76 test, 324
 train.
+
+The compact family (environment ``calculator_small``, SmallCalculatorEnv): for the tiny byte-level
+model, whose calculator prompt above (system prompt + the tool's JSON schema in the Qwen tools
+header) is ~790 tokens. Questions "What is A*B?" with A, B in 32..99 (so the question, the tool
+call and the 4-digit product have one fixed layout: a 2-layer model can learn to copy digits by
+relative position), a one-line system prompt, and the same ``calculator`` tool offered without
+its schema (no tools header: the model learns the call format from SFT data,
+scripts/make_calculator_small_data.py). A teacher episode is ~190 byte tokens. Its split pool is
+SMALL_SPLIT_POOL = 400 distinct generated tasks (92 test, 308 train).
 """
 
 from __future__ import annotations
@@ -132,6 +141,40 @@ def split_pool() -> list[Task]:
     return load_tasks(None, SPLIT_POOL)
 
 
+SMALL_SYSTEM_PROMPT = "Call calculator, then answer \\boxed{n}."
+SMALL_SPLIT_POOL = 400
+SMALL_RANGE = (32, 99)  # 32 * 32 = 1024, 99 * 99 = 9801: every product has 4 digits
+
+
+def make_small_question(rng: random.Random) -> tuple[str, str]:
+    """One (question, answer) pair of the compact family: "What is A*B?", A, B in SMALL_RANGE."""
+    a, b = rng.randint(*SMALL_RANGE), rng.randint(*SMALL_RANGE)
+    expr = f"{a}*{b}"
+    return f"What is {expr}?", format_number(safe_eval(expr))
+
+
+def small_tasks(n: int = SMALL_SPLIT_POOL, seed: int = 0) -> list[Task]:
+    """``n`` reproducible compact tasks with distinct questions (ids calc-small-SEED-I); the
+    tasks of a smaller ``n`` are the first ones of a larger one."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng, seen, tasks = random.Random(seed * 1000 + 7), set(), []
+    while len(tasks) < n:
+        q, a = make_small_question(rng)
+        if q in seen:
+            continue
+        seen.add(q)
+        tasks.append(Task(id=f"calc-small-{seed}-{len(tasks)}",
+                          messages=[{"role": "user", "content": q}], metadata={"answer": a}))
+    return tasks
+
+
+def load_small_tasks(path: str | None = None) -> list[Task]:
+    """Tasks from JSONL ``{"id", "question", "answer"}`` (maths.read_answer_tasks), or the
+    SMALL_SPLIT_POOL generated compact ones (which are also its split pool)."""
+    return read_answer_tasks(path) if path is not None else small_tasks()
+
+
 class CalculatorEnv(AnswerEnv):
     """Arithmetic with a ``calculator`` tool; reward 1 iff the boxed final answer is right."""
 
@@ -150,3 +193,14 @@ class CalculatorEnv(AnswerEnv):
         if not isinstance(expr, str):
             raise ValueError("`expression` must be a string")
         return format_number(safe_eval(expr))
+
+
+class SmallCalculatorEnv(CalculatorEnv):
+    """The compact family (module docstring): a one-line system prompt, and the ``calculator``
+    tool callable but not described (no schema, hence no tools header in the prompt)."""
+
+    name = "calculator_small"
+    system_prompt = SMALL_SYSTEM_PROMPT
+
+    def schemas(self) -> list[ToolSchema]:
+        return []

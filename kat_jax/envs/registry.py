@@ -69,6 +69,9 @@ ENVS: dict[str, EnvSpec] = {
     "calculator": EnvSpec(calculator.CalculatorEnv, calculator.load_tasks,
                           calculator.CalculatorEnv.check_task, TEST_FRACTION,
                           calculator.split_pool),
+    # the compact family for the tiny byte-level model (kat_jax.envs.calculator)
+    "calculator_small": EnvSpec(calculator.SmallCalculatorEnv, calculator.load_small_tasks,
+                                calculator.SmallCalculatorEnv.check_task, TEST_FRACTION),
     "maths": EnvSpec(maths.MathEnv, maths.load_tasks, maths.MathEnv.check_task, TEST_FRACTION),
     "swe": EnvSpec(swe.SweEnv, swe.load_tasks, swe.check_task),
 }
