@@ -243,18 +243,18 @@ def test_train_keys_that_cannot_act_fail_at_start(group, key, value, match):
 
 
 def test_a_pipeline_checks_every_stage_before_the_first_trains(tmp_path):
+    import kat_jax.flow.online  # noqa: F401 - registers the online loop (the rft / rl stages)
     from kat_jax.training.config_lib import load_train_config
     from kat_jax.training.trainer import run_train
 
     cfg = load_train_config(os.path.join(ROOT, "configs", "quickstart.py"),
-                            ["--config.rl.loss.kl_type=k2"])
-    with pytest.raises(ConfigError, match=r"--config\.rl\.loss\.kl_type: acts only with"):
+                            ["--config.rl.rl.max_draws=2"])
+    with pytest.raises(ConfigError, match=r"--config\.rl\.rl\.max_draws: acts only with"):
         run_train(cfg, str(tmp_path))
     assert not (tmp_path / "mid").exists()  # nothing trained
     cfg = load_train_config(os.path.join(ROOT, "configs", "quickstart.py"),
-                            ["--config.rl.loss.kl_coef=0.1"])
-    with pytest.raises(ValueError, match=r"no 'ref_logprobs' in the record, which "
-                                         r"--config\.rl\.loss\.kl_coef=0\.1 needs"):
+                            ["--config.rft.rl.teachers=/nonexistent/teachers.jsonl"])
+    with pytest.raises(ConfigError, match=r"--config\.rft\.rl\.teachers: no such file"):
         run_train(cfg, str(tmp_path))
     assert not (tmp_path / "mid").exists()
 
