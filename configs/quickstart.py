@@ -1,6 +1,6 @@
 """Quickstart: the tiny model on CPU learns the compact calculator (environment calculator_small,
 kat_jax/envs/calculator.py): mid-training on the bundled tool-use data, SFT on the bundled
-calculator transcripts (teachers plus deliberately noisy ones: scripts/make_calculator_small_data.py),
+calculator transcripts (teachers plus give-ups without the tool: scripts/make_calculator_small_data.py),
 then online RFT against the bundled teachers and online RL (kat_jax.flow.online), each stage
 starting from the previous one.
 
