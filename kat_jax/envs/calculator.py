@@ -15,8 +15,8 @@ header) is ~790 tokens. Questions "What is A*B?" with A, B in 32..99 (so the que
 call and the 4-digit product have one fixed layout: a 2-layer model can learn to copy digits by
 relative position), a one-line system prompt, and the same ``calculator`` tool offered without
 its schema (no tools header: the model learns the call format from SFT data,
-scripts/make_calculator_small_data.py). The prompt is 82 byte tokens, a teacher episode ~190. Its split pool is
-SMALL_SPLIT_POOL = 400 distinct generated tasks (79 test, 321 train).
+scripts/make_calculator_small_data.py). The prompt is 82 byte tokens, a teacher episode ~190.
+Its split pool is SMALL_SPLIT_POOL = 400 distinct generated tasks (79 test, 321 train).
 """
 
 from __future__ import annotations
