@@ -239,3 +239,27 @@ def test_offload_remat_policies_keep_activations_in_tpu_host_memory():
     attention_out = cfg.num_layers * t * cfg.num_heads * cfg.head_dim * 4  # float32
     assert host_bytes["offload_attention_out"] == attention_out
     assert host_bytes["offload_dots_no_batch"] > attention_out
+
+
+RL = os.path.join(os.path.dirname(SFT), "rl.py")
+
+
+def test_online_rollout_split_compiles_train_and_sampler_sub_meshes(capsys):
+    """rl.rollout_devices: the train step compiles on the first N - R devices, the sampler's decode
+    and prefill programs for one rollout device, each with its memory against HBM."""
+    _libtpu()
+    from kat_jax import cli
+    from kat_jax.flow.split_check import split_compile_check
+    from kat_jax.training import config_lib
+
+    cfg = config_lib.load_train_config(f"{RL}:tiny_calculator", ["--config.rl.rollout_devices=4"])
+    with pytest.raises(ValueError, match="rl.rollout_devices=4: v5p-8 has 4 devices"):
+        split_compile_check(cfg, "v5p-8")
+    assert cli.main(["compile-check", "--config", f"{RL}:tiny_calculator", "--topology", "v5p-8",
+                     "--config.rl.rollout_devices=2"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.splitlines()[-1])
+    assert report["fits"] and report["train_devices"] == 2 and report["rollout"]["devices"] == 2
+    assert report["rollout"]["kv_pool_bytes"] > 0
+    assert "rollout: 2 devices (one replica each), training mesh on 2" in out
+    assert "decode:" in out and "prefill:" in out and "does not fit" not in out

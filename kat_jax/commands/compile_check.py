@@ -40,13 +40,21 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_lib.load_train_config(args.config, args.overrides)
     if "stages" in cfg:
         raise ValueError(f"{args.config} is a pipeline; compile-check takes one stage's config")
+    split = "rl" in cfg and cfg.rl.env and cfg.rl.get("rollout_devices", 0) > 0
     try:
-        report = compile_check(cfg, args.topology, top=args.top)
+        if split:  # the online loop's rollout split: train sub-mesh + one sampler replica
+            from kat_jax.flow.split_check import format_split, split_compile_check
+
+            report = split_compile_check(cfg, args.topology, top=args.top)
+        else:
+            report = compile_check(cfg, args.topology, top=args.top)
     except ImportError as e:
         print(f"kat-jax: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         raise ValueError(str(e)) from None
     print(format_report(report))
+    if split:
+        print(format_split(report))
     print(summary_line(report))
     return 0 if report["fits"] else 3

@@ -77,9 +77,12 @@ def compile_model_config(cfg: ml_collections.ConfigDict):
     return model_cfg
 
 
-def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8) -> dict:
+def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8,
+                  devices=None) -> dict:
     """Lower and compile cfg's train step for a TPU topology (see the module docstring); returns
-    the report (JSON-serialisable). ValueError for unknown topologies and bad configs."""
+    the report (JSON-serialisable). ValueError for unknown topologies and bad configs. devices:
+    the topology's devices the training mesh uses (default all; the online loop's rollout split
+    gives it the training sub-set, kat_jax.flow.split_check)."""
     import time
 
     from kat_jax.training.metrics import step_flops
@@ -87,7 +90,7 @@ def compile_check(cfg: ml_collections.ConfigDict, topology: str, top: int = 8) -
 
     validate(cfg)
     topo = resolve_topology(topology)
-    devices = topology_devices(topo)
+    devices = topology_devices(topo) if devices is None else list(devices)
     mesh = mesh_from_config(cfg.mesh, devices=devices)
     model_cfg = compile_model_config(cfg)
     jit_step, (state, batch), setup = abstract_train_setup(cfg, mesh, model_cfg)
