@@ -46,6 +46,11 @@ MODELS = {
         hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
         intermediate_size=2048, vocab_size=32768, tie_word_embeddings=True,
         max_position_embeddings=8192, param_dtype="float32", dtype="float32")),
+    # the peer model: d256, two layers, MLP 768, 4 / 2 heads of 64, vocabulary 512
+    "d256": dict(preset="tiny", overrides=dict(
+        hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+        intermediate_size=768, vocab_size=512, tie_word_embeddings=True,
+        max_position_embeddings=8192, param_dtype="float32", dtype="float32")),
 }
 TUNIX_PYTHON = os.environ.get("TUNIX_PYTHON", "/tmp/tunix-venv/bin/python")
 
@@ -283,7 +288,7 @@ def peer(args) -> dict:
     r = subprocess.run([TUNIX_PYTHON, "-c", "import tunix"], capture_output=True, text=True)
     if r.returncode:
         return {"available": False, "reason": "import tunix failed: " + r.stderr[-300:]}
-    name = "qwen3_100m"
+    name = args.peer_model
     last = MODELS[name]["overrides"]["vocab_size"] - 1   # Tunix's pad and eos id in the runner
     rng = np.random.default_rng(11)
     cases = [{"name": f"batch{b}", "prompts": rng.integers(1, 256, (b, p)).tolist(),
@@ -345,6 +350,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--peer-tokens", type=int, default=128, help="peer: new tokens at batch 8, 32")
     ap.add_argument("--peer-tokens-b1", type=int, default=128, help="peer: new tokens at batch 1")
+    ap.add_argument("--peer-model", default="qwen3_100m", choices=["qwen3_100m", "d256"],
+                    help="peer: the model both sides run")
     ap.add_argument("--peer-reps", type=int, default=2, help="peer: timed calls (best counts)")
     ap.add_argument("--peer-timeout", type=int, default=1800, help="seconds for the Tunix run")
     ap.add_argument("--sections", default="multi_turn,group,decode,peer")
