@@ -21,11 +21,11 @@ decode: tokens/s at batch 1, 8, 32 (tokens of the decode chunks / their wall tim
   decode step bound by memory bandwidth alone.
 peer: Tunix's sampler (google-tunix in a separate environment, TUNIX_PYTHON; the runner is
   benchmarks/sampler_tunix_peer.py) on the same weights (the ~100M model exported as a Hugging
-  Face directory): greedy, batch 1 (512-token prompt), 8 and 32 (128-token prompts), --peer-tokens
-  new tokens (batch 1: --peer-tokens-b1); each side timed end to end (prefill + decode), the best
-  of --peer-reps calls after a first (compiling) call with the same prompts; the tokens are
-  compared and kat_over_tunix is the ratio of generated tokens per second. Without Tunix the JSON
-  records why.
+  Face directory; --peer-model d256: the issue's d256 two-layer model): greedy, batch 1
+  (512-token prompt), 8 and 32 (128-token prompts), --peer-tokens new tokens (batch 1:
+  --peer-tokens-b1); each side timed end to end (prefill + decode), the best of --peer-reps
+  calls after a first (compiling) call with the same prompts; the tokens are compared and
+  kat_over_tunix is the ratio of generated tokens per second. Without Tunix the JSON records why.
 
     python benchmarks/sampler_throughput.py [--quick] [--json FILE]
 """
