@@ -199,6 +199,31 @@ SUBMESH = textwrap.dedent("""
     out2 = run_all()
     assert out2 != out
     same_on_every_replica(out2)
+
+    # tensor-parallel replicas: the 4 rollout devices as 2 replicas of 2 devices each
+    tp = EngineFleet(cfg, params2, roll_devs, slots=1, replica_devices=2,
+                     engine_config=EngineConfig(max_batch=4, cache_tokens=512))
+    assert [r.name for r in tp.scheduler.resources] == [
+        "rollout:" + "+".join(str(d.id) for d in roll_devs[i:i + 2]) for i in (0, 2)]
+    for i, res in enumerate(tp.scheduler.resources):
+        eng, group = res.handle[1], set(roll_devs[2 * i:2 * i + 2])
+        qr = eng.params["layers"]["self_attn"]["q_proj"]["kernel"]
+        assert set(qr.devices()) == group and "tensor" in str(qr.sharding.spec), qr.sharding
+        k_pool = eng._pool[0][0]
+        assert set(k_pool.devices()) == group and k_pool.sharding.spec[2] == "tensor"
+        assert k_pool.addressable_shards[0].data.shape[2] == cfg.num_kv_heads // 2
+        np.testing.assert_array_equal(np.asarray(qr), np.asarray(
+            params2["layers"]["self_attn"]["q_proj"]["kernel"]))
+    for res in tp.scheduler.resources:  # what a single-device replica samples, log-probs too
+        gens = res.handle[1].generate(prompts[0], sp, n=2)[0]
+        ref = fleet.scheduler.resources[0].handle[1].generate(prompts[0], sp, n=2)[0]
+        assert [g.tokens for g in gens] == [g.tokens for g in ref]
+        np.testing.assert_allclose([g.logprobs for g in gens], [g.logprobs for g in ref],
+                                   atol=1e-5)
+        pool = res.handle[1]._pool[0][0]  # still split over the heads after decoding
+        assert pool.sharding.spec[2] == "tensor", pool.sharding
+    tp.update_weights(params)  # back to the first weights: the first samples again
+    assert [g.tokens for g in tp.generate(prompts[0], sp, n=2)[0]] == out[0]
     print("OK", fleet.stats())
 """)
 
@@ -249,7 +274,9 @@ ONLINE_SPLIT = textwrap.dedent('''
              "--config.train.checkpoint_every=2"]
     out = {{}}
     for name, extra in (("shared", []), ("split", ["--config.rl.rollout_devices=2",
-                                                  "--config.rl.lend_train_devices=true"])):
+                                                  "--config.rl.lend_train_devices=true"]),
+                        ("tp", ["--config.rl.rollout_devices=2",
+                                "--config.rl.rollout_replica_devices=2"])):
         cfg = config_lib.load_train_config("configs/rl.py:tiny_calculator", small + extra)
         wd = os.path.join(sys.argv[1], name)
         res = run_train(cfg, wd)
@@ -263,6 +290,12 @@ ONLINE_SPLIT = textwrap.dedent('''
                   os.path.join(sys.argv[1], "bad"))
     except Exception as e:
         out["error"] = str(e)
+    try:
+        run_train(config_lib.load_train_config("configs/rl.py:tiny_calculator", small + [
+            "--config.rl.rollout_devices=2", "--config.rl.rollout_replica_devices=3"]),
+                  os.path.join(sys.argv[1], "bad_tp"))
+    except Exception as e:
+        out["error_tp"] = str(e)
     print("RESULT" + json.dumps(out))
 ''')
 
@@ -272,7 +305,9 @@ def test_online_loop_samples_on_its_own_devices_and_lends_training_devices(tmp_p
     holds the other 2 devices, the sampler replicas (2 own + 2 lent) serve the round's calls on
     both kinds of device, and the round samples what the time-shared loop samples (same weights,
     same seeds: same rewards and tokens; losses equal up to the meshes' summation order);
-    rl.rollout_devices that leaves the trainer no device is an error naming the key."""
+    rl.rollout_devices that leaves the trainer no device is an error naming the key. With
+    rl.rollout_replica_devices=2 the 2 rollout devices form one tensor-parallel replica that
+    samples the same round; a replica size that does not divide them is an error naming the key."""
     proc = subprocess.run([sys.executable, "-c", ONLINE_SPLIT.format(root=ROOT), str(tmp_path)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -291,3 +326,10 @@ def test_online_loop_samples_on_its_own_devices_and_lends_training_devices(tmp_p
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
     assert "rl.rollout_devices" in out["error"] and "[0, 4)" in out["error"]
+    # rl.rollout_replica_devices=2: one tensor-parallel replica over the 2 rollout devices
+    tp = out["tp"]["metrics"]
+    assert tp[-1]["placement/replicas"] == 1
+    assert tp[-1]["placement/calls_rollout_devices"] == 6
+    assert tp[-1]["reward"] == a[-1]["reward"]
+    assert tp[-1]["generated_tokens"] == a[-1]["generated_tokens"]
+    assert "rl.rollout_replica_devices" in out["error_tp"] and "divide" in out["error_tp"]

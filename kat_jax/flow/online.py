@@ -18,6 +18,8 @@ it trains offline on data.train_files (kat_jax.training.trainer). One round:
     takes the others, and each update is copied device to device to every replica; with
     rl.lend_train_devices every training device also holds a replica that takes calls only while
     the trainer waits for the round (own rollout devices first); metrics placement/*.
+    rl.rollout_replica_devices > 1 groups those devices into tensor-parallel replicas of that
+    many devices each (models larger than one device).
  2. The trajectory manager (kat_jax.flow.TrajectoryManager) receives one record per model call
     (the engine the agents use reports each call: prompt ids, generated ids, behaviour log-probs,
     entropies, policy version) and each episode's outcome, rebuilds the trajectories by token
@@ -240,6 +242,20 @@ def validate_online(cfg) -> None:
     if not 0 <= rl.rollout_devices < jax.device_count():
         _fail("rl.rollout_devices", f"must be in [0, {jax.device_count()}): the training mesh "
               f"keeps at least one of the {jax.device_count()} devices", rl.rollout_devices)
+    k = rl.rollout_replica_devices
+    if k < 1:
+        _fail("rl.rollout_replica_devices", "must be >= 1", k)
+    if k > 1:
+        if not rl.rollout_devices and not rl.lend_train_devices:
+            _fail("rl.rollout_replica_devices", "needs rl.rollout_devices > 0 or "
+                  "rl.lend_train_devices (time-shared sampling uses the training mesh)", k)
+        if rl.rollout_devices % k:
+            _fail("rl.rollout_replica_devices", f"must divide rl.rollout_devices="
+                  f"{rl.rollout_devices}", k)
+        if rl.lend_train_devices and (jax.device_count() - rl.rollout_devices) % k:
+            _fail("rl.rollout_replica_devices", f"must divide the "
+                  f"{jax.device_count() - rl.rollout_devices} training devices that "
+                  "rl.lend_train_devices lends", k)
     if rl.groups_per_round % rl.minibatches:
         _fail("rl.minibatches", f"must divide rl.groups_per_round={rl.groups_per_round}",
               rl.minibatches)
@@ -454,9 +470,10 @@ def online_stage(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     if rollout_devices or rl.lend_train_devices:
         lend = train_devices if rl.lend_train_devices else []
         # the episodes' concurrent calls spread over the replicas (own devices first, then lent)
-        slots = -(-rl.concurrency // (len(rollout_devices) + len(lend)))
+        k = rl.rollout_replica_devices
+        slots = -(-rl.concurrency // ((len(rollout_devices) + len(lend)) // k))
         engine = EngineFleet(model_cfg, state["params"], rollout_devices, lend_devices=lend,
-                             engine_config=engine_cfg, slots=slots)
+                             engine_config=engine_cfg, slots=slots, replica_devices=k)
     else:
         engine = JaxEngine(sampler_model(model_cfg, state["params"]), engine_cfg)
     logprob_fn = jax.jit(make_logprob_fn(setup.graphdef, cfg.loss.temperature, setup.constrain))

@@ -15,9 +15,13 @@ rollout device (a data-parallel replica each: the layout of sampling fleets for 
 one device) and, after each update, copies the trainer's weights to every replica device to
 device (`jax.device_put` from the training mesh's shards; no host round trip, which
 `reshard_params(..., no_host=True)` enforces with JAX's transfer guards on accelerators; on CPU,
-device memory is host memory and the guards never fire). A sampler replica that
-spans several devices (tensor-parallel sampling of a model larger than one device) is not built
-here.
+device memory is host memory and the guards never fire). With ``replica_devices=k > 1`` each
+replica spans k devices (tensor-parallel sampling of a model larger than one device): the
+replica's mesh is tensor k (`replica_mesh`), its weights are resharded device to device onto the
+training rules' tensor layout over that mesh (attention heads and MLP columns split, embeddings
+whole), its KV pool is split over the KV heads when k divides them (else replicated), and XLA
+partitions the sampler's programs (the XLA paged-attention path: the Pallas kernel is
+single-device and is refused for such replicas).
 
 Where a generation runs does not change what it samples: tokens depend on the weights, the prompt
 and the seed only (tests/test_placement.py checks a fleet against one engine).
@@ -147,6 +151,46 @@ def split_devices(devices: Sequence[Any], train: int, rollout: int) -> tuple[lis
     return devices[:train], devices[train:train + rollout]
 
 
+def replica_groups(devices: Sequence[Any], k: int) -> list[list]:
+    """Consecutive groups of k devices, one sampler replica each (ValueError when k does not
+    divide their number)."""
+    devices = list(devices)
+    if k < 1 or len(devices) % k:
+        raise ValueError(f"{len(devices)} devices do not split into sampler replicas of {k}")
+    return [devices[i:i + k] for i in range(0, len(devices), k)]
+
+
+def replica_mesh(devices: Sequence[Any]):
+    """The mesh of one sampler replica: tensor = len(devices) (data, fsdp, context 1)."""
+    from kat_jax.training.sharding import make_mesh
+
+    return make_mesh(1, 1, len(devices), devices=list(devices))
+
+
+def replica_targets(model_cfg, devices: Sequence[Any]) -> tuple[Any, Any]:
+    """Where one replica's weights and KV pool live: (the device, None) for a single device;
+    for several, (a NamedSharding per parameter on the replica mesh, the pool's sharding)."""
+    if len(devices) == 1:
+        return devices[0], None
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from kat_jax.models.decoder import init_model
+    from kat_jax.training.sharding import named, param_specs
+
+    mesh = replica_mesh(devices)
+    k = len(devices)
+    specs = param_specs(_abstract_model(model_cfg, init_model), mesh)
+    kv = "tensor" if model_cfg.num_kv_heads % k == 0 else None
+    return named(mesh, specs), NamedSharding(mesh, P(None, None, kv, None))
+
+
+def _abstract_model(model_cfg, init_model):
+    from flax import nnx
+
+    return nnx.eval_shape(lambda: init_model(model_cfg, 0))
+
+
 def reshard_params(params: Any, target: Any, no_host: bool = True) -> Any:
     """``params`` (a pytree of arrays, e.g. sharded over the training mesh) placed on ``target``
     (a device or a sharding), device to device. no_host: JAX's transfer guards forbid any host
@@ -180,35 +224,49 @@ class EngineFleet:
     """Sampler replicas on their own devices behind one engine interface (generate,
     update_weights, context_length), placed by a Scheduler.
 
-    rollout_devices: one JaxEngine per device, tagged ``rollout``. lend_devices: training
-    devices that also get a replica, tagged ``train`` and lending ``rollout``: they sample only
-    while `trainer_waiting(True)` (between the trainer's updates). slots: generate calls run at
-    once per replica (each JaxEngine batches its concurrent calls continuously).
+    rollout_devices: one JaxEngine per device (per group of replica_devices devices, tensor
+    parallel), tagged ``rollout``. lend_devices: training devices that also get replicas
+    (grouped the same way), tagged ``train`` and lending ``rollout``: they sample only while
+    `trainer_waiting(True)` (between the trainer's updates). slots: generate calls run at once per
+    replica (each JaxEngine batches its concurrent calls continuously). make_engine(params,
+    kv_sharding) builds one replica's engine (tests pass fakes).
     """
 
     continuous_batching = True
 
     def __init__(self, model_cfg, params, rollout_devices: Sequence[Any],
                  lend_devices: Sequence[Any] = (), engine_config=None, slots: int = 8,
-                 no_host: bool = True, make_engine=None):
+                 no_host: bool = True, make_engine=None, replica_devices: int = 1):
         if not rollout_devices and not lend_devices:
             raise ValueError("EngineFleet needs at least one rollout (or lending) device")
         self.model_cfg, self.no_host = model_cfg, no_host
-        if make_engine is None:  # (params on a device) -> an engine computing there
+        if make_engine is None:  # (params where they compute, pool sharding) -> an engine
             from kat_jax.rollout.sampler import EngineConfig, JaxEngine
 
             cfg = engine_config or EngineConfig()
+            if replica_devices > 1 and cfg.attention == "pallas":
+                raise ValueError("sampler replicas over several devices (replica_devices="
+                                 f"{replica_devices}) use the XLA paged-attention path; "
+                                 "EngineConfig.attention='pallas' is single-device")
+            if replica_devices > 1 and cfg.attention == "auto":
+                cfg = dataclasses.replace(cfg, attention="xla")
 
-            def make_engine(p):
-                return JaxEngine(sampler_model(model_cfg, p), cfg)
+            def make_engine(p, kv_sharding=None):
+                return JaxEngine(sampler_model(model_cfg, p), cfg, kv_sharding=kv_sharding)
         resources = []
+        self._targets = {}
         for tag, devs in (("rollout", rollout_devices), ("train", lend_devices)):
-            for d in devs:
-                engine = make_engine(reshard_params(params, d, no_host))
+            for group in (replica_groups(devs, replica_devices) if devs else []):
+                target, kv = (group[0], None) if replica_devices == 1 else \
+                    replica_targets(model_cfg, group)
+                name = f"{tag}:" + "+".join(str(d.id) for d in group)
+                self._targets[name] = target
+                engine = make_engine(reshard_params(params, target, no_host), kv) \
+                    if kv is not None else make_engine(reshard_params(params, target, no_host))
                 resources.append(Resource(
-                    f"{tag}:{d.id}", frozenset({tag}), slots,
+                    name, frozenset({tag}), slots,
                     frozenset({"rollout"}) if tag == "train" else frozenset(),
-                    handle=(d, engine)))
+                    handle=(group[0] if len(group) == 1 else tuple(group), engine)))
         self.scheduler = Scheduler(resources)
         self.version = 0
 
@@ -230,8 +288,9 @@ class EngineFleet:
     def update_weights(self, params) -> None:
         """The trainer's new weights to every replica, device to device."""
         for res in self.scheduler.resources:
-            device, engine = res.handle
-            engine.update_weights(reshard_params(params, device, self.no_host))
+            engine = res.handle[1]
+            engine.update_weights(reshard_params(params, self._targets[res.name],
+                                                 self.no_host))
         self.version += 1
 
     def trainer_waiting(self, waiting: bool) -> None:

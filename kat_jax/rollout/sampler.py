@@ -300,7 +300,10 @@ class JaxEngine:
 
     continuous_batching = True  # servers call it concurrently, without a BatchingEngine
 
-    def __init__(self, model, config: EngineConfig | None = None):
+    def __init__(self, model, config: EngineConfig | None = None, kv_sharding=None):
+        """kv_sharding: where the KV pool lives (a sharding of its [P, S_blk, K, H] arrays;
+        default: the device of the model's parameters). Parameters sharded over several devices
+        (a tensor-parallel replica, kat_jax.flow.placement) make XLA partition the programs."""
         self.config = cfg = config or EngineConfig()
         self.graphdef, self.params = nnx.split(model)
         self.cfg = model.cfg
@@ -312,7 +315,15 @@ class JaxEngine:
         bs = cfg.block_size
         tokens = cfg.cache_tokens or max(self.context_length, 32768)
         self.num_blocks = -(-tokens // bs) + 1  # + the trash block
-        self._pool = model.init_kv_pool(self.num_blocks, bs)
+        if kv_sharding is None:
+            devices = jax.tree.leaves(self.params)[0].devices()
+            kv_sharding = jax.sharding.SingleDeviceSharding(next(iter(devices))) \
+                if len(devices) == 1 else None
+        if kv_sharding is not None and self.attention_needs_one_device(cfg, kv_sharding):
+            raise ValueError("EngineConfig.attention='pallas' runs on one device; a KV pool "
+                             "over several devices needs attention='xla'")
+        self.kv_sharding = kv_sharding
+        self._pool = self._new_pool()
         self._alloc = BlockAllocator(self.num_blocks)
         self._tree = PrefixCache(self._alloc, bs)
         self._lock = threading.Lock()  # device state: weights, pool, tree, running rows
@@ -325,6 +336,17 @@ class JaxEngine:
         prefill, decode = engine_programs(self.graphdef, self._layer_graphdef, bs, self.attention)
         self._prefill = jax.jit(prefill, donate_argnums=2, static_argnums=16)
         self._decode = jax.jit(decode, donate_argnums=2, static_argnums=(14, 15))
+
+    def _new_pool(self):
+        """An empty KV pool, created where it lives (self.kv_sharding)."""
+        model, n, bs = nnx.merge(self.graphdef, self.params), self.num_blocks, \
+            self.config.block_size
+        return jax.jit(lambda: model.init_kv_pool(n, bs), out_shardings=self.kv_sharding)()
+
+    @staticmethod
+    def attention_needs_one_device(cfg: EngineConfig, kv_sharding) -> bool:
+        return resolve_engine_attention(cfg.attention) == "pallas" and \
+            len(kv_sharding.device_set) > 1
 
     @property
     def context_length(self) -> int:
@@ -420,8 +442,7 @@ class JaxEngine:
             seq.req.error = error
             seq.req.done.set()
         self._running, self._waiting = [], collections.deque()
-        self._pool = nnx.merge(self.graphdef, self.params).init_kv_pool(self.num_blocks,
-                                                                         self.config.block_size)
+        self._pool = self._new_pool()
         self._alloc = BlockAllocator(self.num_blocks)
         self._tree = PrefixCache(self._alloc, self.config.block_size)
 

@@ -86,6 +86,11 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              rollout_devices devices sample (a replica each) and the training mesh
                              (mesh.*) takes the rest; lend_train_devices: training devices also
                              sample while the trainer waits. Metrics placement/*
+  rl.rollout_replica_devices  devices per sampler replica (default 1): k > 1 makes each replica
+                             tensor-parallel over k devices (weights resharded device to device
+                             onto the replica's tensor mesh, KV pool split over the KV heads), for
+                             models larger than one device; must divide rl.rollout_devices (and
+                             the training devices when lend_train_devices)
   rl.teacher_loss / teacher_coef   online rft: teachers in the loss. none: they only shape the
                              reward; sft: each group's teacher transcripts join its prefix tree
                              (chat-rendered like the rollouts, so they share the prompt) and the
@@ -169,7 +174,8 @@ RL_DEFAULTS = dict(env="", tasks_file="", split="train", groups_per_round=8, gro
                    # weights copied device to device after each update) and trains on the rest;
                    # lend_train_devices: every training device also holds a replica that samples
                    # while the trainer waits for data (0 / False: one sampler time-shares them)
-                   rollout_devices=0, lend_train_devices=False,
+                   # rollout_replica_devices: devices per replica (tensor parallel when > 1)
+                   rollout_devices=0, lend_train_devices=False, rollout_replica_devices=1,
                    # online rft: teachers ('' = the environment's bundled ones), the relative
                    # reward's weights, supervision during generation
                    teachers="", w_outcome=1.0, w_process=0.5, w_answer=0.5,
