@@ -263,3 +263,17 @@ def test_online_rollout_split_compiles_train_and_sampler_sub_meshes(capsys):
     assert report["rollout"]["kv_pool_bytes"] > 0
     assert "rollout: 2 devices (one replica each), training mesh on 2" in out
     assert "decode:" in out and "prefill:" in out and "does not fit" not in out
+    # a tensor-parallel replica over both rollout devices: the programs compile SPMD over 2
+    # devices, with the weights and the KV pool split (less argument memory per device)
+    tp = split_compile_check(config_lib.load_train_config(
+        f"{RL}:tiny_calculator", ["--config.rl.rollout_devices=2",
+                                  "--config.rl.rollout_replica_devices=2"]), "v5p-8")
+    ro = tp["rollout"]
+    assert tp["fits"] and (ro["replica_devices"], ro["replicas"]) == (2, 1)
+    one = report["rollout"]["programs"]["decode"]["memory_per_device"]["argument"]
+    two = ro["programs"]["decode"]["memory_per_device"]["argument"]
+    assert 0.4 * one < two < 0.75 * one, (one, two)
+    with pytest.raises(ValueError, match="rollout_replica_devices=3 must divide"):
+        split_compile_check(config_lib.load_train_config(
+            f"{RL}:tiny_calculator", ["--config.rl.rollout_devices=2",
+                                      "--config.rl.rollout_replica_devices=3"]), "v5p-8")

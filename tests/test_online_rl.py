@@ -371,10 +371,17 @@ def test_online_rft_rewards_relative_to_teachers_and_stops_diverging_episodes(mo
     m = online._round_metrics(episodes, stats, 0, 1.0, 1.0)
     assert m["termination_rate"] == 0.5 and m["termination_turn"] == 1.0
     assert m["outcome_reward"] == 0.5
-    # tokens saved: each stopped episode would have generated what its task's full episodes did
+    # tokens saved: each episode stopped after turn 1 would have generated, in turn 2, what its
+    # task's full episodes generated in their turn 2 (their tokens after the first sampled run)
+    def after_first_turn(e):
+        lp = e["logprobs"]
+        first = next(i for i, x in enumerate(lp) if x is not None)
+        gap = next(i for i in range(first, len(lp)) if lp[i] is None)
+        return sum(x is not None for x in lp[gap:])
+
     gen = {e["id"]: len([x for x in e["logprobs"] if x is not None]) for e in episodes}
-    want = sum(max(0, (gen[f"{t.id}#0"] + gen[f"{t.id}#2"]) / 2 - gen[f"{t.id}#{k}"])
-               for t in tasks for k in (1, 3))
+    want = sum((after_first_turn(by_sample[f"{t.id}#0"]) + after_first_turn(by_sample[f"{t.id}#2"]))
+               / 2 for t in tasks for _ in (1, 3))
     assert want > 0 and m["generated_tokens_saved"] == pytest.approx(want)
     assert m["generated_tokens_saved_fraction"] == pytest.approx(
         want / (sum(gen.values()) + want))

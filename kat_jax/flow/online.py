@@ -721,24 +721,39 @@ def _generated(e: dict) -> int:
     return sum(x is not None for x in e["logprobs"])
 
 
+def _turn_tokens(e: dict) -> list[int]:
+    """Generated tokens of each turn of an episode: the runs of its trace's sampled tokens (those
+    with a behaviour log-prob; prompts, tool results and template tokens between turns have
+    none)."""
+    runs, n = [], 0
+    for x in e["logprobs"]:
+        if x is not None:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs + [n] if n else runs
+
+
 def _tokens_saved(episodes: list[dict]) -> dict[str, float]:
-    """Generated tokens early termination saved in a round, an estimate: a terminated episode
-    would have generated as many tokens as the mean of its task's episodes that ran to their end
-    this round (of every such episode in the round when its task has none; nothing when no
-    episode ran to its end); it saved that minus what it generated, at least 0.
+    """Generated tokens early termination saved in a round, an estimate: an episode terminated
+    after turn t would have generated, in its turns after t, what this round's episodes that ran
+    to their end past turn t generated after their turn t (mean; those of its own task when it
+    has some, else all such episodes; nothing when there are none).
     generated_tokens_saved_fraction: saved / (generated + saved)."""
-    done = [e for e in episodes if "terminated" not in e]
+    done = [(e.get("task_id"), _turn_tokens(e)) for e in episodes if "terminated" not in e]
     if not done:
         return {}
-    by_task: dict[Any, list[int]] = {}
-    for e in done:
-        by_task.setdefault(e.get("task_id"), []).append(_generated(e))
-    overall = float(np.mean([_generated(e) for e in done]))
     saved = 0.0
     for e in episodes:
-        if "terminated" in e:
-            full = by_task.get(e.get("task_id"))
-            saved += max(0.0, (float(np.mean(full)) if full else overall) - _generated(e))
+        if "terminated" not in e:
+            continue
+        t = len(_turn_tokens(e))
+        longer = [(task, runs) for task, runs in done if len(runs) > t]
+        own = [runs for task, runs in longer if task == e.get("task_id")]
+        pool = own or [runs for _, runs in longer]
+        if pool:
+            saved += float(np.mean([sum(runs[t:]) for runs in pool]))
     generated = float(sum(_generated(e) for e in episodes))
     return {"generated_tokens_saved": saved,
             "generated_tokens_saved_fraction": saved / max(generated + saved, 1.0)}

@@ -8,13 +8,16 @@ The topology's devices are split as the loop splits jax.devices() (kat_jax.flow.
 training sub-mesh (kat_jax.training.aot.compile_check with those devices: mesh.* over N - R
 devices), and the sampler's two programs (kat_jax.rollout.sampler.lower_engine_programs: decode
 of a full running batch over block tables for the whole context, prefill of one prompt) are
-compiled for one rollout device, each with its per-device memory against the chip's HBM (the
+compiled for one rollout replica, each with its per-device memory against the chip's HBM (the
 engine's KV pool, its parameters and their per-layer copies are arguments of both). Every
-rollout replica holds the same, so one device stands for all. The report is the train report
+rollout replica holds the same, so one stands for all. With rl.rollout_replica_devices = K > 1
+the replica is K devices, placed as kat_jax.flow.placement.EngineFleet places it (weights
+sharded over a tensor axis by the training sharding rules, the KV pool over its KV heads when K
+divides them), and the programs are compiled SPMD over those K devices. The report is the train report
 with a "rollout" entry; "fits" holds when the train step and both sampler programs fit.
 
 Not covered: the device-to-device weight copy itself (jax.device_put between the sub-meshes is
-not a compiled program) and replicas spanning several devices (not built).
+not a compiled program).
 """
 
 from __future__ import annotations
@@ -51,10 +54,28 @@ def split_compile_check(cfg, topology: str, top: int = 8) -> dict[str, Any]:
     report = compile_check(cfg, topology, top=top, devices=train)
     model_cfg = compile_model_config(cfg)
     engine_cfg = EngineConfig(max_batch=max(8, cfg.rl.concurrency))
-    sharding = jax.sharding.SingleDeviceSharding(rollout[0])
+    k = int(cfg.rl.get("rollout_replica_devices", 1))
+    if k < 1 or r % k:
+        raise ValueError(f"--config.rl.rollout_replica_devices={k} must divide "
+                         f"rl.rollout_devices={r}")
+    group = rollout[:k]
     prompt = min(cfg.data.row_len, model_cfg.max_position_embeddings)
     t0 = time.perf_counter()
-    lowered = lower_engine_programs(model_cfg, engine_cfg, sharding, prompt_tokens=prompt)
+    if k == 1:
+        lowered = lower_engine_programs(model_cfg, engine_cfg,
+                                        jax.sharding.SingleDeviceSharding(group[0]),
+                                        prompt_tokens=prompt)
+    else:  # a tensor-parallel replica, placed as EngineFleet places it
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from kat_jax.flow.placement import replica_mesh, replica_targets
+
+        param_sh, pool_sh = replica_targets(model_cfg, group)
+        lowered = lower_engine_programs(model_cfg, engine_cfg,
+                                        NamedSharding(replica_mesh(group), P()),
+                                        prompt_tokens=prompt, param_shardings=param_sh,
+                                        pool_sharding=pool_sh)
     programs = {}
     for name in ("decode", "prefill"):
         try:
@@ -67,7 +88,8 @@ def split_compile_check(cfg, topology: str, top: int = 8) -> dict[str, Any]:
                           "fits": mem["total"] is not None and mem["total"] <= topo.hbm_bytes}
     report["train_devices"] = len(train)
     report["rollout"] = {
-        "devices": len(rollout), "replica_device": str(rollout[0]),
+        "devices": len(rollout), "replica_devices": k, "replicas": len(rollout) // k,
+        "replica_device": ", ".join(str(d) for d in group),
         "max_batch": engine_cfg.max_batch, "chunk_steps": engine_cfg.chunk_steps,
         "prompt_tokens": prompt, "kv_pool_blocks": lowered["num_blocks"],
         "kv_pool_bytes": lowered["pool_bytes"], "programs": programs,
@@ -79,7 +101,9 @@ def split_compile_check(cfg, topology: str, top: int = 8) -> dict[str, Any]:
 def format_split(report: dict[str, Any]) -> str:
     """The rollout part of a split report, one line per sampler program."""
     ro = report["rollout"]
-    lines = [f"rollout: {ro['devices']} devices (one replica each), training mesh on "
+    k = ro.get("replica_devices", 1)
+    per = "one replica each" if k == 1 else f"{ro['replicas']} replicas of {k}, tensor-parallel"
+    lines = [f"rollout: {ro['devices']} devices ({per}), training mesh on "
              f"{report['train_devices']}; KV pool {ro['kv_pool_blocks']} blocks "
              f"({ro['kv_pool_bytes'] / 2**30:.2f} GiB); batch {ro['max_batch']}, prompt "
              f"{ro['prompt_tokens']}"]

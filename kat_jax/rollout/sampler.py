@@ -617,13 +617,19 @@ def engine_from_checkpoint(spec: str, config: EngineConfig | None = None,
 
 
 def lower_engine_programs(model_cfg, config: EngineConfig | None = None, sharding=None,
-                          prompt_tokens: int = 2048) -> dict[str, Any]:
+                          prompt_tokens: int = 2048, param_shardings=None,
+                          pool_sharding=None) -> dict[str, Any]:
     """JaxEngine's decode and prefill programs lowered for abstract inputs (nothing
     materialised), as the engine would run them with ``config`` on the device(s) of ``sharding``
     (e.g. one TPU device of an abstract topology: compile the result to check memory): decode
     of a full running batch (config.max_batch rows, block tables for the whole context, one
-    chunk of config.chunk_steps steps), and prefill of one ``prompt_tokens`` prompt. Returns
-    {"decode": lowered, "prefill": lowered, "num_blocks", "pool_bytes"}."""
+    chunk of config.chunk_steps steps), and prefill of one ``prompt_tokens`` prompt.
+    A tensor-parallel replica (kat_jax.flow.placement.replica_targets): ``param_shardings``
+    (one sharding per parameter, the model state's structure) and ``pool_sharding`` (the KV
+    pool's), ``sharding`` then being the replica mesh's replicated sharding for the small
+    inputs; the per-layer weight copies get the shardings the engine's slicing gives them (a
+    compiled slicing program's output shardings). Returns {"decode": lowered, "prefill":
+    lowered, "num_blocks", "pool_bytes"}."""
     from kat_jax.models.decoder import init_model
 
     config = config or EngineConfig()
@@ -640,10 +646,28 @@ def lower_engine_programs(model_cfg, config: EngineConfig | None = None, shardin
     def pure(state):
         return jax.tree.map(place, state)
 
-    layer_states = jax.eval_shape(lambda p: nnx.merge(graphdef, p).unstacked_layer_states(),
-                                  params)
+    def unstack(p):
+        return nnx.merge(graphdef, p).unstacked_layer_states()
+
+    layer_states = jax.eval_shape(unstack, params)
     pool = jax.eval_shape(lambda p: nnx.merge(graphdef, p).init_kv_pool(num_blocks, bs), params)
-    params, layer_states, pool = pure(params), pure(layer_states), pure(pool)
+    if param_shardings is None:
+        params, layer_states, pool = pure(params), pure(layer_states), pure(pool)
+    else:
+        def with_sharding(x, sh):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+        def names(path):
+            return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path
+                         if hasattr(k, "key"))
+
+        by_name = {names(path): sh for path, sh in jax.tree_util.tree_flatten_with_path(
+            param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: with_sharding(x, by_name[names(path)]), params)
+        layer_sh = jax.jit(unstack).lower(params).compile().output_shardings
+        layer_states = jax.tree.map(with_sharding, layer_states, layer_sh)
+        pool = jax.tree.map(lambda x: with_sharding(x, pool_sharding or sharding), pool)
     prefill, decode = engine_programs(graphdef, layer_graphdef, bs,
                                       resolve_engine_attention(config.attention))
 
