@@ -15,7 +15,9 @@ Two back ends, the same modes:
                    --turns set the scale (pod-scale settings run in seconds).
   --backend model  the tiny calculator loop (configs/rl.py:tiny_calculator, random tiny model,
                    kat_jax.flow.online) with the same log-normal latency added to every tool
-                   call, on this machine's devices; reward per round from metrics.jsonl.
+                   call, on this machine's devices; reward per round from metrics.jsonl;
+                   steady_trajectories_per_s leaves out the first --warmup-rounds rounds
+                   (compilation).
 
     python benchmarks/flow_throughput.py [--backend sim|model] [--rounds N] [--json FILE]
     python benchmarks/flow_throughput.py --quick --json FILE     # sim, < 1 minute on 2 cores
@@ -192,8 +194,19 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
     for r in rounds:
         t += r.get("train_wait_s", 0) + r.get("logprob_time_s", 0) + r.get("train_time_s", 0)
         curve.append([round(t, 2), round(r["reward"], 4)])
+    # steady state: the rounds after --warmup-rounds (compilation happens in the first ones);
+    # consecutive rounds' walls (wait for rollouts .. end of training) tile the run
+    steady = rounds[a.warmup_rounds:]
+    steady_wall = sum(r.get("train_wait_s", 0) + r.get("logprob_time_s", 0)
+                      + r.get("train_time_s", 0) for r in steady)
+    steady_tps = (round(sum(r["episodes"] for r in steady) / steady_wall, 3)
+                  if steady and steady_wall > 0 else None)
     return {"name": name, "max_staleness": k, "partial_rollouts": partial,
             "trajectories_per_s": round(n / wall, 3),
+            "steady_trajectories_per_s": steady_tps, "steady_rounds": len(steady),
+            "steady_wall_s": round(steady_wall, 2),
+            "steady_mean_reward": (round(sum(r["reward"] for r in steady) / len(steady), 4)
+                                   if steady else None),
             "observed_max_staleness": max((r.get("staleness_max", 0.0) for r in rounds),
                                           default=0.0),
             "mean_reward": round(sum(r["reward"] for r in rounds) / max(len(rounds), 1), 4),
@@ -238,6 +251,8 @@ def main() -> None:
     ap.add_argument("--tool-ms", type=float, default=20.0, help="median tool latency")
     ap.add_argument("--tool-sigma", type=float, default=1.0, help="log-normal sigma (tail)")
     ap.add_argument("--train-ms", type=float, default=150.0, help="trainer round (sim)")
+    ap.add_argument("--warmup-rounds", type=int, default=2,
+                    help="model: rounds left out of steady_trajectories_per_s (compilation)")
     ap.add_argument("--modes", default=",".join(m[0] for m in MODES))
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks/results/flow_throughput.json"))
     a = ap.parse_args()
@@ -252,6 +267,10 @@ def main() -> None:
            "cpus": os.cpu_count(), "args": vars(a), "modes": modes,
            "speedup": {m["name"]: round(m["trajectories_per_s"] / sync["trajectories_per_s"], 3)
                        for m in modes} if sync else {}}
+    if sync and sync.get("steady_trajectories_per_s"):
+        out["steady_speedup"] = {m["name"]: round(m["steady_trajectories_per_s"]
+                                                  / sync["steady_trajectories_per_s"], 3)
+                                 for m in modes if m.get("steady_trajectories_per_s")}
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(out, f, indent=1)
@@ -262,6 +281,8 @@ def main() -> None:
     print(json.dumps({m["name"]: {k: m[k] for k in ("trajectories_per_s", "observed_max_staleness",
                                                     "mean_reward")} for m in modes}))
     print(json.dumps(out["speedup"]))
+    if "steady_speedup" in out:
+        print(json.dumps({"steady_speedup": out["steady_speedup"]}))
 
 
 def logging_quiet() -> None:

@@ -26,6 +26,12 @@ peer: Tunix's sampler (google-tunix in a separate environment, TUNIX_PYTHON; the
   --peer-tokens-b1); each side timed end to end (prefill + decode), the best of --peer-reps
   calls after a first (compiling) call with the same prompts; the tokens are compared and
   kat_over_tunix is the ratio of generated tokens per second. Without Tunix the JSON records why.
+peer_episodes (not in the default --sections): the multi-turn (1 x 20 turns) and group (8 x 8
+  turns, one prompt) episodes against Tunix on the --peer-model weights, greedy, scripted tool
+  results of 50-500 tokens (--quick: 50-150): kat_jax's engine keeps the conversation's cache
+  between turns, Tunix's sampler is called with the whole conversation each turn; each side
+  times the second of two runs of the same shapes; kat_over_tunix = Tunix's seconds / kat_jax's
+  (target >= 2).
 
     python benchmarks/sampler_throughput.py [--quick] [--json FILE]
 """
@@ -339,6 +345,91 @@ def peer(args) -> dict:
     return out
 
 
+def _episode_cases(args) -> list[dict]:
+    """The peer's episode workloads: multi_turn (one episode of 20 turns, tool results of
+    --tool-range tokens) and group (8 episodes of 8 turns sharing one prompt, their own tool
+    results); each with a warm-up twin of the same shapes and other contents."""
+    import numpy as np
+
+    rng = np.random.default_rng(23)
+    cases = []
+    for name, batch, turns in (("multi_turn", 1, 20), ("group", 8, 8)):
+        lens = rng.integers(*args.tool_range, (batch, turns - 1)).tolist()
+        for phase in ("warm", "timed"):
+            prompt = rng.integers(1, 256, args.prompt_len).tolist()
+            cases.append({"name": f"{name}_{phase}", "kind": "episodes", "turns": turns,
+                          "new_tokens": args.new_tokens, "prompts": [prompt] * batch,
+                          "tools": [[rng.integers(1, 256, n).tolist() for n in row]
+                                    for row in lens]})
+    return cases
+
+
+def _kat_episodes(eng, case: dict, sp) -> tuple[list[list[int]], float]:
+    """The runner's episode loop with kat_jax's engine (prefix cache on): per turn one generate
+    call for all the case's episodes, then each episode's scripted tool result."""
+    contexts = [list(p) for p in case["prompts"]]
+    generated = [[] for _ in contexts]
+    t0 = time.perf_counter()
+    for turn in range(case["turns"]):
+        gens = eng.generate(contexts, sp)
+        for i, g in enumerate(gens):
+            contexts[i] += g[0].tokens
+            generated[i] += g[0].tokens
+            if turn < case["turns"] - 1:
+                contexts[i] += case["tools"][i][turn]
+    return generated, time.perf_counter() - t0
+
+
+def peer_episodes(args) -> dict:
+    """Multi-turn and group episodes, kat_jax (prefix cache) vs Tunix (each turn a new sampler
+    call over the whole conversation: Tunix's sampler keeps no cache between calls), greedy, the
+    same weights and scripted tool results; each side times the second of two runs of the same
+    shapes (the first, other contents, compiles). The issue's target: kat_jax >= 2x."""
+    import tempfile
+
+    from kat_jax.rollout.sampler import SamplingParams
+
+    if not os.path.exists(TUNIX_PYTHON):
+        return {"available": False, "reason": f"{TUNIX_PYTHON} not found"}
+    name = args.peer_model
+    last = MODELS[name]["overrides"]["vocab_size"] - 1
+    cases = _episode_cases(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        _export_hf(name, tmp)
+        with open(os.path.join(tmp, "cases.json"), "w") as f:
+            json.dump(cases, f)
+        runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix_peer.py")
+        r = subprocess.run([TUNIX_PYTHON, runner, "--hf-dir", tmp, "--cases",
+                            os.path.join(tmp, "cases.json"), "--out",
+                            os.path.join(tmp, "out.json")], capture_output=True, text=True,
+                           timeout=args.peer_timeout)
+        if r.returncode:
+            return {"available": False, "reason": "the Tunix runner failed: " + r.stderr[-600:]}
+        with open(os.path.join(tmp, "out.json")) as f:
+            theirs = {c["name"]: c for c in json.load(f)["cases"]}
+    eng = make_engine(name, prefix_cache=True, max_batch=32, cache_tokens=65536)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_tokens=(last,))
+    out = {"available": True, "model": name, "new_tokens_per_turn": args.new_tokens,
+           "prompt_len": args.prompt_len, "tool_range": list(args.tool_range), "cases": []}
+    for case in cases:
+        before = eng.stats["prefill_tokens"]
+        ours, seconds = _kat_episodes(eng, case, sp)
+        if not case["name"].endswith("_timed"):
+            continue
+        tun = theirs[case["name"]]
+        gen = sum(map(len, ours))
+        out["cases"].append({
+            "case": case["name"][:-len("_timed")], "episodes": len(case["prompts"]),
+            "turns": case["turns"], "generated_tokens": gen,
+            "kat_prefill_tokens": eng.stats["prefill_tokens"] - before,
+            "tunix_prompt_tokens": tun["prompt_tokens"],
+            "kat_seconds": round(seconds, 3), "tunix_seconds": tun["seconds"],
+            "kat_over_tunix": round(tun["seconds"] / seconds, 2),
+            "same_tokens": ours == tun["tokens"]})
+        print(json.dumps(out["cases"][-1]), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="tiny,qwen3_100m")
@@ -373,7 +464,8 @@ def main() -> None:
            "load_before": os.getloadavg()[0], "quick": args.quick,
            "host_bandwidth": host_bandwidth(), "section_seconds": {}}
     sections = {"multi_turn": lambda: multi_turn(args), "group": lambda: group(args),
-                "decode": lambda: decode(args, out["host_bandwidth"]), "peer": lambda: peer(args)}
+                "decode": lambda: decode(args, out["host_bandwidth"]), "peer": lambda: peer(args),
+                "peer_episodes": lambda: peer_episodes(args)}
     for name in args.sections.split(","):
         t1 = time.time()
         out[name] = sections[name]()

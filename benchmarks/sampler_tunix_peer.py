@@ -7,8 +7,11 @@ CASES.json: [{"name", "prompts": [[ids...], ...], "new_tokens"}]. Per case: gree
 new_tokens tokens for the prompts as one batch (tunix.generate.sampler.Sampler, a dense KV cache of
 prompt + new_tokens slots), a first call to compile, then --reps timed calls with the same prompts
 (the best counts): OUT.json gets each case's tokens (per prompt), seconds and generated tokens /
-second. Token ids are passed through an identity tokenizer (no BOS; pad and eos: the last
-vocabulary id).
+second. A case with "kind": "episodes" (and "turns", "tools": per episode, per turn but the last, the
+scripted tool result's ids) runs multi-turn episodes instead: each turn one call over every
+episode's whole conversation so far (Tunix's sampler keeps no cache between calls), once, timed
+(its warm-up is a case of the same shapes before it). Token ids are passed through an identity
+tokenizer (no BOS; pad and eos: the last vocabulary id).
 """
 
 from __future__ import annotations
@@ -38,6 +41,38 @@ class IdTokenizer:
 
     def pad_id(self):
         return self.last
+
+
+def run_episodes(case, model, cfg, tok, sampler_lib, samplers) -> dict:
+    """An episodes case: per turn one sampler call over each episode's whole conversation, then
+    its scripted tool result. One sampler per (case family): its cache holds the longest final
+    conversation plus one turn's tokens."""
+    family = case["name"].rsplit("_", 1)[0]
+    turns, new = case["turns"], case["new_tokens"]
+    longest = max(len(p) + sum(map(len, t)) for p, t in zip(case["prompts"], case["tools"]))
+    if family not in samplers:
+        cache = sampler_lib.CacheConfig(cache_size=longest + turns * new + new,
+                                        num_layers=cfg.num_layers,
+                                        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+        samplers[family] = sampler_lib.Sampler(model, tok, cache)
+    sampler = samplers[family]
+    contexts = [list(p) for p in case["prompts"]]
+    generated = [[] for _ in contexts]
+    prompt_tokens = 0
+    t0 = time.perf_counter()
+    for turn in range(turns):
+        prompt_tokens += sum(map(len, contexts))
+        res = sampler([tok.decode(c) for c in contexts], max_generation_steps=new,
+                      temperature=0.0)
+        for i, row in enumerate(res.tokens):
+            row = [int(t) for t in row]
+            contexts[i] += row
+            generated[i] += row
+            if turn < turns - 1:
+                contexts[i] += case["tools"][i][turn]
+    seconds = time.perf_counter() - t0
+    return {"name": case["name"], "seconds": round(seconds, 3), "prompt_tokens": prompt_tokens,
+            "tokens_per_s": round(sum(map(len, generated)) / seconds, 1), "tokens": generated}
 
 
 def main() -> None:
@@ -71,7 +106,13 @@ def main() -> None:
     out = {"tunix_version": getattr(tunix, "__version__", "unknown"), "jax": jax.__version__,
            "load_seconds": round(load_s, 2), "cases": []}
     tok = IdTokenizer(cfg.vocab_size)
+    samplers = {}
     for case in cases:
+        if case.get("kind") == "episodes":
+            out["cases"].append(run_episodes(case, model, cfg, tok, sampler_lib, samplers))
+            print(json.dumps({k: v for k, v in out["cases"][-1].items() if k != "tokens"}),
+                  flush=True)
+            continue
         prompts, new = case["prompts"], case["new_tokens"]
         cache = sampler_lib.CacheConfig(cache_size=max(map(len, prompts)) + new,
                                         num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,

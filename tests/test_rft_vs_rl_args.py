@@ -25,3 +25,18 @@ def test_quick_and_full_defaults():
 def test_non_positive_counts_are_errors(flag):
     with pytest.raises(SystemExit):
         rft_vs_rl.parse_args([flag, "0"])
+
+
+def test_arms_are_validated_and_rl_is_required():
+    assert rft_vs_rl.parse_args([]).arms == ["rl", "rft", "rft_sft"]
+    assert rft_vs_rl.parse_args(["--arms", "rl,rft_sft"]).arms == ["rl", "rft_sft"]
+    for bad in ("rft", "rl,ppo"):
+        with pytest.raises(SystemExit):
+            rft_vs_rl.parse_args(["--arms", bad])
+
+
+def test_tokens_to_reach_uses_two_round_means():
+    curve = [[10, 0.2], [20, 0.6], [30, 0.8], [40, 0.9]]
+    assert rft_vs_rl.tokens_to_reach(curve, 0.4) == 20     # (0.2 + 0.6) / 2
+    assert rft_vs_rl.tokens_to_reach(curve, 0.7) == 30     # (0.6 + 0.8) / 2
+    assert rft_vs_rl.tokens_to_reach(curve, 0.86) is None  # best pair mean is 0.85
