@@ -369,15 +369,18 @@ def _kat_episodes(eng, case: dict, sp) -> tuple[list[list[int]], float]:
     call for all the case's episodes, then each episode's scripted tool result."""
     contexts = [list(p) for p in case["prompts"]]
     generated = [[] for _ in contexts]
+    turn_seconds = []
     t0 = time.perf_counter()
     for turn in range(case["turns"]):
+        t1 = time.perf_counter()
         gens = eng.generate(contexts, sp)
         for i, g in enumerate(gens):
             contexts[i] += g[0].tokens
             generated[i] += g[0].tokens
             if turn < case["turns"] - 1:
                 contexts[i] += case["tools"][i][turn]
-    return generated, time.perf_counter() - t0
+        turn_seconds.append(round(time.perf_counter() - t1, 3))
+    return generated, time.perf_counter() - t0, turn_seconds
 
 
 def peer_episodes(args) -> dict:
@@ -413,7 +416,7 @@ def peer_episodes(args) -> dict:
            "prompt_len": args.prompt_len, "tool_range": list(args.tool_range), "cases": []}
     for case in cases:
         before = eng.stats["prefill_tokens"]
-        ours, seconds = _kat_episodes(eng, case, sp)
+        ours, seconds, turn_seconds = _kat_episodes(eng, case, sp)
         if not case["name"].endswith("_timed"):
             continue
         tun = theirs[case["name"]]
@@ -425,7 +428,8 @@ def peer_episodes(args) -> dict:
             "tunix_prompt_tokens": tun["prompt_tokens"],
             "kat_seconds": round(seconds, 3), "tunix_seconds": tun["seconds"],
             "kat_over_tunix": round(tun["seconds"] / seconds, 2),
-            "same_tokens": ours == tun["tokens"]})
+            "same_tokens": ours == tun["tokens"],
+            "kat_turn_seconds": turn_seconds, "tunix_turn_seconds": tun["turn_seconds"]})
         print(json.dumps(out["cases"][-1]), flush=True)
     return out
 

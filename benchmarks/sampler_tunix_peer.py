@@ -45,13 +45,15 @@ class IdTokenizer:
 
 def run_episodes(case, model, cfg, tok, sampler_lib, samplers) -> dict:
     """An episodes case: per turn one sampler call over each episode's whole conversation, then
-    its scripted tool result. One sampler per (case family): its cache holds the longest final
-    conversation plus one turn's tokens."""
+    its scripted tool result. One sampler per case family: its cache holds the longest final
+    conversation (as Tunix pads it: the next power of two) plus one turn's tokens."""
     family = case["name"].rsplit("_", 1)[0]
     turns, new = case["turns"], case["new_tokens"]
     longest = max(len(p) + sum(map(len, t)) for p, t in zip(case["prompts"], case["tools"]))
     if family not in samplers:
-        cache = sampler_lib.CacheConfig(cache_size=longest + turns * new + new,
+        # Tunix pads a call's prompts to the next power of two of the longest
+        longest = 1 << (longest + turns * new - 1).bit_length()
+        cache = sampler_lib.CacheConfig(cache_size=longest + new,
                                         num_layers=cfg.num_layers,
                                         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
         samplers[family] = sampler_lib.Sampler(model, tok, cache)
@@ -59,8 +61,10 @@ def run_episodes(case, model, cfg, tok, sampler_lib, samplers) -> dict:
     contexts = [list(p) for p in case["prompts"]]
     generated = [[] for _ in contexts]
     prompt_tokens = 0
+    turn_seconds = []
     t0 = time.perf_counter()
     for turn in range(turns):
+        t1 = time.perf_counter()
         prompt_tokens += sum(map(len, contexts))
         res = sampler([tok.decode(c) for c in contexts], max_generation_steps=new,
                       temperature=0.0)
@@ -70,8 +74,10 @@ def run_episodes(case, model, cfg, tok, sampler_lib, samplers) -> dict:
             generated[i] += row
             if turn < turns - 1:
                 contexts[i] += case["tools"][i][turn]
+        turn_seconds.append(round(time.perf_counter() - t1, 3))
     seconds = time.perf_counter() - t0
     return {"name": case["name"], "seconds": round(seconds, 3), "prompt_tokens": prompt_tokens,
+            "turn_seconds": turn_seconds,
             "tokens_per_s": round(sum(map(len, generated)) / seconds, 1), "tokens": generated}
 
 
