@@ -9,7 +9,10 @@ group size, learning rate and seed:
   rft       the rft stage as the quickstart runs it: reward relative to the bundled teachers
             (kat_jax.envs.teachers.relative_reward) and early termination of diverging episodes
             (rl.divergence_threshold)
-  rft_sft   rft with the teachers in the loss too (rl.teacher_loss=sft, rl.teacher_coef)
+  rft_sft   rft with the teachers in the loss too (rl.teacher_loss=sft, rl.teacher_coef), with
+            data.rows 4 instead of 2 so that its steps hold the teachers beside the same rollouts
+            and each round still takes 4 optimizer steps (with 2 rows it took 8, i.e. half the
+            rounds of the others for the same train.steps)
 
 pass@1 on the test split comes from `kat-jax eval` (subprocess, one eval seed for every model) on
 the SFT model and on each run's final model; generated tokens, termination rate, tokens saved and
@@ -40,7 +43,9 @@ ENV = "calculator_small"
 ARMS = {
     "rl": ("rl", []),
     "rft": ("rft", []),
-    "rft_sft": ("rft", ["rl.teacher_loss=sft"]),
+    # twice the rows per step: the round's teacher transcripts then fit in as many optimizer
+    # steps per round as the other arms take (4), so every arm samples the same rounds
+    "rft_sft": ("rft", ["rl.teacher_loss=sft", "data.rows=4"]),
 }
 EVAL_SEED = 1234
 
@@ -105,7 +110,8 @@ def stage_rounds(stage_dir):
         cum += m["generated_tokens"]
         curve.append([cum, m.get("pass_rate")])
     term = [m.get("termination_rate", 0.0) for m in rounds]
-    return {"rounds": len(rounds), "generated_tokens": cum,
+    return {"rounds": len(rounds), "round_steps": [m.get("round_steps") for m in rounds],
+            "generated_tokens": cum,
             "generated_tokens_saved": sum(m.get("generated_tokens_saved", 0.0) for m in rounds),
             "termination_rate": sum(term) / max(len(term), 1), "curve": curve,
             "teacher_nll": [m["teacher_nll"] for m in rounds if "teacher_nll" in m]}
@@ -161,6 +167,9 @@ def main(argv=None):
                                                 "generated_tokens_saved", "termination_rate",
                                                 "train_wall_s")}), flush=True)
             runs.append(m)
+    if len({r["rounds"] for r in runs}) > 1:
+        print("warning: the runs sampled different numbers of rounds: "
+              + str({f"{r['arm']}/{r['seed']}": r["rounds"] for r in runs}), flush=True)
     summary = {}
     for arm in a.arms:
         rs = [r for r in runs if r["arm"] == arm]
