@@ -1,7 +1,8 @@
 """Online RFT vs plain online RL from the same SFT checkpoint (issue 18 part 7).
 
-On the quickstart's task (calculator_small, configs/quickstart.py): the quickstart pipeline's mid
-and sft stages are trained once (DIR/base); then, per seed, three arms start from that SFT model
+On the quickstart's task (calculator_small, configs/quickstart.py; or --env maths: the quickstart's
+mid stage, then SFT on the bundled maths teachers of the train split): the mid and sft stages are
+trained once (DIR/base); then, per seed, three arms start from that SFT model
 (`--config.stages=S --config.S.model.checkpoint=DIR/base/sft/model`) with the same rounds, groups,
 group size, learning rate and seed:
 
@@ -10,9 +11,9 @@ group size, learning rate and seed:
             (kat_jax.envs.teachers.relative_reward) and early termination of diverging episodes
             (rl.divergence_threshold)
   rft_sft   rft with the teachers in the loss too (rl.teacher_loss=sft, rl.teacher_coef), with
-            data.rows 4 instead of 2 so that its steps hold the teachers beside the same rollouts
-            and each round still takes 4 optimizer steps (with 2 rows it took 8, i.e. half the
-            rounds of the others for the same train.steps)
+            steps of 24 trajectories in 4 rows instead of 16 in 2, so that they hold the teachers
+            beside the same rollouts and each round still takes 4 optimizer steps (with the
+            smaller steps it took 8, i.e. half the rounds of the others for the same train.steps)
 
 pass@1 on the test split comes from `kat-jax eval` (subprocess, one eval seed for every model) on
 the SFT model and on each run's final model; generated tokens, termination rate, tokens saved and
@@ -23,7 +24,7 @@ one (mean of its last two rounds).
 
     python benchmarks/rft_vs_rl.py [--quick] [--seeds N] [--steps N] [--arms rl,rft,rft_sft]
 
-Writes benchmarks/results/rft_vs_rl[_quick].json and .png (training pass rate against cumulative
+Writes benchmarks/results/rft_vs_rl[_maths][_quick].json and .png (training pass rate against cumulative
 generated tokens; final test pass@1 against total generated tokens, the SFT point at 0 tokens).
 """
 
@@ -38,14 +39,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 KAT = os.path.join(os.path.dirname(sys.executable), "kat-jax")
 CONFIG = os.path.join(ROOT, "configs", "quickstart.py")
-ENV = "calculator_small"
+TEACHERS_MATHS = os.path.join(ROOT, "kat_jax", "assets", "data", "teachers_maths.jsonl")
+# per environment: eval turns, overrides of every arm's stage, of the rft arms' stage only
+ENVS = {
+    "calculator_small": dict(max_turns=2, arm=[], rft=[]),
+    # one reply, no tools: the episode is the answer; the bundled maths teachers (rl.teachers ''
+    # = the environment's), no divergence check (nothing to compare before the answer)
+    "maths": dict(max_turns=1, arm=["rl.env=maths", "rl.max_turns=1"],
+                  rft=["rl.teachers=", "rl.divergence_threshold=0.0"]),
+}
 # arm -> (stage of configs/quickstart.py, extra stage overrides)
 ARMS = {
     "rl": ("rl", []),
     "rft": ("rft", []),
-    # twice the rows per step: the round's teacher transcripts then fit in as many optimizer
-    # steps per round as the other arms take (4), so every arm samples the same rounds
-    "rft_sft": ("rft", ["rl.teacher_loss=sft", "data.rows=4"]),
+    # room for the teachers (4 per task) beside the same rollouts: 24 trajectories and 4 rows
+    # per step instead of 16 and 2, so a round still takes 4 optimizer steps (with the
+    # quickstart's shape it took 8, i.e. half the rounds of the other arms for the same
+    # train.steps) and every arm samples the same rounds
+    "rft_sft": ("rft", ["rl.teacher_loss=sft", "data.rows=4", "data.trajectories=24"]),
 }
 EVAL_SEED = 1234
 
@@ -60,7 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {sorted(ARMS)}")
     p.add_argument("--teacher-coef", type=float, default=0.1, help="rl.teacher_coef of rft_sft")
     p.add_argument("--learning-rate", type=float, default=5e-4)
-    p.add_argument("--workdir", default="/tmp/kat_rft_vs_rl")
+    p.add_argument("--env", default="calculator_small", choices=sorted(ENVS),
+                   help="calculator_small: the quickstart's SFT; maths: the quickstart's mid "
+                   "stage, then SFT on the train split's bundled maths teachers")
+    p.add_argument("--sft-steps", type=int, default=300, help="maths: SFT steps")
+    p.add_argument("--workdir", default=None, help="default /tmp/kat_rft_vs_rl[_maths]")
     p.add_argument("--output", default=None)
     a = p.parse_args(argv)
     a.seeds = a.seeds if a.seeds is not None else (1 if a.quick else 3)
@@ -74,8 +89,9 @@ def parse_args(argv=None):
     bad = [x for x in a.arms if x not in ARMS]
     if bad or "rl" not in a.arms:
         p.error(f"--arms: {bad or 'rl is required (the reference)'}; known: {sorted(ARMS)}")
-    a.output = a.output or os.path.join(
-        HERE, "results", "rft_vs_rl_quick.json" if a.quick else "rft_vs_rl.json")
+    suffix = ("_maths" if a.env == "maths" else "") + ("_quick" if a.quick else "")
+    a.output = a.output or os.path.join(HERE, "results", f"rft_vs_rl{suffix}.json")
+    a.workdir = a.workdir or "/tmp/kat_rft_vs_rl" + ("_maths" if a.env == "maths" else "")
     return a
 
 
@@ -90,8 +106,9 @@ def run(cmd, log):
 
 def evaluate(ckpt, out_json, a):
     if not os.path.exists(out_json):
-        run([KAT, "eval", "--checkpoint", ckpt, "--env", ENV, "--samples-per-task",
-             str(a.samples_per_task), "--max-new-tokens", "80", "--max-turns", "2",
+        run([KAT, "eval", "--checkpoint", ckpt, "--env", a.env, "--samples-per-task",
+             str(a.samples_per_task), "--max-new-tokens", "80",
+             "--max-turns", str(ENVS[a.env]["max_turns"]),
              "--concurrency", "64", "--seed", str(EVAL_SEED), "--output", out_json],
             out_json[:-5] + ".log")
     with open(out_json) as f:
@@ -138,8 +155,16 @@ def main(argv=None):
     base = os.path.join(a.workdir, "base")
     t0 = time.time()
     if not os.path.exists(os.path.join(base, "sft", "model")):
-        dt = run([KAT, "train", "--config", CONFIG, "--workdir", base, "--config.stages=mid,sft"],
-                 os.path.join(a.workdir, "base.log"))
+        extra = []
+        if a.env == "maths":  # SFT on the train split's teachers (the test split held out)
+            train = os.path.join(a.workdir, "sft_maths_train.jsonl")
+            with open(TEACHERS_MATHS) as f, open(train, "w") as g:
+                g.writelines(line for line in f if json.loads(line).get("split") == "train")
+            extra = [f"--config.sft.data.train_files={train}",
+                     f"--config.sft.train.steps={a.sft_steps}",
+                     f"--config.sft.train.checkpoint_every={a.sft_steps}"]
+        dt = run([KAT, "train", "--config", CONFIG, "--workdir", base, "--config.stages=mid,sft"]
+                 + extra, os.path.join(a.workdir, "base.log"))
         print(f"base (mid, sft): {dt:.0f} s", flush=True)
     sft_model = os.path.join(base, "sft", "model")
     sft_pass = evaluate(os.path.join(base, "sft"), os.path.join(a.workdir, "eval_sft.json"), a)
@@ -152,7 +177,9 @@ def main(argv=None):
             over = [f"train.steps={a.steps}", f"train.checkpoint_every={a.steps}",
                     f"train.seed={seed}", "rl.groups_per_round=8", "rl.group_size=8",
                     f"optimizer.learning_rate={a.learning_rate}", f"model.checkpoint={sft_model}",
-                    *extra]
+                    *extra, *ENVS[a.env]["arm"]]
+            if stage == "rft":
+                over += ENVS[a.env]["rft"]
             if arm == "rft_sft":
                 over.append(f"rl.teacher_coef={a.teacher_coef}")
             wall = None
@@ -191,7 +218,7 @@ def main(argv=None):
             s["target_met"] = bool(s["pass@1"] >= summary["rl"]["pass@1"]
                                    and reach is not None and rl_reach is not None
                                    and reach < rl_reach)
-    result = {"env": ENV, "config": CONFIG, "quick": a.quick, "seeds": a.seeds, "steps": a.steps,
+    result = {"env": a.env, "config": CONFIG, "quick": a.quick, "seeds": a.seeds, "steps": a.steps,
               "arms": a.arms, "teacher_coef": a.teacher_coef, "learning_rate": a.learning_rate,
               "eval_samples_per_task": a.samples_per_task, "eval_seed": EVAL_SEED,
               "sft_pass@1": sft_pass, "rl_final_train_pass": rl_final_train,

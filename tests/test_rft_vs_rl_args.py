@@ -40,3 +40,11 @@ def test_tokens_to_reach_uses_two_round_means():
     assert rft_vs_rl.tokens_to_reach(curve, 0.4) == 20     # (0.2 + 0.6) / 2
     assert rft_vs_rl.tokens_to_reach(curve, 0.7) == 30     # (0.6 + 0.8) / 2
     assert rft_vs_rl.tokens_to_reach(curve, 0.86) is None  # best pair mean is 0.85
+
+
+def test_maths_env_gets_its_own_outputs_and_workdir():
+    m = rft_vs_rl.parse_args(["--env", "maths", "--quick"])
+    assert m.output.endswith("rft_vs_rl_maths_quick.json") and m.workdir.endswith("_maths")
+    assert rft_vs_rl.ENVS["maths"]["max_turns"] == 1
+    with pytest.raises(SystemExit):
+        rft_vs_rl.parse_args(["--env", "swe"])
