@@ -20,17 +20,22 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (config, topology, [override sets to try in order])
+# name -> (config, topology, [override sets to try in order]). The presets pick their mesh per
+# topology (mesh.topology_table, kat_jax.training.defaults.TOPOLOGY_MESHES), so the cases for a
+# preset's own topology run with no overrides; the long-row cases raise data.row_len only.
 CASES: dict[str, tuple[str, str, list[list[str]]]] = {
     "qwen3_8b_sft_v5p-8": ("configs/sft.py:qwen3_8b", "v5p-8", [[]]),
-    # defaults (fsdp 16): XLA:TPU needs 17.85G of temporaries of 15.75G (see RESULTS.md)
-    "qwen3_8b_sft_v5e-16": ("configs/sft.py:qwen3_8b", "v5e-16",
-                            [["--config.mesh.tensor=4"],
-                             ["--config.mesh.tensor=4", "--config.data.row_len=8192"]]),
+    "qwen3_8b_sft_v5e-16": ("configs/sft.py:qwen3_8b", "v5e-16", [[]]),
     "kat_dev_32b_sft_v5p-64": ("configs/sft.py:kat_dev_32b", "v5p-64", [[]]),
     "kat_dev_32b_rl_v5p-64": ("configs/rl.py:kat_dev_32b", "v5p-64", [[]]),
     "kat_dev_32b_sft_v6e-64": ("configs/sft.py:kat_dev_32b", "v6e-64", [[]]),
     "kat_dev_32b_rl_v6e-64": ("configs/rl.py:kat_dev_32b", "v6e-64", [[]]),
+    # long rows: 64k tokens on v5p-64, 128k on v5p-128 (the largest that fits, tried downwards)
+    "kat_dev_32b_sft_64k_v5p-64": ("configs/sft.py:kat_dev_32b", "v5p-64",
+                                   [["--config.data.row_len=65536"]]),
+    "kat_dev_32b_sft_128k_v5p-128": ("configs/sft.py:kat_dev_32b", "v5p-128",
+                                     [["--config.data.row_len=131072"],
+                                      ["--config.data.row_len=98304"]]),
 }
 
 
@@ -57,8 +62,8 @@ def run_case(config: str, topology: str, overrides: list[str], timeout: int) -> 
 
 def table(results: dict) -> str:
     """Markdown rows of every attempt: case, overrides, mesh, remat, microbatches, memory, FLOPs."""
-    out = ["| case | overrides | mesh (data, fsdp, tensor) | remat | M x shards x row | memory / "
-           "device (args + temp) | HBM | fits | XLA FLOPs / device | model FLOPs / step | "
+    out = ["| case | overrides | mesh (data, fsdp, context, tensor) | remat | M x shards x row | "
+           "memory / device (args + temp) | HBM | fits | XLA FLOPs / device | model FLOPs / step | "
            "compile s |", "| --- " * 11 + "|"]
     for name, v in results.items():
         for r in v["attempts"]:
@@ -70,7 +75,8 @@ def table(results: dict) -> str:
             mesh = r["mesh"]
             out.append(
                 f"| {name} | {' '.join(o.replace('--config.', '') for o in r['overrides']) or '-'} "
-                f"| {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | {r['remat_policy']} | "
+                f"| {mesh['data']}, {mesh['fsdp']}, {mesh.get('context', 1)}, {mesh['tensor']} | "
+                f"{r['remat_policy']} | "
                 f"{r['microbatches']} x {r['data_shards']} x {r['row_len']} | "
                 f"{m['total'] / g:.2f} GiB ({m.get('argument', 0) / g:.2f} + "
                 f"{m.get('temp', 0) / g:.2f}){'' if r.get('compiled', True) else ' (OOM)'} | "

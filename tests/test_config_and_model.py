@@ -81,3 +81,50 @@ def test_remat_policies_leave_values_and_gradients_unchanged(policy):
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_pod_presets_take_the_topology_tables_mesh_unless_a_mesh_key_is_set():
+    """mesh.topology_table: the variant's TOPOLOGY_MESHES row for the devices' slice (kind and
+    count, as the trainer's jax.devices() and compile-check's abstract devices give them) replaces
+    its mesh; other slices, a changed mesh key or topology_table '' keep mesh.* as set."""
+    from types import SimpleNamespace
+
+    from kat_jax.training import config_lib
+    from kat_jax.training.defaults import TOPOLOGY_MESHES, VARIANT_MESH, stage_config, topology_mesh
+    from kat_jax.training.tpu_topologies import slice_name
+
+    v5e_16 = [SimpleNamespace(device_kind="TPU v5 lite")] * 16
+    assert slice_name(v5e_16) == "v5e-16"
+    assert slice_name([SimpleNamespace(device_kind="TPU v6 lite")] * 64) == "v6e-64"
+    assert slice_name([SimpleNamespace(device_kind="TPU v5")] * 32) == "v5p-64"
+    assert slice_name([SimpleNamespace(device_kind="cpu")] * 16) is None
+    assert slice_name([SimpleNamespace(device_kind="TPU v5 lite")] * 3) is None
+    for stage in ("sft", "rl"):
+        cfg = stage_config(stage, "qwen3_8b")
+        assert cfg.mesh.topology_table == "qwen3_8b"
+        row = TOPOLOGY_MESHES["qwen3_8b"]["v5e-16"]
+        assert topology_mesh(cfg.mesh, slice_name(v5e_16)) == (row, "mesh.topology_table")
+        assert row != VARIANT_MESH["qwen3_8b"]
+        for other in ("v5p-8", "v6e-64", None):  # not in the table: the variant's own mesh
+            assert topology_mesh(cfg.mesh, other) == (VARIANT_MESH["qwen3_8b"], "mesh.*")
+    # a mesh key set on the command line wins over the table; topology_table '' turns it off
+    cfg = config_lib.load_train_config("configs/sft.py:qwen3_8b", ["--config.mesh.tensor=4"])
+    assert topology_mesh(cfg.mesh, "v5e-16")[0]["tensor"] == 4
+    cfg = config_lib.load_train_config("configs/sft.py:qwen3_8b", ["--config.mesh.topology_table="])
+    assert topology_mesh(cfg.mesh, "v5e-16") == (VARIANT_MESH["qwen3_8b"], "mesh.*")
+    cfg = stage_config("sft", "qwen3_8b")
+    cfg.mesh.topology_table = "llama"
+    with pytest.raises(ValueError, match="mesh.topology_table='llama'"):
+        topology_mesh(cfg.mesh, "v5e-16")
+    assert stage_config("sft").mesh.topology_table == ""  # tiny: mesh.* as set
+    # the mesh the trainer and compile-check build (libtpu's abstract devices when installed)
+    try:
+        from kat_jax.training.tpu_topologies import topology_devices
+
+        devices = topology_devices("v5e-16")
+    except ImportError:
+        return
+    from kat_jax.training.sharding import mesh_from_config
+
+    mesh = mesh_from_config(stage_config("sft", "qwen3_8b").mesh, devices=devices)
+    assert dict(mesh.shape) == TOPOLOGY_MESHES["qwen3_8b"]["v5e-16"]

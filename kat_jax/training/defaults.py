@@ -112,6 +112,14 @@ Every stage config has the same keys; the stage changes the data kind and the lo
                              attention blocks must split evenly (else an error names the key
                              when the step compiles); every mesh built from the config
                              (sharding.mesh_from_config: trainer, compile-check, online loop)
+  mesh.topology_table        '' (default: mesh.* as set) or a variant name (the pod variants set
+                             their own): on a Cloud TPU topology that TOPOLOGY_MESHES[name] lists
+                             (the devices' kind and count, e.g. v6e-64: compile-check's
+                             --topology, the trainer's jax.devices(): the same mesh on both) the
+                             table's data / fsdp / context / tensor replace mesh.*, but only while
+                             those four keys still hold the variant's own values (VARIANT_MESH):
+                             a mesh axis set on the command line wins over the table. Other
+                             topologies: mesh.* as set. An unknown name is an error naming the key
   distributed.*              jax.distributed.initialize arguments (multi-host): initialize,
                              coordinator_address HOST:PORT, num_processes, process_id (-1 / '' =
                              detect: Cloud TPU, SLURM), initialization_timeout_s, heartbeat_timeout_s
@@ -229,6 +237,48 @@ def resolve_loss(loss: ml_collections.ConfigDict) -> tuple[dict, tuple[str, ...]
     return out, tuple(filled)
 
 
+# Pod variants' mesh (data / fsdp / context / tensor; -1 fills the rest).
+VARIANT_MESH: dict[str, dict[str, int]] = {
+    "qwen3_0_6b": dict(data=1, fsdp=-1, context=1, tensor=1),
+    "qwen3_8b": dict(data=1, fsdp=-1, context=1, tensor=1),
+    "kat_dev_32b": dict(data=1, fsdp=-1, context=1, tensor=4),
+}
+# mesh.topology_table: variant -> Cloud TPU topology (tpu_topologies slice name) -> the mesh that
+# fits there at the variant's row length, where VARIANT_MESH does not (or fits worse). Each row
+# is compile-checked: benchmarks/compile_pods.py, benchmarks/RESULTS.md (compile_pods).
+TOPOLOGY_MESHES: dict[str, dict[str, dict[str, int]]] = {
+    "qwen3_0_6b": {},
+    "qwen3_8b": {
+        # 16 GiB chips, 16k-token rows: fsdp 16 asks for 17.85 GiB of temporaries, fsdp 4 x
+        # tensor 4 compiles at 17.7 GiB; fsdp 2 x tensor 8 at 15.59 GiB (97%: a thin margin)
+        "v5e-16": dict(data=1, fsdp=2, context=1, tensor=8),
+    },
+    # fsdp 8 / 16 x tensor 4 fits v5p-64 and v6e-64 at 32k-token rows (the layer carry split over
+    # 'tensor': kat_jax.models.decoder.shard_layer_carry)
+    "kat_dev_32b": {},
+}
+MESH_AXIS_KEYS = ("data", "fsdp", "context", "tensor")
+
+
+def topology_mesh(mesh_cfg, topology: str | None) -> tuple[dict[str, int], str]:
+    """(mesh axes {data, fsdp, context, tensor}, their source) for mesh config `mesh_cfg` on
+    `topology` (a slice name such as 'v6e-64', or None when the devices are not a known TPU
+    slice): TOPOLOGY_MESHES[mesh.topology_table][topology] when that row exists and mesh.*
+    still hold VARIANT_MESH[mesh.topology_table] (source 'mesh.topology_table'), else mesh.* as
+    set (source 'mesh.*'). ValueError naming mesh.topology_table for an unknown table."""
+    axes = {k: int(mesh_cfg.get(k, 1 if k != "fsdp" else -1)) for k in MESH_AXIS_KEYS}
+    name = mesh_cfg.get("topology_table", "") or ""
+    if not name:
+        return axes, "mesh.*"
+    if name not in TOPOLOGY_MESHES:
+        raise ValueError(f"mesh.topology_table={name!r}: not a table; known: "
+                         f"{sorted(TOPOLOGY_MESHES)} or '' (off)")
+    row = TOPOLOGY_MESHES[name].get(topology or "")
+    if row is None or axes != VARIANT_MESH[name]:
+        return axes, "mesh.*"
+    return dict(row), "mesh.topology_table"
+
+
 def base_config(stage: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
@@ -252,7 +302,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict(RL_DEFAULTS)
     c.fleet = ml_collections.ConfigDict(FLEET_DEFAULTS)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1,
-                                            unsharded_tolerance=0.02))
+                                            unsharded_tolerance=0.02, topology_table=""))
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=-1, process_id=-1,
         initialization_timeout_s=300, heartbeat_timeout_s=100))
@@ -291,14 +341,13 @@ def stage_config(stage: str, variant: str | None = None) -> ml_collections.Confi
                         attention_block_size=512))
     c.optimizer.update(dict(learning_rate=1e-5, warmup_steps=100, final_lr_ratio=0.1))
     c.train.update(dict(steps=2000, checkpoint_every=200, log_every=10, microbatches=4))
-    c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    c.mesh.update(dict(VARIANT_MESH[variant], topology_table=variant))
     if variant == "qwen3_0_6b":
         c.data.update(dict(rows=1, row_len=8192, trajectories=16))
     elif variant == "qwen3_8b":
         c.data.update(dict(rows=1, row_len=16384, trajectories=32))
     else:  # kat_dev_32b (Qwen3-32B shapes): 32k-token rows
         c.data.update(dict(rows=1, row_len=32768, trajectories=64))
-        c.mesh.update(dict(fsdp=-1, tensor=4))
     if stage in ("rft", "rl"):
         c.optimizer.learning_rate = 1e-6
         c.loss.agg_mode = "seq-mean-token-mean"

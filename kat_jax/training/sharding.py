@@ -88,10 +88,19 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None,
 
 
 def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
-    """The mesh of config keys mesh.data / fsdp / context / tensor (the trainer's and
-    compile-check's one way to build it)."""
-    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices=devices,
-                     context=mesh_cfg.get("context", 1))
+    """The mesh of config keys mesh.data / fsdp / context / tensor, or of the variant's row of
+    TOPOLOGY_MESHES for the devices' TPU slice (mesh.topology_table, kat_jax.training.defaults):
+    the trainer's, compile-check's and the online loop's one way to build it."""
+    from kat_jax.training.defaults import topology_mesh
+    from kat_jax.training.tpu_topologies import slice_name
+
+    devices = jax.devices() if devices is None else list(devices)
+    axes, source = topology_mesh(mesh_cfg, slice_name(devices))
+    if source != "mesh.*":
+        log.info("mesh %s from %s=%s for %s", axes, source, mesh_cfg.topology_table,
+                 slice_name(devices))
+    return make_mesh(axes["data"], axes["fsdp"], axes["tensor"], devices=devices,
+                     context=axes["context"])
 
 
 def _logical_axes(var: nnx.Variable) -> tuple:

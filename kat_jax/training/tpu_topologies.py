@@ -121,6 +121,23 @@ def resolve_topology(name: str) -> TpuTopology:
         "string such as v5p:2x2x1, v6e:2x2 (3D for v4/v5p, 2D for v5e/v6e)")
 
 
+# device_kind (as JAX reports it, lower-cased) -> generation (key of CHIPS)
+DEVICE_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5": "v5p",
+                "tpu v5p": "v5p", "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
+
+
+def slice_name(devices) -> str | None:
+    """The Cloud TPU slice name ('v6e-64') of a full slice's devices (real ones from
+    jax.devices(), or topology_devices' abstract ones), from their device_kind and count; None
+    for other devices (CPU, GPU, an unknown kind, a count that is no standard slice)."""
+    devices = list(devices)
+    kind = str(getattr(devices[0], "device_kind", "")).strip().lower() if devices else ""
+    gen = DEVICE_KINDS.get(kind)
+    if gen is None or slice_shape(gen, len(devices)) is None:
+        return None
+    return f"{gen}-{len(devices) * CHIPS[gen].cores_in_name}"
+
+
 def topology_devices(topo: TpuTopology | str) -> list:
     """Abstract (compile-only) devices of the topology, one per chip; needs libtpu, no TPU.
     ImportError / RuntimeError with the reason when libtpu is missing or refuses."""
