@@ -36,6 +36,11 @@ CASES: dict[str, tuple[str, str, list[list[str]]]] = {
     "kat_dev_32b_sft_128k_v5p-128": ("configs/sft.py:kat_dev_32b", "v5p-128",
                                      [["--config.data.row_len=131072"],
                                       ["--config.data.row_len=98304"]]),
+    "kat_dev_32b_rl_64k_v5p-64": ("configs/rl.py:kat_dev_32b", "v5p-64",
+                                  [["--config.data.row_len=65536"]]),
+    "kat_dev_32b_rl_128k_v5p-128": ("configs/rl.py:kat_dev_32b", "v5p-128",
+                                    [["--config.data.row_len=131072"],
+                                     ["--config.data.row_len=98304"]]),
 }
 
 
