@@ -309,7 +309,8 @@ def peer(args) -> dict:
         t0 = time.perf_counter()
         r = subprocess.run([TUNIX_PYTHON, runner, "--hf-dir", tmp, "--cases",
                             os.path.join(tmp, "cases.json"), "--out",
-                            os.path.join(tmp, "out.json"), "--reps", str(args.peer_reps)],
+                            os.path.join(tmp, "out.json"), "--reps", str(args.peer_reps)]
+                           + (["--logprobs"] if args.peer_logprobs else []),
                            capture_output=True, text=True,
                            timeout=args.peer_timeout)
         tunix_seconds = time.perf_counter() - t0
@@ -319,7 +320,8 @@ def peer(args) -> dict:
             theirs = json.load(f)
     eng = make_engine(name, prefix_cache=False, max_batch=32,
                       cache_tokens=32 * (128 + args.peer_tokens) + 512 + args.peer_tokens_b1 + 64)
-    out = {"available": True, "model": name, "tunix_version": theirs["tunix_version"],
+    out = {"available": True, "model": name, "tunix_logprobs": args.peer_logprobs,
+           "tunix_version": theirs["tunix_version"],
            "tunix_jax": theirs["jax"], "tunix_wall_seconds": round(tunix_seconds, 1), "cases": []}
     for case, tun in zip(cases, theirs["cases"]):
         sp = SamplingParams(temperature=0.0, max_new_tokens=case["new_tokens"], stop_tokens=(last,))
@@ -448,6 +450,9 @@ def main() -> None:
     ap.add_argument("--peer-model", default="qwen3_100m", choices=["qwen3_100m", "d256"],
                     help="peer: the model both sides run")
     ap.add_argument("--peer-reps", type=int, default=2, help="peer: timed calls (best counts)")
+    ap.add_argument("--peer-logprobs", action="store_true",
+                    help="peer: Tunix also returns per-token log-probs (return_logprobs=True), "
+                    "as kat_jax's engine always does (with entropies)")
     ap.add_argument("--peer-timeout", type=int, default=1800, help="seconds for the Tunix run")
     ap.add_argument("--sections", default="multi_turn,group,decode,peer")
     ap.add_argument("--quick", action="store_true",

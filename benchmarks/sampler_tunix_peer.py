@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--cases", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=1, help="timed calls per case (the best counts)")
+    ap.add_argument("--logprobs", action="store_true",
+                    help="return_logprobs=True (kat_jax's engine always returns per-token "
+                    "log-probs and entropies)")
     args = ap.parse_args()
 
     import jax
@@ -125,7 +128,8 @@ def main() -> None:
                                         head_dim=cfg.head_dim)
         sampler = sampler_lib.Sampler(model, tok, cache)
         texts = [tok.decode(p) for p in prompts]
-        call = lambda: sampler(texts, max_generation_steps=new, temperature=0.0)  # noqa: E731
+        call = lambda: sampler(texts, max_generation_steps=new, temperature=0.0,  # noqa: E731
+                               return_logprobs=args.logprobs)
         t0 = time.perf_counter()
         call()
         compile_s = time.perf_counter() - t0
