@@ -279,21 +279,43 @@ def _export_hf(name: str, out_dir: str) -> None:
     write_hf_safetensors(params_to_pure_dict(init_model(cfg, seed=0)), cfg, out_dir)
 
 
+def _run_tunix(args, cases: list[dict], *flags: str) -> tuple[dict | None, str, float]:
+    """The Tunix runner (sampler_tunix_peer.py, in TUNIX_PYTHON) on `cases` with the
+    --peer-model weights exported as a Hugging Face directory: (its JSON output, '', seconds),
+    or (None, why not, 0) when Tunix is missing or the runner fails."""
+    import tempfile
+
+    if not os.path.exists(TUNIX_PYTHON):
+        return None, (f"{TUNIX_PYTHON} not found: create it with `python3 -m venv "
+                      "/tmp/tunix-venv && /tmp/tunix-venv/bin/pip install google-tunix==0.1.7 "
+                      "jax==0.10.2`"), 0.0
+    r = subprocess.run([TUNIX_PYTHON, "-c", "import tunix"], capture_output=True, text=True)
+    if r.returncode:
+        return None, "import tunix failed: " + r.stderr[-300:], 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        _export_hf(args.peer_model, tmp)
+        with open(os.path.join(tmp, "cases.json"), "w") as f:
+            json.dump(cases, f)
+        runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix_peer.py")
+        t0 = time.perf_counter()
+        r = subprocess.run([TUNIX_PYTHON, runner, "--hf-dir", tmp, "--cases",
+                            os.path.join(tmp, "cases.json"), "--out",
+                            os.path.join(tmp, "out.json"), *flags],
+                           capture_output=True, text=True, timeout=args.peer_timeout)
+        seconds = time.perf_counter() - t0
+        if r.returncode:
+            return None, "the Tunix runner failed: " + r.stderr[-600:], 0.0
+        with open(os.path.join(tmp, "out.json")) as f:
+            return json.load(f), "", seconds
+
+
 def peer(args) -> dict:
     """kat_jax and Tunix side by side on the same weights and prompts (module docstring)."""
-    import tempfile
 
     import numpy as np
 
     from kat_jax.rollout.sampler import SamplingParams
 
-    if not os.path.exists(TUNIX_PYTHON):
-        return {"available": False, "reason": f"{TUNIX_PYTHON} not found: create it with `python3 -m "
-                "venv /tmp/tunix-venv && /tmp/tunix-venv/bin/pip install google-tunix==0.1.7 "
-                "jax==0.10.2`"}
-    r = subprocess.run([TUNIX_PYTHON, "-c", "import tunix"], capture_output=True, text=True)
-    if r.returncode:
-        return {"available": False, "reason": "import tunix failed: " + r.stderr[-300:]}
     name = args.peer_model
     last = MODELS[name]["overrides"]["vocab_size"] - 1   # Tunix's pad and eos id in the runner
     rng = np.random.default_rng(11)
@@ -301,23 +323,10 @@ def peer(args) -> dict:
               "new_tokens": new}
              for b, p, new in ((1, 512, args.peer_tokens_b1), (8, 128, args.peer_tokens),
                                (32, 128, args.peer_tokens))]
-    with tempfile.TemporaryDirectory() as tmp:
-        _export_hf(name, tmp)
-        with open(os.path.join(tmp, "cases.json"), "w") as f:
-            json.dump(cases, f)
-        runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix_peer.py")
-        t0 = time.perf_counter()
-        r = subprocess.run([TUNIX_PYTHON, runner, "--hf-dir", tmp, "--cases",
-                            os.path.join(tmp, "cases.json"), "--out",
-                            os.path.join(tmp, "out.json"), "--reps", str(args.peer_reps)]
-                           + (["--logprobs"] if args.peer_logprobs else []),
-                           capture_output=True, text=True,
-                           timeout=args.peer_timeout)
-        tunix_seconds = time.perf_counter() - t0
-        if r.returncode:
-            return {"available": False, "reason": "the Tunix runner failed: " + r.stderr[-600:]}
-        with open(os.path.join(tmp, "out.json")) as f:
-            theirs = json.load(f)
+    theirs, why, tunix_seconds = _run_tunix(
+        args, cases, "--reps", str(args.peer_reps), *(["--logprobs"] if args.peer_logprobs else []))
+    if theirs is None:
+        return {"available": False, "reason": why}
     eng = make_engine(name, prefix_cache=False, max_batch=32,
                       cache_tokens=32 * (128 + args.peer_tokens) + 512 + args.peer_tokens_b1 + 64)
     out = {"available": True, "model": name, "tunix_logprobs": args.peer_logprobs,
@@ -390,28 +399,16 @@ def peer_episodes(args) -> dict:
     call over the whole conversation: Tunix's sampler keeps no cache between calls), greedy, the
     same weights and scripted tool results; each side times the second of two runs of the same
     shapes (the first, other contents, compiles). The issue's target: kat_jax >= 2x."""
-    import tempfile
 
     from kat_jax.rollout.sampler import SamplingParams
 
-    if not os.path.exists(TUNIX_PYTHON):
-        return {"available": False, "reason": f"{TUNIX_PYTHON} not found"}
     name = args.peer_model
     last = MODELS[name]["overrides"]["vocab_size"] - 1
     cases = _episode_cases(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        _export_hf(name, tmp)
-        with open(os.path.join(tmp, "cases.json"), "w") as f:
-            json.dump(cases, f)
-        runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix_peer.py")
-        r = subprocess.run([TUNIX_PYTHON, runner, "--hf-dir", tmp, "--cases",
-                            os.path.join(tmp, "cases.json"), "--out",
-                            os.path.join(tmp, "out.json")], capture_output=True, text=True,
-                           timeout=args.peer_timeout)
-        if r.returncode:
-            return {"available": False, "reason": "the Tunix runner failed: " + r.stderr[-600:]}
-        with open(os.path.join(tmp, "out.json")) as f:
-            theirs = {c["name"]: c for c in json.load(f)["cases"]}
+    theirs, why, _ = _run_tunix(args, cases)
+    if theirs is None:
+        return {"available": False, "reason": why}
+    theirs = {c["name"]: c for c in theirs["cases"]}
     eng = make_engine(name, prefix_cache=True, max_batch=32, cache_tokens=65536)
     sp = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_tokens=(last,))
     out = {"available": True, "model": name, "new_tokens_per_turn": args.new_tokens,

@@ -257,12 +257,12 @@ class EngineFleet:
         self._targets = {}
         for tag, devs in (("rollout", rollout_devices), ("train", lend_devices)):
             for group in (replica_groups(devs, replica_devices) if devs else []):
-                target, kv = (group[0], None) if replica_devices == 1 else \
-                    replica_targets(model_cfg, group)
+                target, kv = replica_targets(model_cfg, group)
                 name = f"{tag}:" + "+".join(str(d.id) for d in group)
                 self._targets[name] = target
-                engine = make_engine(reshard_params(params, target, no_host), kv) \
-                    if kv is not None else make_engine(reshard_params(params, target, no_host))
+                # a one-device replica's engine puts its pool beside its weights by itself
+                engine = make_engine(reshard_params(params, target, no_host),
+                                     *(() if kv is None else (kv,)))
                 resources.append(Resource(
                     name, frozenset({tag}), slots,
                     frozenset({"rollout"}) if tag == "train" else frozenset(),

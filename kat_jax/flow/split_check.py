@@ -39,7 +39,7 @@ def _memory(compiled) -> dict[str, int]:
 
 def split_compile_check(cfg, topology: str, top: int = 8) -> dict[str, Any]:
     """See the module docstring; ValueError for a split the topology cannot give."""
-    from kat_jax.flow.placement import split_devices
+    from kat_jax.flow.placement import replica_groups, split_devices
     from kat_jax.rollout.sampler import EngineConfig, lower_engine_programs
     from kat_jax.training.aot import compile_check, compile_model_config
     from kat_jax.training.tpu_topologies import resolve_topology, topology_devices
@@ -55,10 +55,11 @@ def split_compile_check(cfg, topology: str, top: int = 8) -> dict[str, Any]:
     model_cfg = compile_model_config(cfg)
     engine_cfg = EngineConfig(max_batch=max(8, cfg.rl.concurrency))
     k = int(cfg.rl.get("rollout_replica_devices", 1))
-    if k < 1 or r % k:
+    try:
+        group = replica_groups(rollout, k)[0]
+    except ValueError:
         raise ValueError(f"--config.rl.rollout_replica_devices={k} must divide "
-                         f"rl.rollout_devices={r}")
-    group = rollout[:k]
+                         f"rl.rollout_devices={r}") from None
     prompt = min(cfg.data.row_len, model_cfg.max_position_embeddings)
     t0 = time.perf_counter()
     if k == 1:

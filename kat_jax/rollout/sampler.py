@@ -657,14 +657,10 @@ def lower_engine_programs(model_cfg, config: EngineConfig | None = None, shardin
         def with_sharding(x, sh):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
 
-        def names(path):
-            return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path
-                         if hasattr(k, "key"))
-
-        by_name = {names(path): sh for path, sh in jax.tree_util.tree_flatten_with_path(
-            param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
-        params = jax.tree_util.tree_map_with_path(
-            lambda path, x: with_sharding(x, by_name[names(path)]), params)
+        # param_shardings is a pure dict (the training sharding rules'): place the state's
+        # leaves through its pure-dict view
+        nnx.replace_by_pure_dict(params, jax.tree.map(
+            with_sharding, nnx.to_pure_dict(params), param_shardings))
         layer_sh = jax.jit(unstack).lower(params).compile().output_shardings
         layer_states = jax.tree.map(with_sharding, layer_states, layer_sh)
         pool = jax.tree.map(lambda x: with_sharding(x, pool_sharding or sharding), pool)

@@ -95,10 +95,10 @@ def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
     from kat_jax.training.tpu_topologies import slice_name
 
     devices = jax.devices() if devices is None else list(devices)
-    axes, source = topology_mesh(mesh_cfg, slice_name(devices))
+    topology = slice_name(devices)
+    axes, source = topology_mesh(mesh_cfg, topology)
     if source != "mesh.*":
-        log.info("mesh %s from %s=%s for %s", axes, source, mesh_cfg.topology_table,
-                 slice_name(devices))
+        log.info("mesh %s from %s=%s for %s", axes, source, mesh_cfg.topology_table, topology)
     return make_mesh(axes["data"], axes["fsdp"], axes["tensor"], devices=devices,
                      context=axes["context"])
 
