@@ -126,7 +126,14 @@ class Attention(nnx.Module):
         pool_k = paged_write(pool_k, k_btkh, slots_bt)
         pool_v = paged_write(pool_v, v_btkh, slots_bt)
         out_btnh = attention(q_btnh, pool_k, pool_v, block_tables, positions_bt)
-        return self.o_proj(out_btnh), pool_k, pool_v
+        # o_proj as one [B, T, N * H] x [N * H, D] contraction (a reshape of the kernel, no copy):
+        # with two contracting dims XLA:CPU transposed the kernel inside the decode loop, every
+        # step. The same products and sums as self.o_proj(out_btnh).
+        b, t, n, h = out_btnh.shape
+        dtype = self.o_proj.dtype
+        kernel = self.o_proj.kernel[...].astype(dtype).reshape(n * h, -1)
+        out_btd = jnp.einsum("btf,fd->btd", out_btnh.reshape(b, t, n * h).astype(dtype), kernel)
+        return out_btd, pool_k, pool_v
 
 
 class MLP(nnx.Module):

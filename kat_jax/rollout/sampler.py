@@ -311,7 +311,7 @@ class JaxEngine:
         self._layer_states = model.unstacked_layer_states()
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "decode_steps": 0,
                       "generated_tokens": 0, "prefill_calls": 0, "decode_calls": 0,
-                      "decode_tokens": 0, "decode_seconds": 0.0}
+                      "decode_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0}
         bs = cfg.block_size
         tokens = cfg.cache_tokens or max(self.context_length, 32768)
         self.num_blocks = -(-tokens // bs) + 1  # + the trash block
@@ -491,7 +491,8 @@ class JaxEngine:
         bs = self.config.block_size
         b = _pow2(len(leaders))
         t = min(bucket_length(max(len(s.context()) - c for s, c in leaders)), self.context_length)
-        m = _pow2(max(len(s.blocks) for s, _ in leaders + followers))
+        # the table covers the contexts only (not the blocks reserved for generation), bucketed
+        m = bucket_length(max(-(-len(s.context()) // bs) for s, _ in leaders), minimum=1)
         tokens = np.zeros((b, t), np.int32)
         positions = np.zeros((b, t), np.int32)
         valid = np.zeros((b, t), bool)
@@ -502,7 +503,7 @@ class JaxEngine:
             tokens[r, :len(ctx) - c] = ctx[c:]
             positions[r] = c + np.arange(t)
             valid[r, :len(ctx) - c] = True
-            tables[r, :len(seq.blocks)] = seq.blocks
+            tables[r, :min(m, len(seq.blocks))] = seq.blocks[:m]
             last[r] = len(ctx) - c - 1
             self.stats["prefill_tokens"] += len(ctx) - c
             self.stats["cached_tokens"] += c
@@ -519,12 +520,14 @@ class JaxEngine:
         arrays = self._row_arrays(seqs)
         rows_pad = np.zeros(len(arrays["keys"]), np.int32)
         rows_pad[:len(rows)] = rows
+        t0 = time.perf_counter()
         self._pool, tok, lp, ent = self._prefill(
             self.params, self._layer_states, self._pool, tokens, positions, valid, tables, last,
             src, dst, rows_pad, arrays["keys"], arrays["step"], arrays["temperature"],
             arrays["top_p"], arrays["top_k"], arrays["k_bound"])
-        self.stats["prefill_calls"] += 1
         tok, lp, ent = jax.device_get((tok, lp, ent))
+        self.stats["prefill_seconds"] += time.perf_counter() - t0
+        self.stats["prefill_calls"] += 1
         if self.config.prefix_cache:
             for seq, _ in leaders:  # the prompt's full blocks: shared from now on
                 self._tree.insert(seq.context(), seq.blocks)
@@ -556,7 +559,11 @@ class JaxEngine:
         seqs = self._running
         arrays = self._row_arrays(seqs)
         b = len(arrays["keys"])
-        m = _pow2(max(len(s.blocks) for s in seqs))
+        # the table covers what this chunk can read: positions up to pos + chunk_steps - 1
+        # (attention's cost grows with the table's width, not with the blocks reserved)
+        ahead, bs = self.config.chunk_steps, self.config.block_size
+        m = bucket_length(max(min(len(s.blocks), -(-(len(s.prompt) + len(s.out_t) - 1 + ahead)
+                                                      // bs)) for s in seqs), minimum=1)
         n_stop = _pow2(max(len(s.sp.stop_tokens) for s in seqs) or 1)
         tables = np.zeros((b, m), np.int32)
         tok = np.zeros(b, np.int32)
@@ -565,7 +572,7 @@ class JaxEngine:
         active = np.zeros(b, bool)
         stops = np.full((b, n_stop), -1, np.int32)
         for r, seq in enumerate(seqs):
-            tables[r, :len(seq.blocks)] = seq.blocks
+            tables[r, :min(m, len(seq.blocks))] = seq.blocks[:m]
             tok[r] = seq.out_t[-1]
             pos[r] = len(seq.prompt) + len(seq.out_t) - 1
             left[r] = seq.sp.max_new_tokens - len(seq.out_t)
