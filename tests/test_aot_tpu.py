@@ -142,8 +142,8 @@ def test_pallas_paged_attention_compiles_through_mosaic(topology):
     for b, t, n, k, h, s_blk, pool, m in [(8, 1, 32, 8, 128, 16, 256, 64),
                                           (4, 16, 16, 2, 64, 32, 128, 32)]:
         args = [jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16, sharding=rep),
-                jax.ShapeDtypeStruct((pool, s_blk, k, h), jnp.bfloat16, sharding=rep),
-                jax.ShapeDtypeStruct((pool, s_blk, k, h), jnp.bfloat16, sharding=rep),
+                jax.ShapeDtypeStruct((k, pool, s_blk, h), jnp.bfloat16, sharding=rep),
+                jax.ShapeDtypeStruct((k, pool, s_blk, h), jnp.bfloat16, sharding=rep),
                 jax.ShapeDtypeStruct((b, m), jnp.int32, sharding=rep),
                 jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=rep)]
         with jax.set_mesh(mesh):

@@ -19,8 +19,8 @@ def _case(rng, t, n, kv, h, num_blocks=14, m=4):
     """Pools with random keys / values, 3 rows with shuffled (non-contiguous) block tables: row 0
     ends in a partly filled last block, row 1 is a one-token row (T = 1: position 0), row 2 ends
     on a block boundary."""
-    pool_k = rng.normal(size=(num_blocks, S_BLK, kv, h)).astype(np.float32)
-    pool_v = rng.normal(size=(num_blocks, S_BLK, kv, h)).astype(np.float32)
+    pool_k = rng.normal(size=(kv, num_blocks, S_BLK, h)).astype(np.float32)
+    pool_v = rng.normal(size=(kv, num_blocks, S_BLK, h)).astype(np.float32)
     tables = rng.permutation(np.arange(1, num_blocks))[:3 * m].reshape(3, m).astype(np.int32)
     last = np.array([37, t - 1, 3 * S_BLK - 1])
     q_pos = (last[:, None] - t + 1 + np.arange(t)[None]).astype(np.int32)
@@ -32,11 +32,11 @@ def _dense_reference(q, pool_k, pool_v, tables, q_pos):
     """float64 softmax(q k^T / sqrt(H)) v over each row's positions 0 .. q_pos, from the row's
     blocks laid end to end (query head n reads kv head n // G)."""
     b, t, n, h = q.shape
-    kv = pool_k.shape[2]
+    kv = pool_k.shape[0]
     out = np.zeros((b, t, n, h))
-    for r in range(b):
-        keys = pool_k[tables[r]].reshape(-1, kv, h).astype(np.float64)
-        vals = pool_v[tables[r]].reshape(-1, kv, h).astype(np.float64)
+    for r in range(b):  # keys[kv head, position]
+        keys = pool_k[:, tables[r]].reshape(kv, -1, h).transpose(1, 0, 2).astype(np.float64)
+        vals = pool_v[:, tables[r]].reshape(kv, -1, h).transpose(1, 0, 2).astype(np.float64)
         for i in range(t):
             seen = q_pos[r, i] + 1
             for head in range(n):
@@ -72,11 +72,11 @@ def test_slots_past_each_rows_positions_do_not_reach_the_output(backend):
     # 1e4 in every slot no query of the row may see: the rest of its last live block, its later
     # blocks, and every block outside the tables (incl. the trash block).
     dirty_k, dirty_v = pool_k.copy(), pool_v.copy()
-    live = np.zeros(pool_k.shape[:2], bool)
+    live = np.zeros(pool_k.shape[1:3], bool)
     for r in range(3):
         for pos in range(q_pos[r].max() + 1):
             live[tables[r, pos // S_BLK], pos % S_BLK] = True
-    dirty_k[~live], dirty_v[~live] = 1e4, 1e4
+    dirty_k[:, ~live], dirty_v[:, ~live] = 1e4, 1e4
     dirty = np.asarray(pallas_paged_attention(q, jnp.asarray(dirty_k), jnp.asarray(dirty_v),
                                               tables, q_pos, backend=backend, interpret=True))
     assert np.isfinite(dirty).all()
@@ -133,7 +133,41 @@ def test_batch_one_decode_program_copies_no_pool():
             np.zeros((b, 2), np.uint32), z, np.ones(b, np.int32), np.ones(b, bool),
             np.full((b, 1), -1, np.int32), ones, ones, z, 0, 4)
     hlo = eng._decode.lower(*args).compile().as_text()
-    p, s, k, h = eng._pool[0][0].shape
-    pool_copy = rf"= f32\[({p},{s},{k},{h}|{p * s},{k},{h})\]\{{[^}}]*\}} copy\("
+    k, p, s, h = eng._pool[0][0].shape
+    pool_copy = rf"= f32\[({k},{p},{s},{h}|{k},{p * s},{h}|{k * p},{s},{h})\]\{{[^}}]*\}} copy\("
     copies = [ln for ln in hlo.splitlines() if re.search(pool_copy, ln)]
     assert not copies, copies[:2]
+
+
+def test_decode_program_gathers_keys_and_values_without_transposed_copies():
+    """The pool is [K, P, S_blk, H], so a row's gathered blocks [K, B, M * S_blk, H] are already in
+    the order the score and value contractions read: at batch 8 the decode loop's only ops of
+    that size are the 2 gathers per layer, none with a transpose (with [P, S_blk, K, H] XLA:CPU
+    transposed both every step)."""
+    import re
+
+    from kat_jax.models.config import get_preset
+    from kat_jax.models.decoder import init_model
+    from kat_jax.rollout.sampler import EngineConfig, JaxEngine
+
+    cfg = get_preset("tiny")
+    eng = JaxEngine(init_model(cfg, seed=0),
+                    EngineConfig(block_size=16, chunk_steps=4, cache_tokens=1024, max_batch=8,
+                                 attention="xla"))
+    b, m = 8, 4
+    z, ones = np.zeros(b, np.int32), np.ones(b, np.float32)
+    args = (eng.params, eng._layer_states, eng._pool, np.zeros((b, m), np.int32), z, z,
+            np.zeros((b, 2), np.uint32), z, np.ones(b, np.int32), np.ones(b, bool),
+            np.full((b, 1), -1, np.int32), ones, ones, z, 0, 4)
+    hlo = eng._decode.lower(*args).compile().as_text()
+    k, _, s, h = eng._pool[0][0].shape
+    size = k * b * m * s * h
+    bodies = dict(re.findall(r"^(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+    sized = []
+    for ln in hlo.splitlines():
+        got = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\{[^}]*\} fusion\(.*calls=(%[\w.\-]+)",
+                       ln)
+        if got and np.prod([int(x) for x in got.group(1).split(",")]) == size:
+            sized.append(bodies[got.group(2)])
+    assert len(sized) == 2 * cfg.num_layers, len(sized)
+    assert all(" gather(" in body and " transpose(" not in body for body in sized), sized

@@ -210,8 +210,8 @@ SUBMESH = textwrap.dedent("""
         qr = eng.params["layers"]["self_attn"]["q_proj"]["kernel"]
         assert set(qr.devices()) == group and "tensor" in str(qr.sharding.spec), qr.sharding
         k_pool = eng._pool[0][0]
-        assert set(k_pool.devices()) == group and k_pool.sharding.spec[2] == "tensor"
-        assert k_pool.addressable_shards[0].data.shape[2] == cfg.num_kv_heads // 2
+        assert set(k_pool.devices()) == group and k_pool.sharding.spec[0] == "tensor"
+        assert k_pool.addressable_shards[0].data.shape[0] == cfg.num_kv_heads // 2
         np.testing.assert_array_equal(np.asarray(qr), np.asarray(
             params2["layers"]["self_attn"]["q_proj"]["kernel"]))
     for res in tp.scheduler.resources:  # what a single-device replica samples, log-probs too
@@ -221,7 +221,7 @@ SUBMESH = textwrap.dedent("""
         np.testing.assert_allclose([g.logprobs for g in gens], [g.logprobs for g in ref],
                                    atol=1e-5)
         pool = res.handle[1]._pool[0][0]  # still split over the heads after decoding
-        assert pool.sharding.spec[2] == "tensor", pool.sharding
+        assert pool.sharding.spec[0] == "tensor", pool.sharding
     tp.update_weights(params)  # back to the first weights: the first samples again
     assert [g.tokens for g in tp.generate(prompts[0], sp, n=2)[0]] == out[0]
     print("OK", fleet.stats())

@@ -35,8 +35,8 @@ def engines(model):
 def test_paged_attention_equals_dense_attention_over_the_gathered_rows():
     rng = np.random.default_rng(0)
     b, t, n, k, h, bs = 2, 3, 4, 2, 8, 4
-    pool_k = jnp.asarray(rng.normal(size=(9, bs, k, h)), jnp.float32)
-    pool_v = jnp.asarray(rng.normal(size=(9, bs, k, h)), jnp.float32)
+    pool_k = jnp.asarray(rng.normal(size=(k, 9, bs, h)), jnp.float32)
+    pool_v = jnp.asarray(rng.normal(size=(k, 9, bs, h)), jnp.float32)
     tables = jnp.asarray([[3, 7, 1], [5, 2, 0]], jnp.int32)
     q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
     new_k = jnp.asarray(rng.normal(size=(b, t, k, h)), jnp.float32)
@@ -46,8 +46,11 @@ def test_paged_attention_equals_dense_attention_over_the_gathered_rows():
     assert slots[1, 2] // bs == 0  # padding goes to the trash block
     pool_k = paged_write(pool_k, new_k, slots)
     got = paged_attention(q, pool_k, pool_v, tables, pos)
-    dense_k = pool_k[tables].reshape(b, -1, k, h)
-    dense_v = pool_v[tables].reshape(b, -1, k, h)
+    # [B, positions, K, H]: each row's blocks end to end, written out with numpy
+    dense_k = np.stack([np.concatenate([np.asarray(pool_k)[:, blk].transpose(1, 0, 2)
+                                        for blk in np.asarray(row)]) for row in tables])
+    dense_v = np.stack([np.concatenate([np.asarray(pool_v)[:, blk].transpose(1, 0, 2)
+                                        for blk in np.asarray(row)]) for row in tables])
     np.testing.assert_allclose(dense_k[0, 6:9], new_k[0])
     want = xla_dense_attention(q, dense_k, dense_v, jnp.full((b, 12), 99, jnp.int32), q_index=pos)
     np.testing.assert_allclose(got, want, atol=1e-6)

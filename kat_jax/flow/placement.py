@@ -182,7 +182,7 @@ def replica_targets(model_cfg, devices: Sequence[Any]) -> tuple[Any, Any]:
     k = len(devices)
     specs = param_specs(_abstract_model(model_cfg, init_model), mesh)
     kv = "tensor" if model_cfg.num_kv_heads % k == 0 else None
-    return named(mesh, specs), NamedSharding(mesh, P(None, None, kv, None))
+    return named(mesh, specs), NamedSharding(mesh, P(kv, None, None, None))
 
 
 def _abstract_model(model_cfg, init_model):

@@ -104,9 +104,9 @@ class Decoder(nnx.Module):
 
     def init_kv_pool(self, num_blocks: int, block_size: int) -> list[tuple[jax.Array, jax.Array]]:
         """An empty paged KV cache (kat_jax.ops.paged_attention): per layer (k, v) pools
-        [P, S_blk, K, H] in the compute dtype, one buffer each (block 0 is the trash block)."""
+        [K, P, S_blk, H] in the compute dtype, one buffer each (block 0 is the trash block)."""
         cfg = self.cfg
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
         return [(jnp.zeros(shape, DTYPE[cfg.dtype]), jnp.zeros(shape, DTYPE[cfg.dtype]))
                 for _ in range(cfg.num_layers)]
 

@@ -259,7 +259,7 @@ def engine_programs(graphdef, layer_graphdef, bs: int, attention_impl: str):
         m, hidden, pool = forward(params, layer_states, pool, tokens, positions, valid, tables)
         h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
         logits = m.logits(h_last)
-        pool = [(k.at[copy_dst].set(k[copy_src]), v.at[copy_dst].set(v[copy_src]))
+        pool = [(k.at[:, copy_dst].set(k[:, copy_src]), v.at[:, copy_dst].set(v[:, copy_src]))
                 for k, v in pool]
         tok, lp, ent = sample_step(logits[rows], keys, steps, temperature, top_p, top_k,
                                    k_bound)
@@ -301,7 +301,7 @@ class JaxEngine:
     continuous_batching = True  # servers call it concurrently, without a BatchingEngine
 
     def __init__(self, model, config: EngineConfig | None = None, kv_sharding=None):
-        """kv_sharding: where the KV pool lives (a sharding of its [P, S_blk, K, H] arrays;
+        """kv_sharding: where the KV pool lives (a sharding of its [K, P, S_blk, H] arrays;
         default: the device of the model's parameters). Parameters sharded over several devices
         (a tensor-parallel replica, kat_jax.flow.placement) make XLA partition the programs."""
         self.config = cfg = config or EngineConfig()

@@ -2,7 +2,7 @@
 path kat_jax.ops.paged_attention.paged_attention is its reference, with the same signature.
 
     q:            [B, T, N, H]       T new tokens per row (decode: T = 1)
-    pool_k/v:     [P, S_blk, K, H]   the pool (block 0 is the trash block)
+    pool_k/v:     [K, P, S_blk, H]   the pool (block 0 is the trash block)
     block_tables: int32[B, M]        block m of row b holds positions m * S_blk .. (m + 1) * S_blk - 1
     q_pos:        int32[B, T]        query (b, t) sees the row's positions 0 .. q_pos[b, t]
 
@@ -22,8 +22,8 @@ position -1 (they see nothing and are sliced off).
                 scalar-prefetched into SMEM: the pool's BlockSpec index map reads table[b, i], so
                 the pipeline DMAs only the row's blocks; steps i >= live repeat the last live block
                 (no new DMA) and skip compute (pl.when). A step takes all K kv heads of the block
-                ([S_blk, K, H]: a TPU tile's last two dims must be whole or (8, 128)-aligned, and K
-                sits second to last in the pool) and loops over them statically; the running max /
+                ([K, S_blk, H]: one DMA per pool, each head's [S_blk, H] whole in the tile's last
+                two dims) and loops over them statically; the running max /
                 sum are lane-replicated VMEM scratch [K, R, 128], the accumulator [K, R, H]
                 float32. Only run interpreted (pltpu.InterpretParams) here, never on a TPU.
 
@@ -66,8 +66,8 @@ def _gpu_kernel(table_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *, s_blk, m, sc
     def block(i, carry):
         mx, denom, acc = carry
         blk = table_ref[i]
-        k = k_ref[blk, :, kh, :].astype(q.dtype)                           # [S_blk, H]
-        v = v_ref[blk, :, kh, :].astype(q.dtype)
+        k = k_ref[kh, blk].astype(q.dtype)                                 # [S_blk, H]
+        v = v_ref[kh, blk].astype(q.dtype)
         sc = _nt(q, k) * scale                                             # [bq, S_blk]
         k_pos = i * s_blk + lax.broadcasted_iota(jnp.int32, sc.shape, 1)
         sc = jnp.where(k_pos <= qp[:, None], sc, NEG_INF)
@@ -89,7 +89,7 @@ def _gpu_call(q_bkrh, qpos_br, pool_k, pool_v, tables, *, scale, interpret):
     from jax.experimental.pallas import triton as plgpu
 
     b, kv_heads, r, h = q_bkrh.shape
-    m, s_blk = tables.shape[1], pool_k.shape[1]
+    m, s_blk = tables.shape[1], pool_k.shape[2]
     bq = min(r, GPU_Q_TILE)
     q_spec = pl.BlockSpec((None, None, bq, h), lambda bi, kh, qi: (bi, kh, qi, 0))
     whole = pl.BlockSpec(pool_k.shape, lambda bi, kh, qi: (0, 0, 0, 0))  # indexed in the kernel
@@ -121,8 +121,8 @@ def _tpu_kernel(table_ref, live_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, m_ref
         qp = qpos_ref[...]                                                 # [R, 1]
         for kh in range(kv_heads):
             q = q_ref[kh]                                                  # [R, H]
-            k = k_ref[:, kh, :].astype(q.dtype)                            # [S_blk, H]
-            v = v_ref[:, kh, :].astype(q.dtype)
+            k = k_ref[kh].astype(q.dtype)                                  # [S_blk, H]
+            v = v_ref[kh].astype(q.dtype)
             sc = _nt(q, k) * scale                                         # [R, S_blk]
             k_pos = i * s_blk + lax.broadcasted_iota(jnp.int32, sc.shape, 1)
             sc = jnp.where(k_pos <= qp, sc, NEG_INF)
@@ -145,15 +145,15 @@ def _tpu_call(q_bkrh, qpos_br, pool_k, pool_v, tables, *, scale, interpret):
     from jax.experimental.pallas import tpu as pltpu
 
     b, kv_heads, r, h = q_bkrh.shape
-    m, s_blk = tables.shape[1], pool_k.shape[1]
+    m, s_blk = tables.shape[1], pool_k.shape[2]
     live = jnp.clip(jnp.max(qpos_br, axis=1) // s_blk + 1, 1, m).astype(jnp.int32)
 
     def pool_of(bi, i, table, live):
-        return table[bi * m + jnp.minimum(i, live[bi] - 1)], 0, 0, 0
+        return 0, table[bi * m + jnp.minimum(i, live[bi] - 1)], 0, 0
 
     row = lambda bi, i, table, live: (bi, 0, 0)                            # noqa: E731
     q_spec = pl.BlockSpec((None, kv_heads, r, h), lambda bi, i, table, live: (bi, 0, 0, 0))
-    pool_spec = pl.BlockSpec((None, s_blk, kv_heads, h), pool_of)
+    pool_spec = pl.BlockSpec((kv_heads, None, s_blk, h), pool_of)
     return pl.pallas_call(
         partial(_tpu_kernel, s_blk=s_blk, kv_heads=kv_heads, scale=scale),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -188,7 +188,7 @@ def pallas_paged_attention(q_btnh: jax.Array, pool_k: jax.Array, pool_v: jax.Arr
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     interpret = auto_interpret if interpret is None else bool(interpret)
     b, t, n, h = q_btnh.shape
-    _, s_blk, kv_heads, _ = pool_k.shape
+    kv_heads, _, s_blk, _ = pool_k.shape
     if n % kv_heads:
         raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kv_heads})")
     if pool_v.shape != pool_k.shape or pool_k.shape[3] != h or block_tables.shape[0] != b \
