@@ -141,9 +141,10 @@ def test_batch_one_decode_program_copies_no_pool():
 
 def test_decode_program_gathers_keys_and_values_without_transposed_copies():
     """The pool is [K, P, S_blk, H], so a row's gathered blocks [K, B, M * S_blk, H] are already in
-    the order the score and value contractions read: at batch 8 the decode loop's only ops of
-    that size are the 2 gathers per layer, none with a transpose (with [P, S_blk, K, H] XLA:CPU
-    transposed both every step)."""
+    the order the score and value contractions read: at batch 1 and 8 the decode loop's only ops
+    of that size are the 2 gathers per layer, none with a transpose (with [P, S_blk, K, H]
+    XLA:CPU transposed both every step; at batch 1 it transposed the keys unless they are the
+    score contraction's left operand)."""
     import re
 
     from kat_jax.models.config import get_preset
@@ -154,20 +155,31 @@ def test_decode_program_gathers_keys_and_values_without_transposed_copies():
     eng = JaxEngine(init_model(cfg, seed=0),
                     EngineConfig(block_size=16, chunk_steps=4, cache_tokens=1024, max_batch=8,
                                  attention="xla"))
-    b, m = 8, 4
-    z, ones = np.zeros(b, np.int32), np.ones(b, np.float32)
-    args = (eng.params, eng._layer_states, eng._pool, np.zeros((b, m), np.int32), z, z,
-            np.zeros((b, 2), np.uint32), z, np.ones(b, np.int32), np.ones(b, bool),
-            np.full((b, 1), -1, np.int32), ones, ones, z, 0, 4)
-    hlo = eng._decode.lower(*args).compile().as_text()
-    k, _, s, h = eng._pool[0][0].shape
-    size = k * b * m * s * h
-    bodies = dict(re.findall(r"^(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
-    sized = []
-    for ln in hlo.splitlines():
-        got = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\{[^}]*\} fusion\(.*calls=(%[\w.\-]+)",
-                       ln)
-        if got and np.prod([int(x) for x in got.group(1).split(",")]) == size:
-            sized.append(bodies[got.group(2)])
-    assert len(sized) == 2 * cfg.num_layers, len(sized)
-    assert all(" gather(" in body and " transpose(" not in body for body in sized), sized
+    for b in (1, 8):
+        m = 4
+        z, ones = np.zeros(b, np.int32), np.ones(b, np.float32)
+        args = (eng.params, eng._layer_states, eng._pool, np.zeros((b, m), np.int32), z, z,
+                np.zeros((b, 2), np.uint32), z, np.ones(b, np.int32), np.ones(b, bool),
+                np.full((b, 1), -1, np.int32), ones, ones, z, 0, 4)
+        hlo = eng._decode.lower(*args).compile().as_text()
+        k, _, s, h = eng._pool[0][0].shape
+        size = k * b * m * s * h
+        bodies = dict(re.findall(r"^(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+        sized = []
+        for ln in hlo.splitlines():
+            got = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\{[^}]*\} fusion\(.*"
+                           r"calls=(%[\w.\-]+)", ln)
+            if got and np.prod([int(x) for x in got.group(1).split(",")]) == size:
+                sized.append(bodies[got.group(2)])
+        assert len(sized) == 2 * cfg.num_layers, (b, len(sized))
+        assert all(" gather(" in body and " transpose(" not in body for body in sized), sized
+
+
+def test_gather_path_one_query_row_equals_the_dense_reference():
+    """Batch-1 decode (one query row) takes the keys-first contraction order; same numbers."""
+    rng = np.random.default_rng(3)
+    q, pool_k, pool_v, tables, q_pos = _case(rng, 1, 8, 2, 64)
+    for r in range(3):
+        args = (q[r:r + 1], pool_k, pool_v, tables[r:r + 1], q_pos[r:r + 1])
+        got = np.asarray(paged_attention(*(jnp.asarray(x) for x in args)))
+        np.testing.assert_allclose(got, _dense_reference(*args), atol=1e-5, rtol=0)

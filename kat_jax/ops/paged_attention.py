@@ -78,11 +78,23 @@ def paged_attention(q_btnh: jax.Array, pool_k: jax.Array, pool_v: jax.Array,
     k_kbsh = gather_rows(pool_k, block_tables).astype(q_btnh.dtype)
     v_kbsh = gather_rows(pool_v, block_tables).astype(q_btnh.dtype)
     q_kbtgh = q_btnh.reshape(b, t, kv_heads, g, h).transpose(2, 0, 1, 3, 4)
-    scores = jnp.einsum("kbtgh,kbsh->kbtgs", q_kbtgh, k_kbsh, preferred_element_type=jnp.float32)
-    scores = scores * scale
     visible = jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    scores = jnp.where(visible[None, :, :, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("kbtgs,kbsh->kbtgh", probs.astype(v_kbsh.dtype), v_kbsh,
-                     preferred_element_type=jnp.float32)
+    if b * t == 1:
+        # one query row (batch-1 decode): keys as the left operand and the scores kept
+        # [K, B, S, T, G] (the dot's own order), else XLA:CPU transposes the gathered keys to
+        # [H, S] every step; this way only the queries (G x H numbers) move. Same products, sums.
+        scores = jnp.einsum("kbsh,kbtgh->kbstg", k_kbsh, q_kbtgh,
+                            preferred_element_type=jnp.float32)
+        scores = jnp.where(visible.swapaxes(1, 2)[None, :, :, :, None], scores * scale,
+                           MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=2)
+        out = jnp.einsum("kbstg,kbsh->kbtgh", probs.astype(v_kbsh.dtype), v_kbsh,
+                         preferred_element_type=jnp.float32)
+    else:
+        scores = jnp.einsum("kbtgh,kbsh->kbtgs", q_kbtgh, k_kbsh,
+                            preferred_element_type=jnp.float32)
+        scores = jnp.where(visible[None, :, :, None], scores * scale, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("kbtgs,kbsh->kbtgh", probs.astype(v_kbsh.dtype), v_kbsh,
+                         preferred_element_type=jnp.float32)
     return out.transpose(1, 2, 0, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
