@@ -12,6 +12,12 @@ scripted tool result's ids) runs multi-turn episodes instead: each turn one call
 episode's whole conversation so far (Tunix's sampler keeps no cache between calls), once, timed
 (its warm-up is a case of the same shapes before it). Token ids are passed through an identity
 tokenizer (no BOS; pad and eos: the last vocabulary id).
+
+    TUNIX_PYTHON sampler_tunix_peer.py --hf-dir DIR --cases CASES.json --out X --interleave
+
+compiles every (non-episode) case, prints READY, then runs case i once per line i on stdin and
+prints {"seconds", "tokens"}: the caller alternates Tunix's calls with its own, so both sides see
+the same moments of a shared machine's load.
 """
 
 from __future__ import annotations
@@ -81,6 +87,39 @@ def run_episodes(case, model, cfg, tok, sampler_lib, samplers) -> dict:
             "tokens_per_s": round(sum(map(len, generated)) / seconds, 1), "tokens": generated}
 
 
+def make_call(case, model, cfg, tok, sampler_lib, logprobs):
+    """One non-episode case as a zero-argument call (its own sampler, a dense cache of the
+    longest prompt + new_tokens) returning the result's tokens per prompt."""
+    prompts, new = case["prompts"], case["new_tokens"]
+    cache = sampler_lib.CacheConfig(cache_size=max(map(len, prompts)) + new,
+                                    num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                                    head_dim=cfg.head_dim)
+    sampler = sampler_lib.Sampler(model, tok, cache)
+    texts = [tok.decode(p) for p in prompts]
+
+    def call():
+        res = sampler(texts, max_generation_steps=new, temperature=0.0, return_logprobs=logprobs)
+        return [[int(t) for t in row] for row in res.tokens]
+    return call
+
+
+def serve_interleaved(cases, model, cfg, tok, sampler_lib, logprobs, header) -> None:
+    """--interleave: warm every case, print READY (with the header), then run case i once per
+    stdin line i, one JSON line each."""
+    import sys
+
+    calls = [make_call(c, model, cfg, tok, sampler_lib, logprobs) for c in cases]
+    for call in calls:
+        call()  # compile
+    print("READY " + json.dumps(header), flush=True)
+    for line in sys.stdin:
+        i = int(line)
+        t0 = time.perf_counter()
+        tokens = calls[i]()
+        seconds = time.perf_counter() - t0
+        print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf-dir", required=True)
@@ -90,6 +129,10 @@ def main() -> None:
     ap.add_argument("--logprobs", action="store_true",
                     help="return_logprobs=True (kat_jax's engine always returns per-token "
                     "log-probs and entropies)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="for the caller to alternate with its own runs: build and warm (compile) "
+                    "every non-episode case, print READY, then per stdin line i run case i once and "
+                    "print one JSON line {seconds, tokens}; --reps and --out are not used")
     args = ap.parse_args()
 
     import jax
@@ -115,6 +158,9 @@ def main() -> None:
     out = {"tunix_version": getattr(tunix, "__version__", "unknown"), "jax": jax.__version__,
            "load_seconds": round(load_s, 2), "cases": []}
     tok = IdTokenizer(cfg.vocab_size)
+    if args.interleave:
+        serve_interleaved(cases, model, cfg, tok, sampler_lib, args.logprobs, out)
+        return
     samplers = {}
     for case in cases:
         if case.get("kind") == "episodes":
@@ -122,23 +168,15 @@ def main() -> None:
             print(json.dumps({k: v for k, v in out["cases"][-1].items() if k != "tokens"}),
                   flush=True)
             continue
-        prompts, new = case["prompts"], case["new_tokens"]
-        cache = sampler_lib.CacheConfig(cache_size=max(map(len, prompts)) + new,
-                                        num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-                                        head_dim=cfg.head_dim)
-        sampler = sampler_lib.Sampler(model, tok, cache)
-        texts = [tok.decode(p) for p in prompts]
-        call = lambda: sampler(texts, max_generation_steps=new, temperature=0.0,  # noqa: E731
-                               return_logprobs=args.logprobs)
+        call = make_call(case, model, cfg, tok, sampler_lib, args.logprobs)
         t0 = time.perf_counter()
         call()
         compile_s = time.perf_counter() - t0
         seconds = float("inf")
         for _ in range(args.reps):
             t0 = time.perf_counter()
-            res = call()
+            tokens = call()
             seconds = min(seconds, time.perf_counter() - t0)
-        tokens = [[int(t) for t in row] for row in res.tokens]
         out["cases"].append({"name": case["name"], "seconds": round(seconds, 3),
                              "first_call_seconds": round(compile_s, 2),
                              "tokens_per_s": round(sum(map(len, tokens)) / seconds, 1),

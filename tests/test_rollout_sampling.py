@@ -66,3 +66,15 @@ def test_greedy_only_and_plain_temperature_batches_need_no_top_k_bound():
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], atol=1e-5)
         np.testing.assert_allclose(got[2], want[2], atol=1e-5)
+
+
+def test_sample_keys_equal_the_per_sample_fold_in():
+    """The engine derives all of a call's sample keys in one device call; each is
+    fold_in(key(seed), j), as one scalar derivation per sample gives (large seeds included)."""
+    from kat_jax.rollout.sampler import sample_keys
+
+    for seeds, js in (([0, 7, 2 ** 31 - 1, 7, 123456], [0, 3, 1, 0, 9]), ([2 ** 33 + 5], [2])):
+        got = sample_keys(seeds, js)
+        want = [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(s), j)))
+                for s, j in zip(seeds, js)]
+        np.testing.assert_array_equal(got, np.stack(want))

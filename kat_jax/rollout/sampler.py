@@ -153,6 +153,27 @@ def sample_step(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature
     return token, lp, ent
 
 
+@jax.jit
+def _fold_keys(seeds, js):
+    return jax.vmap(lambda s, j: jax.random.key_data(jax.random.fold_in(jax.random.key(s), j)))(
+        seeds, js)
+
+
+def sample_keys(seeds: list[int], js: list[int]) -> np.ndarray:
+    """uint32[len(seeds), 2]: the key data of fold_in(key(seeds[i]), js[i]), for all samples in one
+    device call (padded to a power of two rows, so few shapes compile) instead of a few eager ops
+    per sample (~1 ms each on CPU: 30 ms for a batch of 32). Seeds outside [0, 2**31) take the
+    scalar path (jax.random.key's own conversion of large ints)."""
+    if all(0 <= s < 2 ** 31 for s in seeds):
+        rows = _pow2(len(seeds))
+        s_arr = np.zeros(rows, np.int32)
+        j_arr = np.zeros(rows, np.int32)
+        s_arr[:len(seeds)], j_arr[:len(seeds)] = seeds, js
+        return np.asarray(_fold_keys(s_arr, j_arr))[:len(seeds)]
+    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(s), j)))
+                     for s, j in zip(seeds, js)])
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -392,12 +413,9 @@ class JaxEngine:
         if len(seeds) != len(prompts):
             raise ValueError("generate: one seed per prompt")
         req = _Request(len(prompts) * n, [None] * (len(prompts) * n))
-        seqs = []
-        for i, p in enumerate(prompts):
-            for j in range(n):
-                key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seeds[i]),
-                                                                        j)))
-                seqs.append(_Seq([int(t) for t in p], params, key, req, i * n + j))
+        keys = sample_keys([s for s in seeds for _ in range(n)], list(range(n)) * len(prompts))
+        seqs = [_Seq([int(t) for t in p], params, keys[i * n + j], req, i * n + j)
+                for i, p in enumerate(prompts) for j in range(n)]
         self._start()
         self._inbox.put(seqs)
         req.done.wait()
@@ -589,11 +607,13 @@ class JaxEngine:
         self.stats["decode_steps"] += int(steps)
         self.stats["decode_tokens"] += int((o_t >= 0).sum())
         running = []
+        n = int(steps)
+        o_t, o_lp, o_e = o_t[:, :n].tolist(), o_lp[:, :n].tolist(), o_e[:, :n].tolist()
         for r, seq in enumerate(seqs):
-            for i in range(int(steps)):
-                if o_t[r, i] < 0:
+            for tok, lp, ent in zip(o_t[r], o_lp[r], o_e[r]):
+                if tok < 0:
                     break
-                seq.take(int(o_t[r, i]), float(o_lp[r, i]), float(o_e[r, i]))
+                seq.take(tok, lp, ent)
             if seq.finish is None:
                 running.append(seq)
             else:
