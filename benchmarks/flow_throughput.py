@@ -15,7 +15,9 @@ Two back ends, the same modes:
                    --turns set the scale (pod-scale settings run in seconds).
   --backend model  the tiny calculator loop (configs/rl.py:tiny_calculator, random tiny model,
                    kat_jax.flow.online) with the same log-normal latency added to every tool
-                   call, on this machine's devices; reward per round from metrics.jsonl;
+                   call and to each episode's grading (evaluate: as a SWE task's test run in
+                   its sandbox; a random model rarely calls a tool, so without it the latency
+                   would hardly ever apply), on this machine's devices; reward per round from metrics.jsonl;
                    steady_trajectories_per_s leaves out the first --warmup-rounds rounds
                    (compilation).
 
@@ -175,6 +177,12 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
             def step(self, tool_calls):
                 time.sleep(_tool_s(random.Random(), a))
                 return super().step(tool_calls)
+
+            def evaluate(self, messages=()):
+                # the grading as a SWE task's test run in its sandbox: slow too, and every
+                # episode has one (a random model rarely calls the calculator at all)
+                time.sleep(_tool_s(random.Random(), a))
+                return super().evaluate(messages)
 
         register_env("calculator_slow", SlowCalculator, ENVS["calculator"].load_tasks)
     steps = a.rounds * 2
