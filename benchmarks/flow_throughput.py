@@ -17,9 +17,9 @@ Two back ends, the same modes:
                    kat_jax.flow.online) with the same log-normal latency added to every tool
                    call and to each episode's grading (evaluate: as a SWE task's test run in
                    its sandbox; a random model rarely calls a tool, so without it the latency
-                   would hardly ever apply), on this machine's devices; reward per round from metrics.jsonl;
-                   steady_trajectories_per_s leaves out the first --warmup-rounds rounds
-                   (compilation).
+                   would hardly ever apply), on this machine's devices; reward per round
+                   from metrics.jsonl; steady_trajectories_per_s leaves out the first
+                   --warmup-rounds rounds (compilation).
 
     python benchmarks/flow_throughput.py [--backend sim|model] [--rounds N] [--json FILE]
     python benchmarks/flow_throughput.py --quick --json FILE     # sim, < 1 minute on 2 cores

@@ -20,8 +20,8 @@ decode: tokens/s at batch 1, 8, 32 (tokens of the decode chunks / their wall tim
   (host_bandwidth: the best of a large array sum (read) and a scale (read + write)); 1.0 would be a
   decode step bound by memory bandwidth alone.
 peer: Tunix's sampler (google-tunix in a separate environment, TUNIX_PYTHON; the runner is
-  benchmarks/sampler_tunix_peer.py) on the same weights (the ~100M model exported as a Hugging
-  Face directory; --peer-model d256: the issue's d256 two-layer model): greedy, batch 1
+  benchmarks/sampler_tunix_peer.py) on the same weights (exported as a Hugging Face directory:
+  the issue's d256 two-layer model by default, --peer-model qwen3_100m the ~100M one): greedy, batch 1
   (512-token prompt), 8 and 32 (128-token prompts), --peer-tokens new tokens (batch 1:
   --peer-tokens-b1); each side timed end to end (prefill + decode) after a first (compiling)
   call with the same prompts, in --peer-reps rounds that alternate one Tunix call (its runner
@@ -83,13 +83,17 @@ def distinct(seqs: list[list[int]]) -> int:
     return len(nodes)
 
 
-def episode(eng, rng, prompt_len, turns, new_tokens, tool_range, seed):
+def episode(eng, rng, prompt_len, turns, new_tokens, tool_range, seed, lengths_seed=7):
     """One scripted episode; returns (its final tokens (what the model fed: the last generated
     token of the last turn excluded), the tokens the decode loop fed: all generated tokens but
-    each turn's last)."""
+    each turn's last). The tool results' lengths come from lengths_seed, their contents from rng:
+    episodes of one lengths_seed have the same shapes (a warm-up compiles the timed run's)."""
+    import numpy as np
+
     from kat_jax.rollout.sampler import SamplingParams
 
     sp = SamplingParams(temperature=1.0, max_new_tokens=new_tokens)
+    lengths = np.random.default_rng(lengths_seed).integers(*tool_range, turns)
     tokens = rng.integers(0, 256, prompt_len).tolist()
     decoded = 0
     for turn in range(turns):
@@ -97,7 +101,7 @@ def episode(eng, rng, prompt_len, turns, new_tokens, tool_range, seed):
         tokens = tokens + gen.tokens
         decoded += len(gen.tokens) - 1
         if turn < turns - 1:
-            tokens += rng.integers(0, 256, int(rng.integers(*tool_range))).tolist()
+            tokens += rng.integers(0, 256, int(lengths[turn])).tolist()
     return tokens[:-1], decoded
 
 
@@ -511,8 +515,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--peer-tokens", type=int, default=128, help="peer: new tokens at batch 8, 32")
     ap.add_argument("--peer-tokens-b1", type=int, default=128, help="peer: new tokens at batch 1")
-    ap.add_argument("--peer-model", default="qwen3_100m", choices=["qwen3_100m", "d256"],
-                    help="peer: the model both sides run")
+    ap.add_argument("--peer-model", default="d256", choices=["qwen3_100m", "d256"],
+                    help="peer: the model both sides run (d256: the issue's two-layer d256 "
+                    "Qwen3, on which its starting figures were measured)")
     ap.add_argument("--peer-reps", type=int, default=5,
                     help="peer: alternating rounds of one timed call each side (best counts)")
     ap.add_argument("--peer-logprobs", action="store_true",
