@@ -172,14 +172,19 @@ def step_and_forward(eng, batch: int, cache_len: int, reps: int) -> tuple[float,
     import jax
     import numpy as np
 
+    from kat_jax.trees.packing import bucket_length
+
     bs, steps = eng.config.block_size, eng.config.chunk_steps
-    m = 1 << (-(-(cache_len + batch + steps) // bs) - 1).bit_length()
-    tables = np.zeros((batch, m), np.int32)
+    # table widths as the engine buckets them (its compiled programs are reused): a decode
+    # chunk's reads up to cache_len + steps, the forward's context cache_len + batch
+    m = bucket_length(-(-(cache_len + steps) // bs), minimum=1)
+    m_fwd = bucket_length(-(-(cache_len + batch) // bs), minimum=1)
+    tables = np.zeros((batch, max(m, m_fwd)), np.int32)
     for r in range(batch):  # distinct blocks per row, as live sequences have
-        tables[r] = 1 + (r * m + np.arange(m)) % (eng.num_blocks - 1)
+        tables[r] = 1 + (r * tables.shape[1] + np.arange(tables.shape[1])) % (eng.num_blocks - 1)
     z = np.zeros(batch, np.int32)
     ones = np.ones(batch, np.float32)
-    dec_args = lambda: (eng.params, eng._layer_states, eng._pool, tables, z,
+    dec_args = lambda: (eng.params, eng._layer_states, eng._pool, tables[:, :m], z,
                         np.full(batch, cache_len, np.int32), np.zeros((batch, 2), np.uint32), z,
                         np.full(batch, 10**6, np.int32), np.ones(batch, bool),
                         np.full((batch, 1), -1, np.int32), ones * 0, ones, z, 0, steps)
@@ -187,7 +192,8 @@ def step_and_forward(eng, batch: int, cache_len: int, reps: int) -> tuple[float,
     fwd_args = lambda: (eng.params, eng._layer_states, eng._pool,
                         np.zeros((1, batch), np.int32),
                         (cache_len + np.arange(batch, dtype=np.int32))[None],
-                        np.ones((1, batch), bool), tables[:1], np.full(1, batch - 1, np.int32),
+                        np.ones((1, batch), bool), tables[:1, :m_fwd],
+                        np.full(1, batch - 1, np.int32),
                         np.zeros(t1, np.int32), np.zeros(t1, np.int32), np.zeros(t1, np.int32),
                         np.zeros((t1, 2), np.uint32), np.zeros(t1, np.int32),
                         np.zeros(t1, np.float32), np.ones(t1, np.float32),
