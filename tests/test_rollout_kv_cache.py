@@ -161,3 +161,32 @@ def test_weight_updates_drop_or_keep_cached_prefixes_as_configured(model, mode):
     prefilled = eng.stats["prefill_tokens"] - before
     assert prefilled == (len(prompt) if mode == "recompute" else len(prompt) % CFG["block_size"]
                          or CFG["block_size"])
+
+
+def test_chained_decode_chunks_give_the_unchained_tokens(model):
+    """Chunks chained on device (the rows' state passed from one to the next, the host reading
+    chunk k while k + 1 runs) sample what one chunk per dispatch samples; a length-limited chain
+    stops at the last chunk with work (no idle call), and a row that stops early (stop token) idles
+    to the end of its chain without writing tokens."""
+    sp = SamplingParams(temperature=1.0, max_new_tokens=13, seed=5)
+    prompts = [[5, 9, 200, 31, 7], [8, 8, 1]]
+    out = {}
+    for chain in (1, 4):
+        eng = JaxEngine(model, EngineConfig(**CFG))
+        eng.CHAIN = chain
+        gens = eng.generate(prompts, sp, n=2)
+        out[chain] = [g for row in gens for g in row]
+        assert eng.stats["decode_calls"] == 3 and eng.stats["decode_idle_calls"] == 0
+    for a, b in zip(out[1], out[4]):
+        assert a.tokens == b.tokens and len(a.tokens) == 13
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+    stop = out[1][0].tokens[2]  # a token sample 0 draws third: it stops there
+    sp_stop = SamplingParams(temperature=1.0, max_new_tokens=13, seed=5, stop_tokens=(stop,))
+    stopped = {}
+    for chain in (1, 4):
+        eng = JaxEngine(model, EngineConfig(**CFG))
+        eng.CHAIN = chain
+        stopped[chain] = [g for row in eng.generate(prompts, sp_stop, n=2) for g in row]
+    for a, b in zip(stopped[1], stopped[4]):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+    assert stopped[4][0].tokens == out[1][0].tokens[:3] and stopped[4][0].finish_reason == "stop"

@@ -30,8 +30,11 @@ the pool is full. The last prompt token is always prefilled (its logits choose t
 Continuous batching: generate may be called from many threads; a scheduler thread admits waiting
 sequences into the running batch (up to max_batch rows) between chunks of `chunk_steps` decode
 steps, each chunk one device dispatch (a lax.while_loop that stops early when every row is done);
-rows leave when they stop. Compiled shapes are bucketed: batch rows and block-table width to powers
-of two, prefill length to 2^k or 1.5 * 2^k.
+rows leave when they stop. While nothing waits, up to JaxEngine.CHAIN chunks run as a chain: the
+rows' state passes between them on device, so the next chunk is dispatched before the host reads
+and hands out the previous one's tokens (the host's per-chunk work overlaps the device's).
+Compiled shapes are bucketed: batch rows to powers of two, prefill length and block-table width
+(the blocks a prefill or a chain reads, not all those reserved) to 2^k or 1.5 * 2^k.
 
 Weights are jit arguments: update_weights swaps them without recompiling. Cached prefixes were
 computed with the old weights; on_weight_update "recompute" (default) drops the prefix tree and
@@ -310,7 +313,8 @@ def engine_programs(graphdef, layer_graphdef, bs: int, attention_impl: str):
 
         carry = (jnp.int32(0), pool, tok, pos, step, left, active, out)
         carry = jax.lax.while_loop(cond, body, carry)
-        return carry[1], carry[7], carry[0]
+        # the rows' state after the chunk: the next chunk of a chain starts from it on device
+        return carry[1], carry[7], carry[0], carry[2:7]
 
     return prefill, decode
 
@@ -320,6 +324,7 @@ class JaxEngine:
     calls are batched continuously by one scheduler thread."""
 
     continuous_batching = True  # servers call it concurrently, without a BatchingEngine
+    CHAIN = 4  # decode chunks per chain (_decode_chunk): at most this many between admissions
 
     def __init__(self, model, config: EngineConfig | None = None, kv_sharding=None):
         """kv_sharding: where the KV pool lives (a sharding of its [K, P, S_blk, H] arrays;
@@ -332,7 +337,8 @@ class JaxEngine:
         self._layer_states = model.unstacked_layer_states()
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "decode_steps": 0,
                       "generated_tokens": 0, "prefill_calls": 0, "decode_calls": 0,
-                      "decode_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0}
+                      "decode_tokens": 0, "decode_seconds": 0.0, "prefill_seconds": 0.0,
+                      "decode_idle_calls": 0}
         bs = cfg.block_size
         tokens = cfg.cache_tokens or max(self.context_length, 32768)
         self.num_blocks = -(-tokens // bs) + 1  # + the trash block
@@ -353,6 +359,7 @@ class JaxEngine:
         self._running: list[_Seq] = []
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._update_pending = threading.Event()
         self.attention = resolve_engine_attention(cfg.attention)
         prefill, decode = engine_programs(self.graphdef, self._layer_graphdef, bs, self.attention)
         self._prefill = jax.jit(prefill, donate_argnums=2, static_argnums=16)
@@ -380,7 +387,9 @@ class JaxEngine:
         config.on_weight_update."""
         model = nnx.merge(self.graphdef, params)
         layer_states = model.unstacked_layer_states()
+        self._update_pending.set()  # a decode chain in progress stops at its next chunk
         with self._lock:
+            self._update_pending.clear()
             self.params, self._layer_states = params, layer_states
             if self.config.on_weight_update == "recompute":
                 self._tree.clear()
@@ -574,12 +583,18 @@ class JaxEngine:
                 "step": step, "k_bound": k_bound}
 
     def _decode_chunk(self) -> None:
+        """Decode the running batch: a chain of up to CHAIN chunks, each one device call. The
+        rows' state passes from chunk to chunk on device, so chunk k + 1 is dispatched before
+        chunk k's tokens are read and handed to their sequences: the host's work per chunk
+        (reading the outputs, retiring rows, the next dispatch) overlaps the device's. The chain
+        stops early when sequences wait to be admitted, a weight update is pending or every row
+        has finished; rows that finish mid-chain idle (inactive, writing nothing) to its end."""
         seqs = self._running
         arrays = self._row_arrays(seqs)
         b = len(arrays["keys"])
-        # the table covers what this chunk can read: positions up to pos + chunk_steps - 1
+        # the table covers what the chain can read: positions up to pos + CHAIN * chunk_steps - 1
         # (attention's cost grows with the table's width, not with the blocks reserved)
-        ahead, bs = self.config.chunk_steps, self.config.block_size
+        ahead, bs = self.CHAIN * self.config.chunk_steps, self.config.block_size
         m = bucket_length(max(min(len(s.blocks), -(-(len(s.prompt) + len(s.out_t) - 1 + ahead)
                                                       // bs)) for s in seqs), minimum=1)
         n_stop = _pow2(max(len(s.sp.stop_tokens) for s in seqs) or 1)
@@ -597,28 +612,45 @@ class JaxEngine:
             active[r] = True
             stops[r, :len(seq.sp.stop_tokens)] = seq.sp.stop_tokens
         t0 = time.perf_counter()
-        self._pool, (o_t, o_lp, o_e), steps = self._decode(
-            self.params, self._layer_states, self._pool, tables, tok, pos, arrays["keys"],
-            arrays["step"], left, active, stops, arrays["temperature"], arrays["top_p"],
-            arrays["top_k"], arrays["k_bound"], self.config.chunk_steps)
-        o_t, o_lp, o_e, steps = jax.device_get((o_t, o_lp, o_e, steps))
+        state = (tok, pos, arrays["step"], left, active)
+        pending = None
+        longest = int(left.max())  # no row runs longer (stop tokens may end rows sooner)
+        for k in range(self.CHAIN):
+            if k and longest <= k * self.config.chunk_steps:
+                break  # every row has reached max_new_tokens
+            tok, pos, step, left, active = state
+            self._pool, outs, steps, state = self._decode(
+                self.params, self._layer_states, self._pool, tables, tok, pos, arrays["keys"],
+                step, left, active, stops, arrays["temperature"], arrays["top_p"],
+                arrays["top_k"], arrays["k_bound"], self.config.chunk_steps)
+            if pending is not None:  # the previous chunk's tokens, while this one runs
+                self._take_chunk(seqs, *pending)
+            pending = (outs, steps)
+            if (self._waiting or not self._inbox.empty() or self._update_pending.is_set()
+                    or all(seq.finish is not None for seq in seqs)):
+                break
+        self._take_chunk(seqs, *pending)
         self.stats["decode_seconds"] += time.perf_counter() - t0
-        self.stats["decode_calls"] += 1
-        self.stats["decode_steps"] += int(steps)
-        self.stats["decode_tokens"] += int((o_t >= 0).sum())
-        running = []
+        self._running = [seq for seq in seqs if seq.finish is None]
+
+    def _take_chunk(self, seqs: list[_Seq], outs, steps) -> None:
+        """One decode chunk's outputs to their sequences; finished ones retire."""
+        o_t, o_lp, o_e, steps = jax.device_get((*outs, steps))
         n = int(steps)
+        # a chained chunk that found every row already stopped (by a stop token) ran no step
+        self.stats["decode_calls" if n else "decode_idle_calls"] += 1
+        self.stats["decode_steps"] += n
+        self.stats["decode_tokens"] += int((o_t >= 0).sum())
         o_t, o_lp, o_e = o_t[:, :n].tolist(), o_lp[:, :n].tolist(), o_e[:, :n].tolist()
         for r, seq in enumerate(seqs):
+            if seq.finish is not None:  # retired in an earlier chunk of the chain
+                continue
             for tok, lp, ent in zip(o_t[r], o_lp[r], o_e[r]):
                 if tok < 0:
                     break
                 seq.take(tok, lp, ent)
-            if seq.finish is None:
-                running.append(seq)
-            else:
+            if seq.finish is not None:
                 self._retire(seq)
-        self._running = running
 
     def _retire(self, seq: _Seq) -> None:
         """A finished sequence: its computed blocks go into the prefix tree, its result to the
