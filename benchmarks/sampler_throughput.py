@@ -301,6 +301,17 @@ def _tunix_missing() -> str:
     return "import tunix failed: " + r.stderr[-300:] if r.returncode else ""
 
 
+def _tunix_command(args, cases: list[dict], tmp: str, out: str, *flags: str) -> list[str]:
+    """The Tunix runner's command line on `cases`, after writing them and the --peer-model
+    weights (a Hugging Face directory) into tmp."""
+    _export_hf(args.peer_model, tmp)
+    with open(os.path.join(tmp, "cases.json"), "w") as f:
+        json.dump(cases, f)
+    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix_peer.py")
+    return [TUNIX_PYTHON, runner, "--hf-dir", tmp, "--cases", os.path.join(tmp, "cases.json"),
+            "--out", out, *flags]
+
+
 def _run_tunix(args, cases: list[dict], *flags: str) -> tuple[dict | None, str, float]:
     """The Tunix runner (sampler_tunix_peer.py, in TUNIX_PYTHON) on `cases` with the
     --peer-model weights exported as a Hugging Face directory: (its JSON output, '', seconds),
@@ -311,15 +322,9 @@ def _run_tunix(args, cases: list[dict], *flags: str) -> tuple[dict | None, str, 
     if why:
         return None, why, 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        _export_hf(args.peer_model, tmp)
-        with open(os.path.join(tmp, "cases.json"), "w") as f:
-            json.dump(cases, f)
-        runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix_peer.py")
+        cmd = _tunix_command(args, cases, tmp, os.path.join(tmp, "out.json"), *flags)
         t0 = time.perf_counter()
-        r = subprocess.run([TUNIX_PYTHON, runner, "--hf-dir", tmp, "--cases",
-                            os.path.join(tmp, "cases.json"), "--out",
-                            os.path.join(tmp, "out.json"), *flags],
-                           capture_output=True, text=True, timeout=args.peer_timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.peer_timeout)
         seconds = time.perf_counter() - t0
         if r.returncode:
             return None, "the Tunix runner failed: " + r.stderr[-600:], 0.0
@@ -335,15 +340,9 @@ class _TunixInterleaved:
         import tempfile
 
         self.tmp = tempfile.TemporaryDirectory()
-        _export_hf(args.peer_model, self.tmp.name)
-        with open(os.path.join(self.tmp.name, "cases.json"), "w") as f:
-            json.dump(cases, f)
-        runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix_peer.py")
         self.proc = subprocess.Popen(
-            [TUNIX_PYTHON, runner, "--hf-dir", self.tmp.name, "--cases",
-             os.path.join(self.tmp.name, "cases.json"), "--out", os.devnull, "--interleave",
-             *flags], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            _tunix_command(args, cases, self.tmp.name, os.devnull, "--interleave", *flags),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.header = None
         for line in self.proc.stdout:
             if line.startswith("READY "):

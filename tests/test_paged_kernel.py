@@ -115,24 +115,33 @@ def test_engine_attention_pallas_gives_the_xla_tokens_and_unknown_values_are_err
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
+def _xla_engine():
+    """The tiny model's engine on the XLA gather path (the programs the HLO tests read)."""
+    from kat_jax.models.config import get_preset
+    from kat_jax.models.decoder import init_model
+    from kat_jax.rollout.sampler import EngineConfig, JaxEngine
+
+    return JaxEngine(init_model(get_preset("tiny"), seed=0),
+                     EngineConfig(block_size=16, chunk_steps=4, cache_tokens=1024, max_batch=8,
+                                  attention="xla"))
+
+
+def _decode_hlo(eng, b: int, m: int) -> str:
+    """The compiled decode program's HLO text for b rows and block tables of width m."""
+    z, ones = np.zeros(b, np.int32), np.ones(b, np.float32)
+    args = (eng.params, eng._layer_states, eng._pool, np.zeros((b, m), np.int32), z, z,
+            np.zeros((b, 2), np.uint32), z, np.ones(b, np.int32), np.ones(b, bool),
+            np.full((b, 1), -1, np.int32), ones, ones, z, 0, 4)
+    return eng._decode.lower(*args).compile().as_text()
+
+
 def test_batch_one_decode_program_copies_no_pool():
     """paged_write indexes the pool by (block, offset): through a flat [P * S_blk, K, H] view,
     XLA:CPU copied each layer's pools twice per decode step at batch 1 (16 pool copies here)."""
     import re
 
-    from kat_jax.models.config import get_preset
-    from kat_jax.models.decoder import init_model
-    from kat_jax.rollout.sampler import EngineConfig, JaxEngine
-
-    eng = JaxEngine(init_model(get_preset("tiny"), seed=0),
-                    EngineConfig(block_size=16, chunk_steps=4, cache_tokens=1024, max_batch=8,
-                                 attention="xla"))
-    b, m = 1, 4
-    z, ones = np.zeros(b, np.int32), np.ones(b, np.float32)
-    args = (eng.params, eng._layer_states, eng._pool, np.zeros((b, m), np.int32), z, z,
-            np.zeros((b, 2), np.uint32), z, np.ones(b, np.int32), np.ones(b, bool),
-            np.full((b, 1), -1, np.int32), ones, ones, z, 0, 4)
-    hlo = eng._decode.lower(*args).compile().as_text()
+    eng = _xla_engine()
+    hlo = _decode_hlo(eng, 1, 4)
     k, p, s, h = eng._pool[0][0].shape
     pool_copy = rf"= f32\[({k},{p},{s},{h}|{k},{p * s},{h}|{k * p},{s},{h})\]\{{[^}}]*\}} copy\("
     copies = [ln for ln in hlo.splitlines() if re.search(pool_copy, ln)]
@@ -147,21 +156,10 @@ def test_decode_program_gathers_keys_and_values_without_transposed_copies():
     score contraction's left operand)."""
     import re
 
-    from kat_jax.models.config import get_preset
-    from kat_jax.models.decoder import init_model
-    from kat_jax.rollout.sampler import EngineConfig, JaxEngine
-
-    cfg = get_preset("tiny")
-    eng = JaxEngine(init_model(cfg, seed=0),
-                    EngineConfig(block_size=16, chunk_steps=4, cache_tokens=1024, max_batch=8,
-                                 attention="xla"))
+    eng = _xla_engine()
     for b in (1, 8):
         m = 4
-        z, ones = np.zeros(b, np.int32), np.ones(b, np.float32)
-        args = (eng.params, eng._layer_states, eng._pool, np.zeros((b, m), np.int32), z, z,
-                np.zeros((b, 2), np.uint32), z, np.ones(b, np.int32), np.ones(b, bool),
-                np.full((b, 1), -1, np.int32), ones, ones, z, 0, 4)
-        hlo = eng._decode.lower(*args).compile().as_text()
+        hlo = _decode_hlo(eng, b, m)
         k, _, s, h = eng._pool[0][0].shape
         size = k * b * m * s * h
         bodies = dict(re.findall(r"^(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
@@ -171,7 +169,7 @@ def test_decode_program_gathers_keys_and_values_without_transposed_copies():
                            r"calls=(%[\w.\-]+)", ln)
             if got and np.prod([int(x) for x in got.group(1).split(",")]) == size:
                 sized.append(bodies[got.group(2)])
-        assert len(sized) == 2 * cfg.num_layers, (b, len(sized))
+        assert len(sized) == 2 * eng.cfg.num_layers, (b, len(sized))
         assert all(" gather(" in body and " transpose(" not in body for body in sized), sized
 
 
