@@ -58,6 +58,12 @@ def _tool_s(rng: random.Random, a) -> float:
 # the simulator: AsyncRollouts with a modelled engine and environment
 
 
+def _concurrency(a, k: int, per_round: int) -> int:
+    """--concurrency: a number, or auto: AReaL's capacity, the (max_staleness + 1) rounds of
+    episodes a mode may have in flight (sync: one round)."""
+    return (k + 1) * per_round if a.concurrency == "auto" else int(a.concurrency)
+
+
 def _sim_setup(a):
     from kat_jax.data.tokenizer import ByteTokenizer
     from kat_jax.envs import register_env
@@ -129,7 +135,8 @@ def run_sim(a, name: str, k: int, partial: bool) -> dict:
         "--config.rl.env=flow_sim", "--config.rl.split=all",
         f"--config.rl.groups_per_round={a.groups}", f"--config.rl.group_size={a.group_size}",
         f"--config.rl.minibatches={a.groups}", f"--config.rl.max_turns={a.turns}",
-        f"--config.rl.concurrency={a.concurrency}", f"--config.rl.max_staleness={k}",
+        f"--config.rl.concurrency={_concurrency(a, k, a.groups * a.group_size)}",
+        f"--config.rl.max_staleness={k}",
         f"--config.rl.partial_rollouts={partial}", "--config.rl.max_new_tokens=64",
         "--config.data.row_len=100000"])
     online.validate_online(cfg)
@@ -163,16 +170,34 @@ def run_sim(a, name: str, k: int, partial: bool) -> dict:
 # the model: the tiny calculator loop with slow tools
 
 
+def sft_base(a) -> str:
+    """The quickstart's mid and SFT stages (configs/quickstart.py) trained once into a.sft_dir
+    (reused when already there): a policy that solves some calculator_small tasks, so that reward
+    moves during the runs. Returns its model directory."""
+    import subprocess
+
+    model = os.path.join(a.sft_dir, "sft", "model")
+    if not os.path.exists(model):
+        kat = os.path.join(os.path.dirname(sys.executable), "kat-jax")
+        t0 = time.perf_counter()
+        subprocess.run([kat, "train", "--config", os.path.join(ROOT, "configs/quickstart.py"),
+                        "--workdir", a.sft_dir, "--config.stages=mid,sft"], check=True)
+        print(f"sft base trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    return model
+
+
 def run_model(a, name: str, k: int, partial: bool) -> dict:
     import kat_jax.flow.online  # noqa: F401  (registers the online loop)
     from kat_jax.envs import ENVS, register_env
-    from kat_jax.envs.calculator import CalculatorEnv
+    from kat_jax.envs.calculator import CalculatorEnv, SmallCalculatorEnv
     from kat_jax.training import config_lib
     from kat_jax.training.trainer import run_train
 
-    if "calculator_slow" not in ENVS:
-        class SlowCalculator(CalculatorEnv):
-            name = "calculator_slow"
+    base_env = "calculator_small" if a.sft_dir else "calculator"
+    env = base_env + "_slow"
+    if env not in ENVS:
+        class Slow(SmallCalculatorEnv if a.sft_dir else CalculatorEnv):
+            name = env
 
             def step(self, tool_calls):
                 time.sleep(_tool_s(random.Random(), a))
@@ -184,13 +209,20 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
                 time.sleep(_tool_s(random.Random(), a))
                 return super().evaluate(messages)
 
-        register_env("calculator_slow", SlowCalculator, ENVS["calculator"].load_tasks)
+        register_env(env, Slow, ENVS[base_env].load_tasks)
     steps = a.rounds * 2
-    cfg = config_lib.load_train_config(os.path.join(ROOT, "configs/rl.py:tiny_calculator"), [
-        "--config.rl.env=calculator_slow", "--config.rl.split=all",
-        f"--config.train.steps={steps}",
-        f"--config.train.checkpoint_every={steps}", f"--config.rl.max_staleness={k}",
-        f"--config.rl.partial_rollouts={partial}", f"--config.rl.concurrency={a.concurrency}"])
+    # AReaL's capacity: (max_staleness + 1) rounds of episodes may be in flight at once
+    concurrency = _concurrency(a, k, 16)  # tiny_calculator: 4 groups x 4 per round
+    over = [f"--config.rl.env={env}", "--config.rl.split=all",
+            f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps}",
+            f"--config.rl.max_staleness={k}", f"--config.rl.partial_rollouts={partial}",
+            f"--config.rl.concurrency={concurrency}"]
+    if a.sft_dir:  # the quickstart's online stages' settings, from its SFT model
+        over += [f"--config.model.checkpoint={sft_base(a)}", "--config.rl.max_new_tokens=80",
+                 "--config.data.rows=2", "--config.data.row_len=1024",
+                 "--config.optimizer.learning_rate=5e-4",
+                 "--config.optimizer.schedule=constant", f"--config.train.seed={a.seed}"]
+    cfg = config_lib.load_train_config(os.path.join(ROOT, "configs/rl.py:tiny_calculator"), over)
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
         out = run_train(cfg, wd)
@@ -253,7 +285,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--groups", type=int, default=4, help="rl.groups_per_round (sim)")
     ap.add_argument("--group-size", type=int, default=4, help="rl.group_size (sim)")
-    ap.add_argument("--concurrency", type=int, default=16, help="rl.concurrency")
+    ap.add_argument("--concurrency", default="16",
+                    help="rl.concurrency, or auto (model): (max_staleness + 1) x 16, the "
+                    "episodes of the rounds a mode may have in flight (AReaL's capacity)")
+    ap.add_argument("--sft-dir", default="",
+                    help="model: start every mode from the quickstart's SFT model of "
+                    "calculator_small, trained into this directory if not there yet (so "
+                    "that reward moves; without it: a random model on calculator)")
+    ap.add_argument("--seed", type=int, default=0, help="model with --sft-dir: train.seed")
     ap.add_argument("--turns", type=int, default=3, help="turns per episode (sim)")
     ap.add_argument("--gen-ms", type=float, default=5.0, help="generation per turn (sim)")
     ap.add_argument("--tool-ms", type=float, default=20.0, help="median tool latency")

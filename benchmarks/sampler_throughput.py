@@ -184,10 +184,15 @@ def step_and_forward(eng, batch: int, cache_len: int, reps: int) -> tuple[float,
         tables[r] = 1 + (r * tables.shape[1] + np.arange(tables.shape[1])) % (eng.num_blocks - 1)
     z = np.zeros(batch, np.int32)
     ones = np.ones(batch, np.float32)
-    dec_args = lambda: (eng.params, eng._layer_states, eng._pool, tables[:, :m], z,
-                        np.full(batch, cache_len, np.int32), np.zeros((batch, 2), np.uint32), z,
-                        np.full(batch, 10**6, np.int32), np.ones(batch, bool),
-                        np.full((batch, 1), -1, np.int32), ones * 0, ones, z, 0, steps)
+    # the rows' state (tok, pos, step, left, active) where the engine keeps it between chunks,
+    # so that this is the engine's compiled decode program, not a second one
+    state = lambda: jax.device_put(
+        (z, np.full(batch, cache_len, np.int32), z, np.full(batch, 10**6, np.int32),
+         np.ones(batch, bool)), eng._state_sharding)
+    dec_args = lambda: (lambda tok, pos, step, left, active: (
+        eng.params, eng._layer_states, eng._pool, tables[:, :m], tok, pos,
+        np.zeros((batch, 2), np.uint32), step, left, active, np.full((batch, 1), -1, np.int32),
+        ones * 0, ones, z, 0, steps))(*state())
     t1 = 1
     fwd_args = lambda: (eng.params, eng._layer_states, eng._pool,
                         np.zeros((1, batch), np.int32),

@@ -190,3 +190,31 @@ def test_chained_decode_chunks_give_the_unchained_tokens(model):
     for a, b in zip(stopped[1], stopped[4]):
         assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
     assert stopped[4][0].tokens == out[1][0].tokens[:3] and stopped[4][0].finish_reason == "stop"
+
+
+def test_a_chain_and_a_twin_engine_compile_one_decode_program(model):
+    """A chain's first chunk (its rows' state from the host) and its later chunks (the state the
+    previous chunk left on device) run one compiled decode program, and a second engine of the
+    same model and block size compiles nothing the first one compiled (the programs are shared)."""
+    cfg = dict(CFG, block_size=2, chunk_steps=3)  # a block size no other test uses: fresh programs
+    sp = SamplingParams(temperature=1.0, max_new_tokens=11, seed=2)
+    a = JaxEngine(model, EngineConfig(**cfg))
+    first = a.generate([[5, 9, 200]], sp)[0][0]
+    assert a.stats["decode_calls"] == 4  # 10 decode steps: chunks of 3, one chain of 4
+    assert a._decode._cache_size() == 1 and a._prefill._cache_size() == 1
+    b = JaxEngine(model, EngineConfig(**cfg, prefix_cache=False))
+    assert b._decode is a._decode
+    assert b.generate([[5, 9, 200]], sp)[0][0].tokens == first.tokens
+    assert a._decode._cache_size() == 1 and a._prefill._cache_size() == 1
+
+
+def test_close_stops_the_scheduler_and_later_calls_fail_clearly(model):
+    """close() (also run for every live engine at interpreter exit, so that no scheduler thread is
+    torn down inside a device call) ends the scheduler thread; a later call is an error, not a
+    hang."""
+    eng = JaxEngine(model, EngineConfig(**CFG))
+    assert len(eng.generate([[5, 9, 200]], SP)[0][0].tokens) == SP.max_new_tokens
+    eng.close()
+    assert not eng._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.generate([[5, 9, 200]], SP)

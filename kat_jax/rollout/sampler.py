@@ -48,11 +48,14 @@ before any compute.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
+import functools
 import queue
 import threading
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -319,6 +322,34 @@ def engine_programs(graphdef, layer_graphdef, bs: int, attention_impl: str):
     return prefill, decode
 
 
+_ENGINES: weakref.WeakSet = weakref.WeakSet()  # live engines, closed at interpreter exit
+
+
+@atexit.register
+def _close_engines() -> None:
+    for engine in list(_ENGINES):
+        engine.close(timeout=30.0)
+
+
+def _drain(q: queue.Queue) -> list:
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_programs(graphdef, layer_graphdef, bs: int, attention_impl: str):
+    """engine_programs jitted (the pool donated), one pair per model structure, block size and
+    attention: engines of the same model share compiled programs (a second engine, e.g. one per
+    evaluation or with another prefix-cache setting, compiles nothing its twin compiled)."""
+    prefill, decode = engine_programs(graphdef, layer_graphdef, bs, attention_impl)
+    return (jax.jit(prefill, donate_argnums=2, static_argnums=16),
+            jax.jit(decode, donate_argnums=2, static_argnums=(14, 15)))
+
+
 class JaxEngine:
     """The built-in policy engine (see the module docstring). Thread-safe: concurrent generate
     calls are batched continuously by one scheduler thread."""
@@ -360,10 +391,18 @@ class JaxEngine:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._update_pending = threading.Event()
+        self._closing = False
+        _ENGINES.add(self)
         self.attention = resolve_engine_attention(cfg.attention)
-        prefill, decode = engine_programs(self.graphdef, self._layer_graphdef, bs, self.attention)
-        self._prefill = jax.jit(prefill, donate_argnums=2, static_argnums=16)
-        self._decode = jax.jit(decode, donate_argnums=2, static_argnums=(14, 15))
+        self._prefill, self._decode = _jitted_programs(self.graphdef, self._layer_graphdef, bs,
+                                                       self.attention)
+        # where a chain's rows' state lives between chunks. A chained chunk's state comes from
+        # the previous chunk (committed device arrays); the first chunk's is put there too, so
+        # both are one compiled program (arguments' placement is part of jit's cache key: host
+        # arrays would compile every decode shape twice). On one device it is that device;
+        # otherwise it is learned from the first chunk's outputs.
+        self._state_sharding = kv_sharding if isinstance(
+            kv_sharding, jax.sharding.SingleDeviceSharding) else None
 
     def _new_pool(self):
         """An empty KV pool, created where it lives (self.kv_sharding)."""
@@ -425,6 +464,8 @@ class JaxEngine:
         keys = sample_keys([s for s in seeds for _ in range(n)], list(range(n)) * len(prompts))
         seqs = [_Seq([int(t) for t in p], params, keys[i * n + j], req, i * n + j)
                 for i, p in enumerate(prompts) for j in range(n)]
+        if self._closing:
+            raise RuntimeError("the engine was closed (JaxEngine.close)")
         self._start()
         self._inbox.put(seqs)
         req.done.wait()
@@ -445,10 +486,30 @@ class JaxEngine:
         """Blocks holding positions 0 .. positions - 2 (the last sampled token is never fed)."""
         return -(-max(positions - 1, 1) // self.config.block_size)
 
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop the scheduler thread at its next chunk boundary (requests still in flight get
+        an error) and wait for it. Called for every live engine at interpreter exit: a daemon
+        thread still inside a device call (e.g. reading a chain's last chunk after its results
+        were handed out) would otherwise be torn down in C++ and abort the process."""
+        self._closing = True
+        self._inbox.put([])  # wakes an idle scheduler
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _loop(self) -> None:
         while True:
+            if self._closing:
+                with self._lock:
+                    self._waiting.extend(s for batch in _drain(self._inbox) for s in batch)
+                    for seq in [*self._running, *self._waiting]:
+                        seq.req.error = RuntimeError("the engine was closed")
+                        seq.req.done.set()
+                    self._running, self._waiting = [], collections.deque()
+                return
             if not self._waiting and not self._running:
                 self._waiting.extend(self._inbox.get())
+                continue  # (re)check closing: a close wakes the scheduler with nothing
             while True:
                 try:
                     self._waiting.extend(self._inbox.get_nowait())
@@ -613,6 +674,8 @@ class JaxEngine:
             stops[r, :len(seq.sp.stop_tokens)] = seq.sp.stop_tokens
         t0 = time.perf_counter()
         state = (tok, pos, arrays["step"], left, active)
+        if self._state_sharding is not None:
+            state = jax.device_put(state, self._state_sharding)
         pending = None
         longest = int(left.max())  # no row runs longer (stop tokens may end rows sooner)
         for k in range(self.CHAIN):
@@ -623,6 +686,8 @@ class JaxEngine:
                 self.params, self._layer_states, self._pool, tables, tok, pos, arrays["keys"],
                 step, left, active, stops, arrays["temperature"], arrays["top_p"],
                 arrays["top_k"], arrays["k_bound"], self.config.chunk_steps)
+            if self._state_sharding is None:
+                self._state_sharding = state[0].sharding
             if pending is not None:  # the previous chunk's tokens, while this one runs
                 self._take_chunk(seqs, *pending)
             pending = (outs, steps)
