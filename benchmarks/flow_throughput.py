@@ -255,6 +255,20 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
             "reward_vs_wall": curve}
 
 
+def run_model_process(a, name: str, k: int, partial: bool) -> dict:
+    """run_model for one mode in a process of its own: every mode compiles its programs itself
+    (in one process, the engines' shared compiled programs would let later modes skip the
+    compilation the first one paid for)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "mode.json")
+        argv = [x for x in sys.argv[1:]]
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--in-process",
+                        "--modes", name, "--json", out], check=True)
+        return json.load(open(out))["modes"][0]
+
+
 def plot(out: dict, path: str) -> None:
     import matplotlib
 
@@ -293,6 +307,8 @@ def main() -> None:
                     "calculator_small, trained into this directory if not there yet (so "
                     "that reward moves; without it: a random model on calculator)")
     ap.add_argument("--seed", type=int, default=0, help="model with --sft-dir: train.seed")
+    ap.add_argument("--in-process", action="store_true",
+                    help="model: run the modes in this process (default: one process per mode)")
     ap.add_argument("--turns", type=int, default=3, help="turns per episode (sim)")
     ap.add_argument("--gen-ms", type=float, default=5.0, help="generation per turn (sim)")
     ap.add_argument("--tool-ms", type=float, default=20.0, help="median tool latency")
@@ -307,6 +323,10 @@ def main() -> None:
         a.backend, a.rounds = "sim", min(a.rounds, 8)
     logging_quiet()
     run = run_sim if a.backend == "sim" else run_model
+    if a.backend == "model" and not a.in_process:
+        if a.sft_dir:
+            sft_base(a)  # once, before the modes' processes
+        run = run_model_process
     wanted = a.modes.split(",")
     modes = [run(a, name, k, p) for name, k, p in MODES if name in wanted]
     sync = next((m for m in modes if m["name"] == "sync"), None)

@@ -136,7 +136,7 @@ def multi_turn(args) -> dict:
 def group(args) -> dict:
     import numpy as np
 
-    eng = make_engine("tiny", cache_tokens=65536)
+    eng = make_engine("tiny", cache_tokens=32768)  # multi_turn's pool: shared programs
     prompt = np.random.default_rng(5).integers(0, 256, args.prompt_len).tolist()
     finals: dict[int, list[int]] = {}
 

@@ -148,29 +148,60 @@ def test_batch_one_decode_program_copies_no_pool():
     assert not copies, copies[:2]
 
 
-def test_decode_program_gathers_keys_and_values_without_transposed_copies():
-    """The pool is [K, P, S_blk, H], so a row's gathered blocks [K, B, M * S_blk, H] are already in
-    the order the score and value contractions read: at batch 1 and 8 the decode loop's only ops
-    of that size are the 2 gathers per layer, none with a transpose (with [P, S_blk, K, H]
-    XLA:CPU transposed both every step; at batch 1 it transposed the keys unless they are the
-    score contraction's left operand)."""
+def _loop_computations(hlo: str) -> tuple[dict, set]:
+    """(computation name -> its text, the names the decode while loop's body reaches)."""
+    import re
+
+    bodies = dict(re.findall(r"^(?:ENTRY )?(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
+    (entry,) = re.findall(r"^ENTRY (%\S+)", hlo, re.M)
+    (body,) = re.findall(r" while\(.*body=(%[\w.\-]+)", bodies[entry])
+    reached, todo = set(), [body]
+    while todo:
+        name = todo.pop()
+        if name in reached or name not in bodies:
+            continue
+        reached.add(name)
+        todo += re.findall(r"(?:calls|to_apply|body|condition)=(%[\w.\-]+)", bodies[name])
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", bodies[name]):
+            todo += [x.strip() for x in group.split(",")]
+    return bodies, reached
+
+
+def test_decode_loop_gathers_only_the_blocks_a_chunk_writes_without_transposed_copies():
+    """A decode chunk gathers each layer's keys and values [K, B, M * S_blk, H] once, before its
+    loop (chunk_context), in the order the score and value contractions read (the pool is
+    [K, P, S_blk, H]: no transpose); a step gathers only the R = ceil(steps / S_blk) + 1 blocks
+    the chunk writes (2 gathers per layer, no transpose). At batch 1 and 8 no op inside the loop
+    has the size of the whole table's keys (before: 2 whole-table gathers per layer and step,
+    ~a third of a batch-1 step; with [P, S_blk, K, H] XLA:CPU also transposed them; at batch 1
+    it transposes the keys unless they are the score contraction's left operand)."""
     import re
 
     eng = _xla_engine()
+    k, _, s, h = eng._pool[0][0].shape
+    steps = 4
+    r = -(-steps // s) + 1
     for b in (1, 8):
         m = 4
         hlo = _decode_hlo(eng, b, m)
-        k, _, s, h = eng._pool[0][0].shape
-        size = k * b * m * s * h
-        bodies = dict(re.findall(r"^(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M))
-        sized = []
-        for ln in hlo.splitlines():
-            got = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\{[^}]*\} fusion\(.*"
-                           r"calls=(%[\w.\-]+)", ln)
-            if got and np.prod([int(x) for x in got.group(1).split(",")]) == size:
-                sized.append(bodies[got.group(2)])
-        assert len(sized) == 2 * eng.cfg.num_layers, (b, len(sized))
-        assert all(" gather(" in body and " transpose(" not in body for body in sized), sized
+        bodies, loop = _loop_computations(hlo)
+        in_loop, outside = [], []
+        for name, text in bodies.items():
+            for ln in text.splitlines():
+                got = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\{[^}]*\} (\w+)\(", ln)
+                if got and got.group(2) in ("fusion", "gather", "copy", "transpose"):
+                    n = int(np.prod([int(x) for x in got.group(1).split(",")]))
+                    (in_loop if name in loop else outside).append((n, ln))
+        whole, recent = k * b * m * s * h, k * b * r * s * h
+        assert not [ln for n, ln in in_loop if n == whole], b
+        gathers = [ln for n, ln in outside if n == whole and ("gather" in ln)]
+        assert len(gathers) >= 2 * eng.cfg.num_layers, (b, len(gathers))
+        per_step = [ln for n, ln in in_loop if n == recent and " fusion(" in ln]
+        assert len(per_step) == 2 * eng.cfg.num_layers, (b, per_step)
+        sized = [bodies[c] for ln in per_step for c in re.findall(r"calls=(%[\w.\-]+)", ln)]
+        assert all(" gather(" in t and " transpose(" not in t for t in sized), sized
+        assert not [ln for n, ln in in_loop if n == recent and re.search(r" (copy|transpose)\(",
+                                                                          ln)]
 
 
 def test_gather_path_one_query_row_equals_the_dense_reference():
@@ -181,3 +212,30 @@ def test_gather_path_one_query_row_equals_the_dense_reference():
         args = (q[r:r + 1], pool_k, pool_v, tables[r:r + 1], q_pos[r:r + 1])
         got = np.asarray(paged_attention(*(jnp.asarray(x) for x in args)))
         np.testing.assert_allclose(got, _dense_reference(*args), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3], ids=["one-row", "three-rows"])
+def test_chunk_attention_reads_the_prefix_gathered_at_the_chunk_start_and_fresh_recent_blocks(rows):
+    """chunk_paged_attention: the context gathered at the chunk's start (chunk_context), then the
+    chunk's steps overwrite positions start .. q_pos in the pool (the stale copies of those
+    positions in the gathered context must not be read); the result equals the dense reference
+    over the updated pool, at 0, 2 and 4 steps into a 5-step chunk (crossing a block boundary
+    for row 2)."""
+    from kat_jax.ops.paged_attention import chunk_context, chunk_paged_attention
+
+    rng = np.random.default_rng(7)
+    q, pool_k, pool_v, tables, q_pos = _case(rng, 1, 8, 2, 64)
+    start = np.maximum(q_pos[:, 0] - np.array([0, 2, 4]), 0).astype(np.int32)
+    context = chunk_context(jnp.asarray(pool_k), jnp.asarray(pool_v), jnp.asarray(tables),
+                            jnp.asarray(start), 5)
+    for r in range(3):  # the chunk's writes so far: new keys / values at start .. q_pos
+        for p in range(start[r], q_pos[r, 0] + 1):
+            blk, off = tables[r, p // S_BLK], p % S_BLK
+            pool_k[:, blk, off] = rng.normal(size=pool_k.shape[::3])
+            pool_v[:, blk, off] = rng.normal(size=pool_v.shape[::3])
+    want = _dense_reference(q, pool_k, pool_v, tables, q_pos)
+    sl = slice(0, rows) if rows == 3 else slice(2, 3)
+    ctx = {k: (v[:, sl] if k.startswith("prefix") else v[sl]) for k, v in context.items()}
+    got = chunk_paged_attention(jnp.asarray(q[sl]), jnp.asarray(pool_k), jnp.asarray(pool_v), ctx,
+                                jnp.asarray(q_pos[sl]))
+    np.testing.assert_allclose(np.asarray(got), want[sl], atol=1e-5, rtol=0)

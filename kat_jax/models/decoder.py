@@ -129,13 +129,15 @@ class Decoder(nnx.Module):
         [B, T, D] after the final norm, the updated pools). attention: the paged attention
         function (Attention.paged). The same parameters and arithmetic as
         __call__, so a token's log-prob from here equals its score in the packed-tree forward (to
-        float32 rounding)."""
+        float32 rounding). A list of attention functions gives each layer its own."""
         dtype = DTYPE[self.cfg.dtype]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
         new_pool = []
-        for layer, (pool_k, pool_v) in zip(layers, kv_pool):
+        attentions = attention if isinstance(attention, (list, tuple)) else \
+            [attention] * len(layers)
+        for layer, (pool_k, pool_v), attend in zip(layers, kv_pool, attentions):
             x, pool_k, pool_v = layer.paged(x, positions, pool_k, pool_v, slots, block_tables,
-                                            attention)
+                                            attend)
             new_pool.append((pool_k, pool_v))
         return self.norm(x), new_pool
 

@@ -16,6 +16,11 @@ pool) and attended densely as kat_jax.ops.dense does (float32 scores and softmax
 query (b, t) at position q_pos[b, t] sees the row's positions 0 .. q_pos[b, t]. Exact: the same
 arithmetic as the dense path over the same keys.
 
+A decode chunk (JaxEngine's on-device loop of steps) does not gather the whole table every step:
+chunk_context gathers each layer's rows once before the loop (positions before a row's chunk start
+are final: the chunk writes only from there on), and chunk_paged_attention reads those, plus the
+few blocks the chunk writes, gathered every step, under one softmax.
+
 Layout: kv heads lead (as JAX's TPU paged-attention kernel has its pages), so the gather of a
 row's blocks comes out as [K, B, M * S_blk, H], already in the order the score and value
 contractions read (batch dims K, B leading, the contracted or kept H last): no transposed copy of
@@ -97,4 +102,77 @@ def paged_attention(q_btnh: jax.Array, pool_k: jax.Array, pool_v: jax.Array,
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("kbtgs,kbsh->kbtgh", probs.astype(v_kbsh.dtype), v_kbsh,
                          preferred_element_type=jnp.float32)
+    return out.transpose(1, 2, 0, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def _attend(q_kbtgh, parts, scale: float):
+    """Softmax attention of q [K, B, T, G, H] over several key / value parts, each (k [K, B, S_i,
+    H], v [K, B, S_i, H], visible bool[B, T, S_i]): the parts' scores side by side under one
+    softmax (float32), then the parts' value products summed. Returns [K, B, T, G, H] float32.
+    One query row (b * t == 1) contracts keys-first and keeps the scores [K, B, S, T, G], as
+    paged_attention does (else XLA:CPU transposes the keys to [H, S] every step)."""
+    one = q_kbtgh.shape[1] * q_kbtgh.shape[2] == 1
+    axis = 2 if one else -1
+    scores = []
+    for k, _, visible in parts:
+        if one:
+            sc = jnp.einsum("kbsh,kbtgh->kbstg", k, q_kbtgh, preferred_element_type=jnp.float32)
+            mask = visible.swapaxes(1, 2)[None, :, :, :, None]
+        else:
+            sc = jnp.einsum("kbtgh,kbsh->kbtgs", q_kbtgh, k, preferred_element_type=jnp.float32)
+            mask = visible[None, :, :, None]
+        scores.append(jnp.where(mask, sc * scale, MASK_VALUE))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=axis), axis=axis)
+    out, at = 0.0, 0
+    for k, v, _ in parts:
+        p = jax.lax.slice_in_dim(probs, at, at + k.shape[2], axis=axis % probs.ndim)
+        at += k.shape[2]
+        spec = "kbstg,kbsh->kbtgh" if one else "kbtgs,kbsh->kbtgh"
+        out = out + jnp.einsum(spec, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out
+
+
+def chunk_context(pool_k: jax.Array, pool_v: jax.Array, block_tables: jax.Array,
+                  start: jax.Array, steps: int) -> dict:
+    """What a decode chunk of `steps` steps that starts at positions start int32[B] reads of one
+    layer without gathering it again every step: the rows' keys and values gathered once
+    (prefix_k / prefix_v [K, B, M * S_blk, H], of which positions < start are final: the chunk
+    writes only positions start .. start + steps - 1), and the table of the blocks the chunk
+    writes (recent_tables int32[B, R], R = ceil(steps / S_blk) + 1, from block start // S_blk;
+    recent_base: the position of their first slot). For chunk_paged_attention."""
+    s_blk = pool_k.shape[2]
+    m = block_tables.shape[1]
+    first = start // s_blk
+    r = -(-steps // s_blk) + 1
+    idx = jnp.clip(first[:, None] + jnp.arange(r, dtype=jnp.int32)[None], 0, m - 1)
+    return {"prefix_k": gather_rows(pool_k, block_tables),
+            "prefix_v": gather_rows(pool_v, block_tables), "start": start,
+            "recent_tables": jnp.take_along_axis(block_tables, idx, axis=1),
+            "recent_base": first * s_blk}
+
+
+def chunk_paged_attention(q_btnh: jax.Array, pool_k: jax.Array, pool_v: jax.Array,
+                          context: dict, q_pos: jax.Array, scale: float | None = None
+                          ) -> jax.Array:
+    """paged_attention for a step of a decode chunk (context from chunk_context at the chunk's
+    start): positions before the row's chunk start come from the keys and values gathered once
+    for the chunk, positions from it on from the pool through the few blocks the chunk writes
+    (gathered every step: they change). The same keys, values and visibility (0 .. q_pos) as
+    paged_attention, under one softmax: the same result up to float32 summation order. Per
+    step it gathers R blocks instead of the whole table (the whole-table gather was ~a third
+    of a batch-1 decode step on XLA:CPU)."""
+    b, t, n, h = q_btnh.shape
+    kv_heads, _, s_blk, _ = pool_k.shape
+    g = n // kv_heads
+    scale = h ** -0.5 if scale is None else scale
+    start = context["start"]
+    k1, v1 = context["prefix_k"].astype(q_btnh.dtype), context["prefix_v"].astype(q_btnh.dtype)
+    k2 = gather_rows(pool_k, context["recent_tables"]).astype(q_btnh.dtype)
+    v2 = gather_rows(pool_v, context["recent_tables"]).astype(q_btnh.dtype)
+    pos1 = jnp.arange(k1.shape[2], dtype=jnp.int32)[None, None, :]
+    vis1 = (pos1 < start[:, None, None]) & (pos1 <= q_pos[:, :, None])
+    pos2 = (context["recent_base"][:, None] + jnp.arange(k2.shape[2], dtype=jnp.int32))[:, None]
+    vis2 = (pos2 >= start[:, None, None]) & (pos2 <= q_pos[:, :, None])
+    q_kbtgh = q_btnh.reshape(b, t, kv_heads, g, h).transpose(2, 0, 1, 3, 4)
+    out = _attend(q_kbtgh, [(k1, v1, vis1), (k2, v2, vis2)], scale)
     return out.transpose(1, 2, 0, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)

@@ -63,7 +63,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kat_jax.ops.paged_attention import paged_attention, token_slots
+from kat_jax.ops.paged_attention import (
+    chunk_context,
+    chunk_paged_attention,
+    paged_attention,
+    token_slots,
+)
 from kat_jax.rollout.kv_cache import BlockAllocator, PrefixCache
 from kat_jax.trees.packing import bucket_length
 
@@ -263,6 +268,12 @@ def resolve_engine_attention(attention: str) -> str:
     return attention
 
 
+def _chunk_attention(q, pool_k, pool_v, block_tables, q_pos, *, context):
+    """Attention.paged's attention function for a decode chunk's step (the XLA path)."""
+    del block_tables  # the context holds the chunk's tables
+    return chunk_paged_attention(q, pool_k, pool_v, context, q_pos)
+
+
 def engine_programs(graphdef, layer_graphdef, bs: int, attention_impl: str):
     """The engine's two device programs, unjitted: prefill (new tokens of some rows into the pool,
     then the next token of each) and decode (a lax.while_loop of up to n_steps steps with stop
@@ -274,11 +285,11 @@ def engine_programs(graphdef, layer_graphdef, bs: int, attention_impl: str):
     else:
         attention = paged_attention
 
-    def forward(params, layer_states, pool, tokens, positions, valid, tables):
+    def forward(params, layer_states, pool, tokens, positions, valid, tables, attend=attention):
         m = nnx.merge(graphdef, params)
         layers = [nnx.merge(layer_graphdef, s) for s in layer_states]
         slots = token_slots(tables, positions, valid, bs)
-        hidden, pool = m.paged(layers, tokens, positions, slots, pool, tables, attention)
+        hidden, pool = m.paged(layers, tokens, positions, slots, pool, tables, attend)
         return m, hidden, pool
 
     def prefill(params, layer_states, pool, tokens, positions, valid, tables, last, copy_src,
@@ -301,10 +312,18 @@ def engine_programs(graphdef, layer_graphdef, bs: int, attention_impl: str):
         def cond(carry):
             return (carry[0] < n_steps) & jnp.any(carry[6])
 
+        if attention_impl == "xla":
+            # each layer's context gathered once for the chunk; a step gathers only the blocks
+            # the chunk writes (chunk_paged_attention)
+            contexts = [chunk_context(k, v, tables, pos, n_steps) for k, v in pool]
+            attend = [functools.partial(_chunk_attention, context=c) for c in contexts]
+        else:
+            attend = attention
+
         def body(carry):
             i, pool, tok, pos, step, left, active, (o_t, o_lp, o_e) = carry
             m, hidden, pool = forward(params, layer_states, pool, tok[:, None], pos[:, None],
-                                      active[:, None], tables)
+                                      active[:, None], tables, attend)
             t, lp, e = sample_step(m.logits(hidden[:, 0]), keys, step, temperature, top_p,
                                    top_k, k_bound)
             o_t = o_t.at[:, i].set(jnp.where(active, t, -1))
