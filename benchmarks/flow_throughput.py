@@ -19,7 +19,16 @@ Two back ends, the same modes:
                    its sandbox; a random model rarely calls a tool, so without it the latency
                    would hardly ever apply), on this machine's devices; reward per round
                    from metrics.jsonl; steady_trajectories_per_s leaves out the first
-                   --warmup-rounds rounds (compilation).
+                   --warmup-rounds rounds (compilation). Each mode runs in a process of its
+                   own (--in-process: all in this one), after an unmeasured pass of every
+                   mode that fills a persistent compilation cache the measured pass reads
+                   (--no-warm-pass: none), so that no mode's measured rounds pay compilation
+                   another did not.
+                   --sft-dir DIR: every mode starts from the quickstart's SFT model
+                   (configs/quickstart.py's mid and sft stages, trained into DIR once) on
+                   calculator_small with the quickstart's online settings, so that reward is
+                   not 0 and "no drop in reward" can be read. --concurrency auto: (max_staleness
+                   + 1) rounds of episodes in flight (AReaL's capacity; sync: one round).
 
     python benchmarks/flow_throughput.py [--backend sim|model] [--rounds N] [--json FILE]
     python benchmarks/flow_throughput.py --quick --json FILE     # sim, < 1 minute on 2 cores
@@ -264,8 +273,13 @@ def run_model_process(a, name: str, k: int, partial: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "mode.json")
         argv = [x for x in sys.argv[1:]]
+        env = dict(os.environ)
+        if a.compile_cache:
+            env.update(JAX_COMPILATION_CACHE_DIR=a.compile_cache,
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--in-process",
-                        "--modes", name, "--json", out], check=True)
+                        "--modes", name, "--json", out], check=True, env=env)
         return json.load(open(out))["modes"][0]
 
 
@@ -307,6 +321,9 @@ def main() -> None:
                     "calculator_small, trained into this directory if not there yet (so "
                     "that reward moves; without it: a random model on calculator)")
     ap.add_argument("--seed", type=int, default=0, help="model with --sft-dir: train.seed")
+    ap.add_argument("--no-warm-pass", dest="warm_pass", action="store_false",
+                    help="model: skip the unmeasured first pass of every mode that fills a "
+                    "compilation cache for the measured pass")
     ap.add_argument("--in-process", action="store_true",
                     help="model: run the modes in this process (default: one process per mode)")
     ap.add_argument("--turns", type=int, default=3, help="turns per episode (sim)")
@@ -328,7 +345,18 @@ def main() -> None:
             sft_base(a)  # once, before the modes' processes
         run = run_model_process
     wanted = a.modes.split(",")
-    modes = [run(a, name, k, p) for name, k, p in MODES if name in wanted]
+    with tempfile.TemporaryDirectory() as cache:
+        a.compile_cache = None
+        if run is run_model_process and a.warm_pass:
+            # an unmeasured pass of every mode first, its compiled programs kept in a persistent
+            # cache that the measured pass reads: every measured mode then finds the programs
+            # of every shape any mode met (without it, the modes with more episodes in flight
+            # meet more batch shapes and pay more compilation inside the measured rounds)
+            a.compile_cache = cache
+            for name, k, p in MODES:
+                if name in wanted:
+                    run(a, name, k, p)
+        modes = [run(a, name, k, p) for name, k, p in MODES if name in wanted]
     sync = next((m for m in modes if m["name"] == "sync"), None)
     out = {"benchmark": "flow_throughput", "backend": a.backend, "host": platform.node(),
            "cpus": os.cpu_count(), "args": vars(a), "modes": modes,
