@@ -314,8 +314,8 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=4, help="rl.groups_per_round (sim)")
     ap.add_argument("--group-size", type=int, default=4, help="rl.group_size (sim)")
     ap.add_argument("--concurrency", default="16",
-                    help="rl.concurrency, or auto (model): (max_staleness + 1) x 16, the "
-                    "episodes of the rounds a mode may have in flight (AReaL's capacity)")
+                    help="rl.concurrency, or auto: (max_staleness + 1) rounds of episodes, "
+                    "what a mode may have in flight (AReaL's capacity; sync: one round)")
     ap.add_argument("--sft-dir", default="",
                     help="model: start every mode from the quickstart's SFT model of "
                     "calculator_small, trained into this directory if not there yet (so "
