@@ -231,6 +231,7 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
                  "--config.data.rows=2", "--config.data.row_len=1024",
                  "--config.optimizer.learning_rate=5e-4",
                  "--config.optimizer.schedule=constant", f"--config.train.seed={a.seed}"]
+    over += [f"--config.{x}" for x in a.set]
     cfg = config_lib.load_train_config(os.path.join(ROOT, "configs/rl.py:tiny_calculator"), over)
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
@@ -321,6 +322,9 @@ def main() -> None:
                     "calculator_small, trained into this directory if not there yet (so "
                     "that reward moves; without it: a random model on calculator)")
     ap.add_argument("--seed", type=int, default=0, help="model with --sft-dir: train.seed")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="model: a config override for every mode, e.g. "
+                    "--set loss.old_logprobs=behaviour (repeatable)")
     ap.add_argument("--no-warm-pass", dest="warm_pass", action="store_false",
                     help="model: skip the unmeasured first pass of every mode that fills a "
                     "compilation cache for the measured pass")
