@@ -273,13 +273,12 @@ def run_model_process(a, name: str, k: int, partial: bool) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "mode.json")
-        argv = [x for x in sys.argv[1:]]
         env = dict(os.environ)
         if a.compile_cache:
             env.update(JAX_COMPILATION_CACHE_DIR=a.compile_cache,
                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--in-process",
+        subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--in-process",
                         "--modes", name, "--json", out], check=True, env=env)
         return json.load(open(out))["modes"][0]
 

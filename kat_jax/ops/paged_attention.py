@@ -73,48 +73,34 @@ def paged_attention(q_btnh: jax.Array, pool_k: jax.Array, pool_v: jax.Array,
                     scale: float | None = None) -> jax.Array:
     """[B, T, N, H] attention of queries q (at positions q_pos int32[B, T]) over their rows' cached
     positions 0 .. q_pos (gather path; see the module docstring)."""
+    s = block_tables.shape[1] * pool_k.shape[2]
+    k_kbsh = gather_rows(pool_k, block_tables)
+    v_kbsh = gather_rows(pool_v, block_tables)
+    visible = jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    return _attend(q_btnh, [(k_kbsh, v_kbsh, visible)], scale)
+
+
+def _attend(q_btnh, parts, scale: float | None):
+    """Softmax attention of q [B, T, N, H] over one or more key / value parts, each (k [K, B, S_i,
+    H], v [K, B, S_i, H], visible bool[B, T, S_i]): the parts' scores side by side under one
+    softmax (float32, scale H^-0.5 by default), then the parts' value products summed; query
+    head n reads kv head n // (N / K). Returns [B, T, N, H] in q's dtype.
+
+    One query row (b * t == 1, batch-1 decode): keys as the left operand and the scores kept
+    [K, B, S, T, G] (the dot's own order), else XLA:CPU transposes the keys to [H, S] every
+    step; this way only the queries (G x H numbers) move. Same products, sums."""
     b, t, n, h = q_btnh.shape
-    kv_heads, _, s_blk, _ = pool_k.shape
+    kv_heads = parts[0][0].shape[0]
     if n % kv_heads:
         raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kv_heads})")
     g = n // kv_heads
     scale = h ** -0.5 if scale is None else scale
-    s = block_tables.shape[1] * s_blk
-    k_kbsh = gather_rows(pool_k, block_tables).astype(q_btnh.dtype)
-    v_kbsh = gather_rows(pool_v, block_tables).astype(q_btnh.dtype)
     q_kbtgh = q_btnh.reshape(b, t, kv_heads, g, h).transpose(2, 0, 1, 3, 4)
-    visible = jnp.arange(s, dtype=jnp.int32)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
-    if b * t == 1:
-        # one query row (batch-1 decode): keys as the left operand and the scores kept
-        # [K, B, S, T, G] (the dot's own order), else XLA:CPU transposes the gathered keys to
-        # [H, S] every step; this way only the queries (G x H numbers) move. Same products, sums.
-        scores = jnp.einsum("kbsh,kbtgh->kbstg", k_kbsh, q_kbtgh,
-                            preferred_element_type=jnp.float32)
-        scores = jnp.where(visible.swapaxes(1, 2)[None, :, :, :, None], scores * scale,
-                           MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=2)
-        out = jnp.einsum("kbstg,kbsh->kbtgh", probs.astype(v_kbsh.dtype), v_kbsh,
-                         preferred_element_type=jnp.float32)
-    else:
-        scores = jnp.einsum("kbtgh,kbsh->kbtgs", q_kbtgh, k_kbsh,
-                            preferred_element_type=jnp.float32)
-        scores = jnp.where(visible[None, :, :, None], scores * scale, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("kbtgs,kbsh->kbtgh", probs.astype(v_kbsh.dtype), v_kbsh,
-                         preferred_element_type=jnp.float32)
-    return out.transpose(1, 2, 0, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
-
-
-def _attend(q_kbtgh, parts, scale: float):
-    """Softmax attention of q [K, B, T, G, H] over several key / value parts, each (k [K, B, S_i,
-    H], v [K, B, S_i, H], visible bool[B, T, S_i]): the parts' scores side by side under one
-    softmax (float32), then the parts' value products summed. Returns [K, B, T, G, H] float32.
-    One query row (b * t == 1) contracts keys-first and keeps the scores [K, B, S, T, G], as
-    paged_attention does (else XLA:CPU transposes the keys to [H, S] every step)."""
-    one = q_kbtgh.shape[1] * q_kbtgh.shape[2] == 1
-    axis = 2 if one else -1
+    one = b * t == 1
+    axis = 2 if one else 4
     scores = []
     for k, _, visible in parts:
+        k = k.astype(q_btnh.dtype)
         if one:
             sc = jnp.einsum("kbsh,kbtgh->kbstg", k, q_kbtgh, preferred_element_type=jnp.float32)
             mask = visible.swapaxes(1, 2)[None, :, :, :, None]
@@ -122,14 +108,17 @@ def _attend(q_kbtgh, parts, scale: float):
             sc = jnp.einsum("kbtgh,kbsh->kbtgs", q_kbtgh, k, preferred_element_type=jnp.float32)
             mask = visible[None, :, :, None]
         scores.append(jnp.where(mask, sc * scale, MASK_VALUE))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=axis), axis=axis)
+    probs = jax.nn.softmax(scores[0] if len(parts) == 1 else
+                           jnp.concatenate(scores, axis=axis), axis=axis)
+    spec = "kbstg,kbsh->kbtgh" if one else "kbtgs,kbsh->kbtgh"
     out, at = 0.0, 0
     for k, v, _ in parts:
-        p = jax.lax.slice_in_dim(probs, at, at + k.shape[2], axis=axis % probs.ndim)
+        v = v.astype(q_btnh.dtype)
+        p = probs if len(parts) == 1 else \
+            jax.lax.slice_in_dim(probs, at, at + k.shape[2], axis=axis)
         at += k.shape[2]
-        spec = "kbstg,kbsh->kbtgh" if one else "kbtgs,kbsh->kbtgh"
         out = out + jnp.einsum(spec, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out
+    return out.transpose(1, 2, 0, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
 def chunk_context(pool_k: jax.Array, pool_v: jax.Array, block_tables: jax.Array,
@@ -161,18 +150,12 @@ def chunk_paged_attention(q_btnh: jax.Array, pool_k: jax.Array, pool_v: jax.Arra
     paged_attention, under one softmax: the same result up to float32 summation order. Per
     step it gathers R blocks instead of the whole table (the whole-table gather was ~a third
     of a batch-1 decode step on XLA:CPU)."""
-    b, t, n, h = q_btnh.shape
-    kv_heads, _, s_blk, _ = pool_k.shape
-    g = n // kv_heads
-    scale = h ** -0.5 if scale is None else scale
     start = context["start"]
-    k1, v1 = context["prefix_k"].astype(q_btnh.dtype), context["prefix_v"].astype(q_btnh.dtype)
-    k2 = gather_rows(pool_k, context["recent_tables"]).astype(q_btnh.dtype)
-    v2 = gather_rows(pool_v, context["recent_tables"]).astype(q_btnh.dtype)
+    k1, v1 = context["prefix_k"], context["prefix_v"]
+    k2 = gather_rows(pool_k, context["recent_tables"])
+    v2 = gather_rows(pool_v, context["recent_tables"])
     pos1 = jnp.arange(k1.shape[2], dtype=jnp.int32)[None, None, :]
     vis1 = (pos1 < start[:, None, None]) & (pos1 <= q_pos[:, :, None])
     pos2 = (context["recent_base"][:, None] + jnp.arange(k2.shape[2], dtype=jnp.int32))[:, None]
     vis2 = (pos2 >= start[:, None, None]) & (pos2 <= q_pos[:, :, None])
-    q_kbtgh = q_btnh.reshape(b, t, kv_heads, g, h).transpose(2, 0, 1, 3, 4)
-    out = _attend(q_kbtgh, [(k1, v1, vis1), (k2, v2, vis2)], scale)
-    return out.transpose(1, 2, 0, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
+    return _attend(q_btnh, [(k1, v1, vis1), (k2, v2, vis2)], scale)

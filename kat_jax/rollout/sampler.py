@@ -529,11 +529,8 @@ class JaxEngine:
             if not self._waiting and not self._running:
                 self._waiting.extend(self._inbox.get())
                 continue  # (re)check closing: a close wakes the scheduler with nothing
-            while True:
-                try:
-                    self._waiting.extend(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
+            for batch in _drain(self._inbox):
+                self._waiting.extend(batch)
             with self._lock:
                 try:
                     self._admit()
