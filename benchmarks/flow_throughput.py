@@ -2,7 +2,7 @@
 latency: trajectories per second, observed staleness and reward against wall time.
 
 Modes: sync (rl.max_staleness=0), async_s1, async_s2 (max_staleness 1, 2; weight updates after a
-drain), async_s2_partial (max_staleness 2, rl.partial_rollouts).
+drain), async_s1_partial, async_s2_partial (max_staleness 1, 2, rl.partial_rollouts).
 
 Two back ends, the same modes:
   --backend sim    no model: the real scheduler (AsyncRollouts, admission control, weight swaps)
@@ -11,8 +11,11 @@ Two back ends, the same modes:
                    --tool-sigma: a long tail like real SWE tool calls), each optimizer round
                    --train-ms; the reward of an episode is Bernoulli with p = 0.2 + 0.6 (1 -
                    exp(-v / 8)) at the mean policy version v of its turns (a modelled learning
-                   curve: staleness costs reward). --concurrency, --groups, --group-size,
-                   --turns set the scale (pod-scale settings run in seconds).
+                   curve: staleness costs reward). An episode's draws (latencies, reward) are
+                   seeded by --seed, its task and how many episodes of that task started
+                   before it, in both back ends: every mode meets the same draws.
+                   --concurrency, --groups, --group-size, --turns set the scale (pod-scale
+                   settings run in seconds).
   --backend model  the tiny calculator loop (configs/rl.py:tiny_calculator, random tiny model,
                    kat_jax.flow.online) with the same log-normal latency added to every tool
                    call and to each episode's grading (evaluate: as a SWE task's test run in
@@ -55,12 +58,27 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODES = [("sync", 0, False), ("async_s1", 1, False), ("async_s2", 2, False),
-         ("async_s2_partial", 2, True)]
+MODES = [("sync", 0, False), ("async_s1", 1, False), ("async_s1_partial", 1, True),
+         ("async_s2", 2, False), ("async_s2_partial", 2, True)]
 
 
 def _tool_s(rng: random.Random, a) -> float:
     return a.tool_ms / 1000 * math.exp(rng.gauss(0.0, a.tool_sigma))
+
+
+_EPISODES: dict[str, int] = {}
+_EPISODES_LOCK = threading.Lock()
+
+
+def _episode_rng(a, task_id: str) -> random.Random:
+    """The latency (and sim reward) draws of an episode: seeded by --seed, the task and how many
+    episodes of that task started before it, so that every mode meets the same draws (common
+    random numbers: the modes' ratios then vary with the scheduling, not with whose tail was
+    longer)."""
+    with _EPISODES_LOCK:
+        n = _EPISODES.get(task_id, 0)
+        _EPISODES[task_id] = n + 1
+    return random.Random(f"{a.seed}:{task_id}:{n}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +103,7 @@ def _sim_setup(a):
         name = "flow_sim"
 
         def reset(self, task):
-            self.task, self.rng = task, random.Random(hash(task.id) ^ threading.get_ident())
+            self.task, self.rng = task, _episode_rng(a, task.id)
             return [dict(m) for m in task.messages], []
 
         def step(self, tool_calls):
@@ -140,6 +158,7 @@ def run_sim(a, name: str, k: int, partial: bool) -> dict:
     from kat_jax.training import config_lib
 
     tok, tasks, engine_cls = _sim_setup(a)
+    _EPISODES.clear()  # every mode meets the same draws
     cfg = config_lib.load_train_config(os.path.join(ROOT, "configs/rl.py:tiny_calculator"), [
         "--config.rl.env=flow_sim", "--config.rl.split=all",
         f"--config.rl.groups_per_round={a.groups}", f"--config.rl.group_size={a.group_size}",
@@ -208,21 +227,29 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
         class Slow(SmallCalculatorEnv if a.sft_dir else CalculatorEnv):
             name = env
 
+            def reset(self, task):
+                self.rng = _episode_rng(a, task.id)
+                return super().reset(task)
+
             def step(self, tool_calls):
-                time.sleep(_tool_s(random.Random(), a))
+                time.sleep(_tool_s(self.rng, a))
                 return super().step(tool_calls)
 
             def evaluate(self, messages=()):
                 # the grading as a SWE task's test run in its sandbox: slow too, and every
                 # episode has one (a random model rarely calls the calculator at all)
-                time.sleep(_tool_s(random.Random(), a))
+                time.sleep(_tool_s(self.rng, a))
                 return super().evaluate(messages)
 
-        register_env(env, Slow, ENVS[base_env].load_tasks)
+        spec = ENVS[base_env]  # the same tasks and train/test split
+        register_env(env, Slow, spec.load_tasks, spec.check_task, spec.test_fraction)
+    _EPISODES.clear()  # every mode meets the same draws
     steps = a.rounds * 2
     # AReaL's capacity: (max_staleness + 1) rounds of episodes may be in flight at once
     concurrency = _concurrency(a, k, 16)  # tiny_calculator: 4 groups x 4 per round
-    over = [f"--config.rl.env={env}", "--config.rl.split=all",
+    # from the SFT model: train on calculator_small's train split, the final policy is evaluated
+    # on its held-out test split (below)
+    over = [f"--config.rl.env={env}", f"--config.rl.split={'train' if a.sft_dir else 'all'}",
             f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps}",
             f"--config.rl.max_staleness={k}", f"--config.rl.partial_rollouts={partial}",
             f"--config.rl.concurrency={concurrency}"]
@@ -238,6 +265,7 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
         out = run_train(cfg, wd)
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl")) if x.strip()]
+        final = final_eval(a, wd) if a.sft_dir and a.eval_samples > 0 else {}
     rounds = [r for r in rows if "episodes" in r]
     n = sum(r["episodes"] for r in rounds)
     t, curve = 0.0, []
@@ -262,7 +290,35 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
             "mean_reward": round(sum(r["reward"] for r in rounds) / max(len(rounds), 1), 4),
             "episodes": n, "wall_s": round(wall, 1), "rounds": out.get("rounds"),
             "train_idle_fraction": round(sum(r.get("train_wait_s", 0) for r in rounds) / wall, 3),
-            "reward_vs_wall": curve}
+            # the off-policy correction's importance weights (loss.tis_cap), mean over the steps
+            **{k + "_mean": round(sum(r[k] for r in rows if k in r)
+                                  / sum(k in r for r in rows), 4)
+               for k in ("tis_weight", "tis_truncated_fraction") if any(k in r for r in rows)},
+            "reward_vs_wall": curve,
+            # each round's reward at its trajectories' mean behaviour policy version (the round's
+            # trained version less the mean staleness of its tokens): an asynchronous round's
+            # trajectories come from older policies than a synchronous one's
+            "reward_vs_behaviour_version": [
+                [round(r.get("policy_version", i) - r.get("staleness_mean", 0.0), 3),
+                 round(r["reward"], 4)] for i, r in enumerate(rounds)],
+            **final}
+
+
+def final_eval(a, workdir: str) -> dict:
+    """The trained policy's pass@1 and mean reward on calculator_small's held-out test split
+    (79 tasks x --eval-samples, the README's evaluation; the same sampling seed for every mode, so
+    that modes differ only in their weights): what the run learned, whatever the lag of its
+    training trajectories."""
+    from kat_jax.rollout.evaluation import run_eval
+
+    t0 = time.perf_counter()
+    res = run_eval(workdir, "calculator_small", os.path.join(workdir, "final_eval.json"),
+                   split="test", samples_per_task=a.eval_samples, max_new_tokens=80, max_turns=2,
+                   concurrency=64, seed=a.seed)
+    return {"final_eval_pass_at_1": round(res["pass@1"], 4),
+            "final_eval_mean_reward": round(res["mean_reward"], 4),
+            "final_eval_episodes": res["n_tasks"] * a.eval_samples,
+            "final_eval_s": round(time.perf_counter() - t0, 1)}
 
 
 def run_model_process(a, name: str, k: int, partial: bool) -> dict:
@@ -279,7 +335,8 @@ def run_model_process(a, name: str, k: int, partial: bool) -> dict:
                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--in-process",
-                        "--modes", name, "--json", out], check=True, env=env)
+                        "--modes", name, "--json", out, "--seeds", str(a.seed),
+                        "--eval-samples", str(a.eval_samples)], check=True, env=env)
         return json.load(open(out))["modes"][0]
 
 
@@ -289,18 +346,38 @@ def plot(out: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    names = [m["name"] for m in out["modes"]]
-    ax1.bar(names, [m["trajectories_per_s"] for m in out["modes"]])
-    ax1.set_ylabel("trajectories / s")
-    ax1.set_title(f"{out['backend']}: tool latency log-normal, sigma {out['args']['tool_sigma']}")
-    ax1.tick_params(axis="x", rotation=20)
-    for m in out["modes"]:
-        xs, ys = zip(*m["reward_vs_wall"]) if m["reward_vs_wall"] else ((), ())
-        ax2.plot(xs, ys, marker=".", label=m["name"])
-    ax2.set_xlabel("wall time (s)")
-    ax2.set_ylabel("reward (round mean)")
-    ax2.legend(fontsize=8)
+    modes = out["modes"]
+    extra = [k for k in ("reward_vs_behaviour_version", "final_eval_pass_at_1")
+             if all(k in m for m in modes)]
+    fig, axes = plt.subplots(1, 2 + len(extra), figsize=(5 * (2 + len(extra)), 3.8))
+    names = [m["name"] for m in modes]
+    seeds = f", {len(out['seeds'])} seeds" if len(out.get("seeds", ())) > 1 else ""
+    axes[0].bar(names, [m["trajectories_per_s"] for m in modes])
+    axes[0].set_ylabel("trajectories / s")
+    axes[0].set_title(f"{out['backend']}: tool latency log-normal, sigma "
+                      f"{out['args']['tool_sigma']}{seeds}", fontsize=9)
+    axes[0].tick_params(axis="x", rotation=20)
+    curves = [("reward_vs_wall", "wall time (s)")]
+    if "reward_vs_behaviour_version" in extra:
+        curves.append(("reward_vs_behaviour_version", "behaviour policy version (mean)"))
+    for ax, (key, xlabel) in zip(axes[1:], curves):
+        for m in modes:
+            xs, ys = zip(*m[key]) if m[key] else ((), ())
+            ax.plot(xs, ys, marker=".", label=m["name"])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("reward (round mean)")
+        ax.legend(fontsize=8)
+    if "final_eval_pass_at_1" in extra:
+        ax = axes[-1]
+        err = None
+        if "by_seed" in out:  # the paired differences' standard errors, drawn on each mode's bar
+            err = [0.0 if m["name"] == "sync" else
+                   (out["by_seed"][m["name"]].get("final_eval_pass_at_1_minus_sync", {})
+                    .get("se") or 0.0) for m in modes]
+        ax.bar(names, [m["final_eval_pass_at_1"] for m in modes], yerr=err, capsize=4)
+        ax.set_ylim(min(m["final_eval_pass_at_1"] for m in modes) - 0.1, 1.0)
+        ax.set_ylabel("final policy pass@1 (test split)")
+        ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -321,6 +398,16 @@ def main() -> None:
                     "calculator_small, trained into this directory if not there yet (so "
                     "that reward moves; without it: a random model on calculator)")
     ap.add_argument("--seed", type=int, default=0, help="model with --sft-dir: train.seed")
+    ap.add_argument("--seeds", default="",
+                    help="comma-separated seeds, each a whole run of the modes (model: warm pass "
+                    "included); the JSON's modes pool them, by_seed compares each async mode "
+                    "with the same seed's sync (speedup range, reward differences' mean and SE)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=[],
+                    help="pool the runs of JSON files this script wrote (e.g. seeds run apart) "
+                    "into --json, recomputing modes, speedups and by_seed; runs nothing")
+    ap.add_argument("--eval-samples", type=int, default=8,
+                    help="model with --sft-dir: samples per test task of the final policy's "
+                    "evaluation (0: none)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="model: a config override for every mode, e.g. "
                     "--set loss.old_logprobs=behaviour (repeatable)")
@@ -348,27 +435,43 @@ def main() -> None:
             sft_base(a)  # once, before the modes' processes
         run = run_model_process
     wanted = a.modes.split(",")
+    if a.merge:
+        first, runs = merge(a.merge)
+        write(a, runs, {k: first[k] for k in ("benchmark", "backend", "host", "cpus", "args")}
+              | {"merged": a.merge})
+        return
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
+    runs = []
     with tempfile.TemporaryDirectory() as cache:
         a.compile_cache = None
-        if run is run_model_process and a.warm_pass:
-            # an unmeasured pass of every mode first, its compiled programs kept in a persistent
-            # cache that the measured pass reads: every measured mode then finds the programs
-            # of every shape any mode met (without it, the modes with more episodes in flight
-            # meet more batch shapes and pay more compilation inside the measured rounds)
-            a.compile_cache = cache
-            for name, k, p in MODES:
-                if name in wanted:
-                    run(a, name, k, p)
-        modes = [run(a, name, k, p) for name, k, p in MODES if name in wanted]
-    sync = next((m for m in modes if m["name"] == "sync"), None)
-    out = {"benchmark": "flow_throughput", "backend": a.backend, "host": platform.node(),
-           "cpus": os.cpu_count(), "args": vars(a), "modes": modes,
-           "speedup": {m["name"]: round(m["trajectories_per_s"] / sync["trajectories_per_s"], 3)
-                       for m in modes} if sync else {}}
-    if sync and sync.get("steady_trajectories_per_s"):
-        out["steady_speedup"] = {m["name"]: round(m["steady_trajectories_per_s"]
-                                                  / sync["steady_trajectories_per_s"], 3)
-                                 for m in modes if m.get("steady_trajectories_per_s")}
+        for seed in seeds:
+            a.seed = seed
+            if run is run_model_process and a.warm_pass:
+                # an unmeasured pass of every mode first, its compiled programs kept in a
+                # persistent cache that the measured pass reads: every measured mode then finds
+                # the programs of every shape any mode met (without it, the modes with more
+                # episodes in flight meet more batch shapes and pay more compilation inside the
+                # measured rounds); no final evaluation in it
+                a.compile_cache, samples, a.eval_samples = cache, a.eval_samples, 0
+                for name, k, p in MODES:
+                    if name in wanted:
+                        run(a, name, k, p)
+                a.eval_samples = samples
+            modes = [run(a, name, k, p) for name, k, p in MODES if name in wanted]
+            runs.append({"seed": seed, "modes": modes, **speedups(modes)})
+            if len(seeds) > 1:
+                print(json.dumps({"seed": seed, **speedups(modes)}), flush=True)
+    write(a, runs, {"benchmark": "flow_throughput", "backend": a.backend,
+                    "host": platform.node(), "cpus": os.cpu_count(), "args": vars(a)})
+
+
+def write(a, runs: list[dict], header: dict) -> None:
+    """The JSON (runs pooled: modes, speedups, by_seed), the PNG beside it, a summary printed."""
+    modes = pooled(runs)
+    out = {**header, "seeds": [r["seed"] for r in runs], "modes": modes, **speedups(modes)}
+    if len(runs) > 1:
+        out["runs"] = runs
+        out["by_seed"] = by_seed(runs)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(out, f, indent=1)
@@ -376,11 +479,117 @@ def main() -> None:
         plot(out, os.path.splitext(a.json)[0] + ".png")
     except ImportError as e:  # matplotlib missing: the JSON is the result
         print(f"no plot: {e}", file=sys.stderr)
-    print(json.dumps({m["name"]: {k: m[k] for k in ("trajectories_per_s", "observed_max_staleness",
-                                                    "mean_reward")} for m in modes}))
-    print(json.dumps(out["speedup"]))
-    if "steady_speedup" in out:
-        print(json.dumps({"steady_speedup": out["steady_speedup"]}))
+    keys = ("trajectories_per_s", "observed_max_staleness", "mean_reward", "final_eval_pass_at_1")
+    print(json.dumps({m["name"]: {k: m[k] for k in keys if k in m} for m in modes}))
+    print(json.dumps({k: out[k] for k in ("speedup", "steady_speedup", "by_seed") if k in out}))
+
+
+def speedups(modes: list[dict]) -> dict:
+    """Trajectories per second over sync's, whole run (speedup) and steady state."""
+    sync = next((m for m in modes if m["name"] == "sync"), None)
+    if sync is None:
+        return {}
+    out = {"speedup": {m["name"]: round(m["trajectories_per_s"] / sync["trajectories_per_s"], 3)
+                       for m in modes}}
+    if sync.get("steady_trajectories_per_s"):
+        out["steady_speedup"] = {m["name"]: round(m["steady_trajectories_per_s"]
+                                                  / sync["steady_trajectories_per_s"], 3)
+                                 for m in modes if m.get("steady_trajectories_per_s")}
+    return out
+
+
+def pooled(runs: list[dict]) -> list[dict]:
+    """Each mode over the seeds' runs: trajectories per second of all their episodes over all
+    their wall time, rewards and final evaluations averaged (every seed has the same rounds and
+    evaluation episodes), curves averaged round by round, the largest staleness seen."""
+    if len(runs) == 1:
+        return runs[0]["modes"]
+    out = []
+    for i, m0 in enumerate(runs[0]["modes"]):
+        ms = [r["modes"][i] for r in runs]
+        m = {"name": m0["name"], "max_staleness": m0["max_staleness"],
+             "partial_rollouts": m0["partial_rollouts"], "seeds": len(ms),
+             "episodes": sum(x["episodes"] for x in ms), "wall_s": sum(x["wall_s"] for x in ms),
+             "observed_max_staleness": max(x["observed_max_staleness"] for x in ms)}
+        m["trajectories_per_s"] = round(m["episodes"] / m["wall_s"], 3)
+        if all(x.get("steady_wall_s") for x in ms):
+            m["steady_trajectories_per_s"] = round(
+                sum(x["steady_trajectories_per_s"] * x["steady_wall_s"] for x in ms)
+                / sum(x["steady_wall_s"] for x in ms), 3)
+        for k in ("mean_reward", "steady_mean_reward", "final_eval_pass_at_1",
+                  "final_eval_mean_reward", "train_idle_fraction", "tis_weight_mean",
+                  "tis_truncated_fraction_mean"):
+            if all(x.get(k) is not None for x in ms):
+                m[k] = round(sum(x[k] for x in ms) / len(ms), 4)
+        for k in ("reward_vs_wall", "reward_vs_behaviour_version"):
+            if all(k in x for x in ms):
+                m[k] = [[round(sum(c[j][0] for c in cs) / len(cs), 3),
+                         round(sum(c[j][1] for c in cs) / len(cs), 4)]
+                        for cs in [[x[k] for x in ms]] for j in range(min(map(len, cs)))]
+        out.append(m)
+    return out
+
+
+def by_seed(runs: list[dict]) -> dict:
+    """Each asynchronous mode against sync, seed by seed (paired: the same seed's sync run): the
+    speedup's range and the reward differences' mean and standard error over the seeds."""
+    def stats(xs):
+        n = len(xs)
+        mean = sum(xs) / n
+        se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else None
+        return {"mean": round(mean, 4), "se": None if se is None else round(se, 4),
+                "min": round(min(xs), 4), "max": round(max(xs), 4)}
+
+    out = {}
+    for i, m0 in enumerate(runs[0]["modes"]):
+        if m0["name"] == "sync" or "speedup" not in runs[0]:
+            continue
+        pairs = [(r["modes"][i], next(m for m in r["modes"] if m["name"] == "sync")) for r in runs]
+        d = {"speedup": stats([r["speedup"][m0["name"]] for r in runs])}
+        for k in ("mean_reward", "final_eval_pass_at_1"):
+            if all(m.get(k) is not None and s.get(k) is not None for m, s in pairs):
+                d[k + "_minus_sync"] = stats([m[k] - s[k] for m, s in pairs])
+        for key, name in (("reward_vs_behaviour_version", "reward_at_behaviour_version"),
+                          ("reward_vs_wall", "reward_at_wall_time")):
+            if all(key in m and key in s for m, s in pairs):
+                d[name + "_minus_sync"] = stats([matched_gap(m[key], s[key]) for m, s in pairs])
+        out[m0["name"]] = d
+    return out
+
+
+def matched_gap(curve: list, sync_curve: list) -> float:
+    """The mean over a mode's rounds of its reward minus sync's at the same x (sync's round
+    rewards linearly interpolated, held at its ends). x = the behaviour policy version: reward
+    per trajectory at equal policy age, not at equal round (an asynchronous round's trajectories
+    come from policies up to max_staleness versions older); x = wall time: reward per trajectory
+    at the same point of the run's time."""
+    xs, ys = zip(*sync_curve)
+    gaps = []
+    for v, r in curve:
+        j = max(i for i, x in enumerate(xs) if x <= v) if v >= xs[0] else 0
+        if j + 1 < len(xs) and xs[j + 1] > xs[j]:
+            w = (v - xs[j]) / (xs[j + 1] - xs[j])
+            gaps.append(r - (ys[j] * (1 - w) + ys[j + 1] * w))
+        else:
+            gaps.append(r - ys[j])
+    return sum(gaps) / len(gaps)
+
+
+def merge(paths: list[str]) -> tuple[dict, list[dict]]:
+    """The runs of JSON files this script wrote (one seed's, or several seeds' with "runs"):
+    the first file's header and all their runs, each with the modes every run has, for
+    pooling."""
+    runs, first = [], None
+    for path in paths:
+        d = json.load(open(path))
+        first = first or d
+        runs += d.get("runs") or [{"seed": d["args"].get("seed"), "modes": d["modes"],
+                                   **speedups(d["modes"])}]
+    common = set.intersection(*({m["name"] for m in r["modes"]} for r in runs))
+    if "sync" not in common or len(common) < 2:
+        raise SystemExit(f"--merge: the files share no asynchronous mode with sync: {paths}")
+    runs = [{**r, "modes": [m for m in r["modes"] if m["name"] in common]} for r in runs]
+    return first, [{**r, **speedups(r["modes"])} for r in runs]
 
 
 def logging_quiet() -> None:

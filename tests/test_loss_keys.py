@@ -170,8 +170,13 @@ def test_the_policy_loss_matches_a_numpy_ppo_written_from_the_definition(setup):
     per_token = pg + beta * kl
     mask = np.asarray(b.trainable)
     want = per_token[mask].sum() / mask.sum()
-    got = _step(setup, _rl_config(old_logprobs="record", tis_cap=cap, kl_coef=beta))[0]
+    got, _, metrics = _step(setup, _rl_config(old_logprobs="record", tis_cap=cap, kl_coef=beta))
     np.testing.assert_allclose(got, want, rtol=2e-5)
+    # the importance weights' diagnostics: mean truncated weight, share truncated
+    iw = np.exp(old - beh)[mask]
+    assert 0 < (iw > cap).mean() < 1  # the cap acts on some tokens, not all
+    np.testing.assert_allclose(metrics["tis_weight"], np.minimum(iw, cap).mean(), rtol=2e-5)
+    np.testing.assert_allclose(metrics["tis_truncated_fraction"], (iw > cap).mean(), rtol=2e-5)
 
 
 def test_log_entropy_key_adds_or_removes_the_entropy_computation(setup):

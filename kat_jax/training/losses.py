@@ -178,8 +178,9 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     ratio r (per cfg.ratio_level, see the module docstring; log-ratios clamped to
     +-cfg.log_ratio_clamp before exp); pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high));
     for A < 0 and dual_clip c: pg = min(pg, -c A). Truncated importance sampling: pg is multiplied by
-    min(exp(old_logp - rollout_logp), tis_cap) (no gradient) when rollout log-probs are given.
-    Plus kl_coef * KL(pi || ref) and minus entropy_coef * entropy. Returns (num, den, metrics).
+    min(exp(old_logp - rollout_logp), tis_cap) (no gradient) when rollout log-probs are given
+    (metrics tis_weight: its token mean; tis_truncated_fraction: the share of tokens the cap
+    truncates). Plus kl_coef * KL(pi || ref) and minus entropy_coef * entropy. Returns (num, den, metrics).
     """
     adv_nl = advantages[:, None] if advantages.ndim == 1 else advantages
     ratio_nl = _ratio(logp, old_logp, mask, cfg, advantages.ndim)
@@ -189,11 +190,17 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     clipped = (pg2 > pg1).astype(jnp.float32)
     if cfg.dual_clip is not None:
         pg_nl = jnp.where(adv_nl < 0, jnp.minimum(pg_nl, -cfg.dual_clip * adv_nl), pg_nl)
-    if rollout_logp is not None and cfg.tis_cap is not None:
-        w = jnp.minimum(jnp.exp(old_logp - rollout_logp), cfg.tis_cap)
-        pg_nl = pg_nl * jax.lax.stop_gradient(w)
-    per_token = pg_nl
     metrics = {}
+    if rollout_logp is not None and cfg.tis_cap is not None:
+        raw = jnp.exp(old_logp - rollout_logp)
+        w = jnp.minimum(raw, cfg.tis_cap)
+        pg_nl = pg_nl * jax.lax.stop_gradient(w)
+        # how far the samples are off the old policy: the mean (truncated) weight, and the share
+        # of tokens whose weight the cap truncates
+        metrics["tis_weight"] = aggregate(w, mask, "token-mean")
+        metrics["tis_truncated_fraction"] = aggregate((raw > cfg.tis_cap).astype(jnp.float32),
+                                                      mask, "token-mean")
+    per_token = pg_nl
     if cfg.kl_coef and ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, cfg.kl_type, cfg.log_ratio_clamp, cfg.kl_clamp)
         per_token = per_token + cfg.kl_coef * kl
