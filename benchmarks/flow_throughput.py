@@ -397,7 +397,9 @@ def main() -> None:
                     help="model: start every mode from the quickstart's SFT model of "
                     "calculator_small, trained into this directory if not there yet (so "
                     "that reward moves; without it: a random model on calculator)")
-    ap.add_argument("--seed", type=int, default=0, help="model with --sft-dir: train.seed")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the latency (sim: and reward) draws' seed; model with --sft-dir: also "
+                    "train.seed and the final evaluation's sampling seed")
     ap.add_argument("--seeds", default="",
                     help="comma-separated seeds, each a whole run of the modes (model: warm pass "
                     "included); the JSON's modes pool them, by_seed compares each async mode "
