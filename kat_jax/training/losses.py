@@ -180,7 +180,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     for A < 0 and dual_clip c: pg = min(pg, -c A). Truncated importance sampling: pg is multiplied by
     min(exp(old_logp - rollout_logp), tis_cap) (no gradient) when rollout log-probs are given
     (metrics tis_weight: its token mean; tis_truncated_fraction: the share of tokens the cap
-    truncates). Plus kl_coef * KL(pi || ref) and minus entropy_coef * entropy. Returns (num, den, metrics).
+    truncates). Plus kl_coef * KL(pi || ref) and minus entropy_coef * entropy. Returns (num, den,
+    metrics).
     """
     adv_nl = advantages[:, None] if advantages.ndim == 1 else advantages
     ratio_nl = _ratio(logp, old_logp, mask, cfg, advantages.ndim)
