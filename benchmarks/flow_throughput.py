@@ -430,6 +430,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.backend, a.rounds = "sim", min(a.rounds, 8)
+    if a.merge:  # pools what earlier runs wrote: nothing to set up or run
+        first, runs = merge(a.merge)
+        write(a, runs, {k: first[k] for k in ("benchmark", "backend", "host", "cpus", "args")}
+              | {"merged": a.merge})
+        return
     logging_quiet()
     run = run_sim if a.backend == "sim" else run_model
     if a.backend == "model" and not a.in_process:
@@ -437,11 +442,6 @@ def main() -> None:
             sft_base(a)  # once, before the modes' processes
         run = run_model_process
     wanted = a.modes.split(",")
-    if a.merge:
-        first, runs = merge(a.merge)
-        write(a, runs, {k: first[k] for k in ("benchmark", "backend", "host", "cpus", "args")}
-              | {"merged": a.merge})
-        return
     seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     runs = []
     with tempfile.TemporaryDirectory() as cache:
@@ -525,9 +525,10 @@ def pooled(runs: list[dict]) -> list[dict]:
                 m[k] = round(sum(x[k] for x in ms) / len(ms), 4)
         for k in ("reward_vs_wall", "reward_vs_behaviour_version"):
             if all(k in x for x in ms):
+                cs = [x[k] for x in ms]
+                n = min(map(len, cs))  # the rounds every seed has
                 m[k] = [[round(sum(c[j][0] for c in cs) / len(cs), 3),
-                         round(sum(c[j][1] for c in cs) / len(cs), 4)]
-                        for cs in [[x[k] for x in ms]] for j in range(min(map(len, cs)))]
+                         round(sum(c[j][1] for c in cs) / len(cs), 4)] for j in range(n)]
         out.append(m)
     return out
 
@@ -565,16 +566,11 @@ def matched_gap(curve: list, sync_curve: list) -> float:
     per trajectory at equal policy age, not at equal round (an asynchronous round's trajectories
     come from policies up to max_staleness versions older); x = wall time: reward per trajectory
     at the same point of the run's time."""
-    xs, ys = zip(*sync_curve)
-    gaps = []
-    for v, r in curve:
-        j = max(i for i, x in enumerate(xs) if x <= v) if v >= xs[0] else 0
-        if j + 1 < len(xs) and xs[j + 1] > xs[j]:
-            w = (v - xs[j]) / (xs[j + 1] - xs[j])
-            gaps.append(r - (ys[j] * (1 - w) + ys[j + 1] * w))
-        else:
-            gaps.append(r - ys[j])
-    return sum(gaps) / len(gaps)
+    import numpy as np
+
+    xs, ys = np.asarray(sync_curve, dtype=float).T
+    x, r = np.asarray(curve, dtype=float).T
+    return float(np.mean(r - np.interp(x, xs, ys)))
 
 
 def merge(paths: list[str]) -> tuple[dict, list[dict]]:
@@ -585,8 +581,7 @@ def merge(paths: list[str]) -> tuple[dict, list[dict]]:
     for path in paths:
         d = json.load(open(path))
         first = first or d
-        runs += d.get("runs") or [{"seed": d["args"].get("seed"), "modes": d["modes"],
-                                   **speedups(d["modes"])}]
+        runs += d.get("runs") or [{"seed": d["args"].get("seed"), "modes": d["modes"]}]
     common = set.intersection(*({m["name"] for m in r["modes"]} for r in runs))
     if "sync" not in common or len(common) < 2:
         raise SystemExit(f"--merge: the files share no asynchronous mode with sync: {paths}")
