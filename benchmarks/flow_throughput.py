@@ -32,6 +32,8 @@ Two back ends, the same modes:
                    calculator_small with the quickstart's online settings, so that reward is
                    not 0 and "no drop in reward" can be read. --concurrency auto: (max_staleness
                    + 1) rounds of episodes in flight (AReaL's capacity; sync: one round).
+                   --groups x --group-size episodes a round (tiny_calculator's 4 x 4 by
+                   default; the quickstart's 8 x 8 makes the final pass@1 less noisy).
 
     python benchmarks/flow_throughput.py [--backend sim|model] [--rounds N] [--json FILE]
     python benchmarks/flow_throughput.py --quick --json FILE     # sim, < 1 minute on 2 cores
@@ -246,13 +248,14 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
     _EPISODES.clear()  # every mode meets the same draws
     steps = a.rounds * 2
     # AReaL's capacity: (max_staleness + 1) rounds of episodes may be in flight at once
-    concurrency = _concurrency(a, k, 16)  # tiny_calculator: 4 groups x 4 per round
+    concurrency = _concurrency(a, k, a.groups * a.group_size)
     # from the SFT model: train on calculator_small's train split, the final policy is evaluated
     # on its held-out test split (below)
     over = [f"--config.rl.env={env}", f"--config.rl.split={'train' if a.sft_dir else 'all'}",
             f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps}",
             f"--config.rl.max_staleness={k}", f"--config.rl.partial_rollouts={partial}",
-            f"--config.rl.concurrency={concurrency}"]
+            f"--config.rl.concurrency={concurrency}",
+            f"--config.rl.groups_per_round={a.groups}", f"--config.rl.group_size={a.group_size}"]
     if a.sft_dir:  # the quickstart's online stages' settings, from its SFT model
         over += [f"--config.model.checkpoint={sft_base(a)}", "--config.rl.max_new_tokens=80",
                  "--config.data.rows=2", "--config.data.row_len=1024",
@@ -388,8 +391,10 @@ def main() -> None:
     ap.add_argument("--backend", choices=("sim", "model"), default="sim")
     ap.add_argument("--quick", action="store_true", help="sim, small: < 1 minute on 2 cores")
     ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--groups", type=int, default=4, help="rl.groups_per_round (sim)")
-    ap.add_argument("--group-size", type=int, default=4, help="rl.group_size (sim)")
+    ap.add_argument("--groups", type=int, default=4,
+                    help="rl.groups_per_round (model: tiny_calculator's is 4; the quickstart's 8)")
+    ap.add_argument("--group-size", type=int, default=4,
+                    help="rl.group_size (model: tiny_calculator's is 4; the quickstart's 8)")
     ap.add_argument("--concurrency", default="16",
                     help="rl.concurrency, or auto: (max_staleness + 1) rounds of episodes, "
                     "what a mode may have in flight (AReaL's capacity; sync: one round)")
