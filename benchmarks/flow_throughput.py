@@ -246,7 +246,9 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
         spec = ENVS[base_env]  # the same tasks and train/test split
         register_env(env, Slow, spec.load_tasks, spec.check_task, spec.test_fraction)
     _EPISODES.clear()  # every mode meets the same draws
-    steps = a.rounds * 2
+    # optimizer steps per round: rl.minibatches (2) parts of the round, each packed into batches
+    # of at most data.trajectories (16) trajectories (4 x 4 groups: 2 steps; 8 x 8: 4)
+    steps = a.rounds * 2 * math.ceil(a.groups * a.group_size / 2 / 16)
     # AReaL's capacity: (max_staleness + 1) rounds of episodes may be in flight at once
     concurrency = _concurrency(a, k, a.groups * a.group_size)
     # from the SFT model: train on calculator_small's train split, the final policy is evaluated
