@@ -542,7 +542,8 @@ def pooled(runs: list[dict]) -> list[dict]:
 
 def by_seed(runs: list[dict]) -> dict:
     """Each asynchronous mode against sync, seed by seed (paired: the same seed's sync run): the
-    speedup's range and the reward differences' mean and standard error over the seeds."""
+    speedups' (whole run, steady state) and the reward differences' mean, standard error and
+    range over the seeds."""
     def stats(xs):
         n = len(xs)
         mean = sum(xs) / n
@@ -556,6 +557,8 @@ def by_seed(runs: list[dict]) -> dict:
             continue
         pairs = [(r["modes"][i], next(m for m in r["modes"] if m["name"] == "sync")) for r in runs]
         d = {"speedup": stats([r["speedup"][m0["name"]] for r in runs])}
+        if all(m0["name"] in r.get("steady_speedup", {}) for r in runs):
+            d["steady_speedup"] = stats([r["steady_speedup"][m0["name"]] for r in runs])
         for k in ("mean_reward", "final_eval_pass_at_1"):
             if all(m.get(k) is not None and s.get(k) is not None for m, s in pairs):
                 d[k + "_minus_sync"] = stats([m[k] - s[k] for m, s in pairs])

@@ -172,6 +172,53 @@ def test_a_slow_episode_is_waited_for_not_overtaken():
         flow.close()
 
 
+class BlockingEnv(ThreeTurnEnv):
+    """A tool call that blocks until released (a sandbox command still running at the stop)."""
+
+    name = "blocking"
+    release, entered, closed = threading.Event(), threading.Semaphore(0), []
+
+    def step(self, tool_calls):
+        BlockingEnv.entered.release()
+        BlockingEnv.release.wait(30)
+        return [tool_message(c["id"], "wait", "ok") for c in tool_calls]
+
+    def close(self):
+        BlockingEnv.closed.append(self.task.id)
+
+
+register_env("blocking", BlockingEnv, _tasks)
+
+
+def test_close_does_not_wait_for_episodes_in_flight(caplog):
+    """At a stop the episodes in flight are dropped, not waited for: close() returns while their
+    tool calls still run; each then ends at its next model call (no error handed to the trainer,
+    no episode recorded as failed) and its environment is closed."""
+    cfg = _cfg(["--config.rl.env=blocking", "--config.rl.max_turns=3",
+                "--config.rl.concurrency=3", "--config.rl.groups_per_round=1",
+                "--config.rl.group_size=3", "--config.rl.max_staleness=1",
+                "--config.rl.partial_rollouts=true"])
+    flow = AsyncRollouts(VersionedEngine(), cfg, _tasks(), TOK, "grpo", None, start_round=0)
+    flow.publish(0, 0)
+    for _ in range(3):  # all three episodes are inside their first tool call
+        assert BlockingEnv.entered.acquire(timeout=30)
+    out = []
+    closer = threading.Thread(target=lambda: out.append(flow.close()))
+    closer.start()
+    closer.join(10)
+    try:
+        assert not closer.is_alive(), "close() waited for the episodes in flight"
+        assert out == [3]  # the three episodes in flight are dropped
+    finally:
+        BlockingEnv.release.set()
+    deadline = time.monotonic() + 30
+    while (flow.in_flight or len(BlockingEnv.closed) < 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert flow.in_flight == 0 and len(BlockingEnv.closed) == 3
+    assert flow.error is None
+    assert "failed" not in caplog.text
+
+
 def test_staleness_metrics_histogram():
     m = staleness_metrics({3: 30, 2: 10}, 3)
     assert m == {"staleness_max": 1.0, "staleness_mean": 0.25, "staleness_hist_0": 0.75,

@@ -49,6 +49,13 @@ admission was held for a non-partial update), rollout_round_s (first start to la
 round's episodes). The loop adds train_wait_s, train_idle_fraction, rollout_idle_fraction (no
 episode in flight) and overlap (share of the trainer's busy time during which episodes ran).
 
+Stop (close(): the end of the run, a preemption, an error): admission stops and close() returns
+without waiting for the episodes in flight. Each of them ends at its next model call
+(RolloutsStopped, raised in its thread: not an environment error, nothing recorded as a policy
+failure); the environment step it is in (a tool call, a sandbox command) runs to its end, and
+the environment is closed. An agentic episode can take minutes, and a run sampling ahead should
+not wait for work it will never train on (nor spend a preemption's grace period on it).
+
 Resume: checkpoints hold the loop position (rounds trained); rounds sampled ahead and episodes in
 flight at a stop are dropped (counted in the log as episodes_dropped_at_stop) and sampled again
 after the resume with the restored weights, so an asynchronous run resumes at the right round but
@@ -68,6 +75,12 @@ import jax
 import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
+
+
+class RolloutsStopped(BaseException):
+    """Raised by an episode's next model call once the loop has stopped (AsyncRollouts.close):
+    the episode is abandoned, its round will not be trained. A BaseException, so that the
+    episode runner's handler of crashed environments (an env_error) lets it through."""
 
 
 class GatedEngine:
@@ -170,16 +183,17 @@ class AsyncRollouts:
             return self._busy_s + (now - self._busy_since if self._busy_since is not None else 0)
 
     def close(self) -> int:
-        """Stop admitting, wait for the episodes in flight; the number of episodes sampled for
+        """Stop admitting; the episodes in flight end at their next model call (not waited for:
+        see the module docstring). Returns the number of episodes sampled, or in flight, for
         rounds the trainer never took (dropped)."""
         with self.cv:
             self.stopping = True
             self.cv.notify_all()
         self.thread.join()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
         with self.cv:
             dropped = sum(len(d[1]) for d in self.done.values()) + sum(
-                len(st.episodes) for st in self.rounds.values())
+                len(st.episodes) for st in self.rounds.values()) + self.in_flight
         if dropped:
             log.info("episodes_dropped_at_stop: %d (sampled ahead, not trained)", dropped)
         return dropped
@@ -206,6 +220,8 @@ class AsyncRollouts:
                         self._swap()
                         break
                     self.cv.wait()
+            if self.stopping:
+                raise RolloutsStopped
             self.calls += 1
             return self.version
 
@@ -278,7 +294,8 @@ class AsyncRollouts:
             rec = st.one(st.jobs[i])
         except BaseException as e:  # noqa: BLE001  (handed to the trainer by get)
             with self.cv:
-                self.error = e
+                if not isinstance(e, RolloutsStopped):  # abandoned at the stop: counted there
+                    self.error = e
                 self._set_in_flight(-1)
                 self.cv.notify_all()
             return
