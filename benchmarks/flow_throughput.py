@@ -377,7 +377,7 @@ def plot(out: dict, path: str) -> None:
         err = None
         if "by_seed" in out:  # the paired differences' standard errors, drawn on each mode's bar
             err = [0.0 if m["name"] == "sync" else
-                   (out["by_seed"][m["name"]].get("final_eval_pass_at_1_minus_sync", {})
+                   (out["by_seed"].get(m["name"], {}).get("final_eval_pass_at_1_minus_sync", {})
                     .get("se") or 0.0) for m in modes]
         ax.bar(names, [m["final_eval_pass_at_1"] for m in modes], yerr=err, capsize=4)
         ax.set_ylim(min(m["final_eval_pass_at_1"] for m in modes) - 0.1, 1.0)
