@@ -246,15 +246,11 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
         spec = ENVS[base_env]  # the same tasks and train/test split
         register_env(env, Slow, spec.load_tasks, spec.check_task, spec.test_fraction)
     _EPISODES.clear()  # every mode meets the same draws
-    # optimizer steps per round: rl.minibatches (2) parts of the round, each packed into batches
-    # of at most data.trajectories (16) trajectories (4 x 4 groups: 2 steps; 8 x 8: 4)
-    steps = a.rounds * 2 * math.ceil(a.groups * a.group_size / 2 / 16)
     # AReaL's capacity: (max_staleness + 1) rounds of episodes may be in flight at once
     concurrency = _concurrency(a, k, a.groups * a.group_size)
     # from the SFT model: train on calculator_small's train split, the final policy is evaluated
     # on its held-out test split (below)
     over = [f"--config.rl.env={env}", f"--config.rl.split={'train' if a.sft_dir else 'all'}",
-            f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps}",
             f"--config.rl.max_staleness={k}", f"--config.rl.partial_rollouts={partial}",
             f"--config.rl.concurrency={concurrency}",
             f"--config.rl.groups_per_round={a.groups}", f"--config.rl.group_size={a.group_size}"]
@@ -265,6 +261,11 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
                  "--config.optimizer.schedule=constant", f"--config.train.seed={a.seed}"]
     over += [f"--config.{x}" for x in a.set]
     cfg = config_lib.load_train_config(os.path.join(ROOT, "configs/rl.py:tiny_calculator"), over)
+    # --rounds rounds: each round's rl.minibatches parts are packed into batches of at most
+    # data.trajectories trajectories, one optimizer step each (4 x 4 groups: 2 steps; 8 x 8: 4)
+    part = a.groups * a.group_size / cfg.rl.minibatches
+    cfg.train.steps = cfg.train.checkpoint_every = (
+        a.rounds * cfg.rl.minibatches * math.ceil(part / cfg.data.trajectories))
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
         out = run_train(cfg, wd)

@@ -198,6 +198,8 @@ def test_close_does_not_wait_for_episodes_in_flight(caplog):
                 "--config.rl.concurrency=3", "--config.rl.groups_per_round=1",
                 "--config.rl.group_size=3", "--config.rl.max_staleness=1",
                 "--config.rl.partial_rollouts=true"])
+    BlockingEnv.release.clear()
+    BlockingEnv.closed.clear()
     flow = AsyncRollouts(VersionedEngine(), cfg, _tasks(), TOK, "grpo", None, start_round=0)
     flow.publish(0, 0)
     for _ in range(3):  # all three episodes are inside their first tool call
