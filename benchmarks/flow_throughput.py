@@ -299,7 +299,8 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
             # the off-policy correction's importance weights (loss.tis_cap), mean over the steps
             **{k + "_mean": round(sum(r[k] for r in rows if k in r)
                                   / sum(k in r for r in rows), 4)
-               for k in ("tis_weight", "tis_truncated_fraction") if any(k in r for r in rows)},
+               for k in ("tis_weight", "tis_truncated_fraction", "behaviour_clip_fraction")
+               if any(k in r for r in rows)},
             "reward_vs_wall": curve,
             # each round's reward at its trajectories' mean behaviour policy version (the round's
             # trained version less the mean staleness of its tokens): an asynchronous round's
@@ -470,7 +471,10 @@ def main() -> None:
             modes = [run(a, name, k, p) for name, k, p in MODES if name in wanted]
             runs.append({"seed": seed, "modes": modes, **speedups(modes)})
             if len(seeds) > 1:
-                print(json.dumps({"seed": seed, **speedups(modes)}), flush=True)
+                print(json.dumps({"seed": seed, **speedups(modes), "final_eval_pass_at_1": {
+                    m["name"]: m.get("final_eval_pass_at_1") for m in modes},
+                    "behaviour_clip_fraction": {m["name"]: m.get("behaviour_clip_fraction_mean")
+                                                for m in modes}}), flush=True)
     write(a, runs, {"benchmark": "flow_throughput", "backend": a.backend,
                     "host": platform.node(), "cpus": os.cpu_count(), "args": vars(a)})
 
@@ -528,7 +532,7 @@ def pooled(runs: list[dict]) -> list[dict]:
                 / sum(x["steady_wall_s"] for x in ms), 3)
         for k in ("mean_reward", "steady_mean_reward", "final_eval_pass_at_1",
                   "final_eval_mean_reward", "train_idle_fraction", "tis_weight_mean",
-                  "tis_truncated_fraction_mean"):
+                  "tis_truncated_fraction_mean", "behaviour_clip_fraction_mean"):
             if all(x.get(k) is not None for x in ms):
                 m[k] = round(sum(x[k] for x in ms) / len(ms), 4)
         for k in ("reward_vs_wall", "reward_vs_behaviour_version"):

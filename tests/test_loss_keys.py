@@ -16,6 +16,7 @@ from kat_jax.models.decoder import init_model
 from kat_jax.training import build
 from kat_jax.training.config_lib import ConfigError
 from kat_jax.training.defaults import stage_config
+from kat_jax.training.losses import ppo_loss
 from kat_jax.training.optim import make_optimizer
 from kat_jax.training.step import forward_logprobs, init_state, make_train_step
 from kat_jax.trees.batch import stack_step_batches
@@ -90,6 +91,7 @@ CHANGES = {  # key: (non-default value, data fields the run then reads beyond be
     "eps_high": (0.05, ()),
     "dual_clip": (1.5, ()),
     "tis_cap": (1.2, ("old_logprobs",)),
+    "behaviour_clip": (0.1, ("old_logprobs",)),
     "kl_coef": (0.5, ("ref_logprobs",)),
     "entropy_coef": (0.3, ()),
     "agg_mode": ("seq-mean-token-sum", ()),
@@ -114,7 +116,8 @@ def test_each_loss_key_changes_the_training_step(setup, key):
     base = _step(setup, cfg, drop)
     changed = cfg.copy_and_resolve_references()
     changed.loss[key] = value
-    if key == "tis_cap":  # the cap acts against old-policy log-probs distinct from behaviour
+    if key in ("tis_cap", "behaviour_clip"):  # they act against old-policy log-probs distinct
+        # from behaviour
         changed.loss.old_logprobs = "record"
     got = _step(setup, changed, drop)
     assert abs(got[0] - base[0]) > 1e-4 * abs(base[0]) or \
@@ -202,10 +205,58 @@ def test_log_entropy_off_with_an_entropy_bonus_fails_at_start():
         build.validate(cfg)
 
 
+def test_the_behaviour_clip_matches_a_numpy_gradient_written_from_the_definition(setup):
+    """The trust region around the behaviour policy (loss.behaviour_clip c) on top of decoupled
+    PPO (Hilton et al. 2022; AReaL's objective): d loss / d logp per token, written in numpy from
+    the definition. PPO's per-token gradient is -A r w where the unclipped branch is taken (zero
+    where clipped or dual-clipped), w the truncated importance weight; the behaviour clip zeroes
+    it where exp(logp - behaviour) > 1 + c with A > 0 or < 1 - c with A < 0. The loss value is
+    the same as without the clip."""
+    model, batch = setup
+    b = jax.tree.map(lambda x: np.asarray(x)[0, 0], batch)
+    eps_lo, eps_hi, dual, cap, clip_b = 0.2, 0.28, 3.0, 2.0, 0.3
+    old, beh = (np.asarray(x, np.float64) for x in (b.old_logprobs, b.behaviour_logprobs))
+    mask = np.asarray(b.trainable)
+    a = np.broadcast_to(np.asarray(b.advantage, np.float64)[:, None], mask.shape)
+    lp_rt, _ = forward_logprobs(model, jax.tree.map(jnp.asarray, b))
+    lp = gather_per_trajectory(np.asarray(lp_rt), b.traj_index).astype(np.float64)
+    r, r_b, w = np.exp(lp - old), np.exp(lp - beh), np.minimum(np.exp(old - beh), cap)
+    unclipped = -a * r >= -a * np.clip(r, 1 - eps_lo, 1 + eps_hi)
+    unclipped &= ~((a < 0) & (-a * r > -dual * a))
+    outside = ((a > 0) & (r_b > 1 + clip_b)) | ((a < 0) & (r_b < 1 - clip_b))
+    assert 0 < outside[mask].mean() < 0.9 and (outside & unclipped)[mask].any()
+    want = {}
+    for c in (None, clip_b):
+        keep = unclipped & ~outside if c else unclipped
+        want[c] = np.where(mask & keep, -a * r * w, 0.0) / mask.sum()
+
+    def per_token_grad(c):
+        cfg = _rl_config(old_logprobs="record", tis_cap=cap, behaviour_clip=c or 0.0)
+        spec = build.loss_spec(cfg)
+        jb = jax.tree.map(jnp.asarray, b)
+
+        def loss(lp_nl):
+            num, den, metrics = ppo_loss(spec, lp_nl, None, jb)
+            return num / den, metrics
+        g, metrics = jax.grad(loss, has_aux=True)(jnp.asarray(lp, jnp.float32))
+        return np.asarray(g), float(loss(jnp.asarray(lp, jnp.float32))[0]), metrics
+
+    g0, v0, _ = per_token_grad(None)
+    g1, v1, metrics = per_token_grad(clip_b)
+    np.testing.assert_allclose(g0, want[None], atol=1e-7, rtol=1e-4)
+    np.testing.assert_allclose(g1, want[clip_b], atol=1e-7, rtol=1e-4)
+    assert np.abs(g1 - g0).max() > 1e-5  # it acts
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    num, den = metrics["behaviour_clip_fraction"]  # the step divides the pair's sums
+    np.testing.assert_allclose(float(num / den), outside[mask].mean(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("stage,key,value,match", [
     ("sft", "eps_low", 0.1, "loss.eps_low: applies to the policy stages"),
     ("mid", "kl_coef", 0.1, "loss.kl_coef: applies to the policy stages"),
     ("rl", "tis_cap", 2.0, "loss.tis_cap: acts only when the old-policy log-probs differ"),
+    ("rl", "behaviour_clip", 0.2, "loss.behaviour_clip: bounds the ratio to the behaviour"),
+    ("rl", "behaviour_clip", 1.0, r"loss.behaviour_clip: must be in \[0, 1\)"),
     ("rl", "kl_type", "k2", "loss.kl_type: acts only with loss.kl_coef > 0"),
     ("sft", "count_pruned_in_denominator", True, "loss.count_pruned_in_denominator: needs"),
     ("rl", "old_logprobs", "newest", "loss.old_logprobs: must be one of"),

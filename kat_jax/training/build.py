@@ -51,7 +51,7 @@ from kat_jax.training.step import init_state, make_train_step
 
 OLD_LOGPROBS = ("behaviour", "record", "current")
 # loss.* keys that only a policy loss (STAGES[stage].policy) reads
-POLICY_KEYS = ("eps_low", "eps_high", "dual_clip", "tis_cap", "kl_coef", "kl_type",
+POLICY_KEYS = ("eps_low", "eps_high", "dual_clip", "tis_cap", "behaviour_clip", "kl_coef", "kl_type",
                "entropy_coef", "old_logprobs", "ratio_level", "log_ratio_clamp", "kl_clamp",
                "advantage_estimator", "algorithm")
 
@@ -124,6 +124,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                           ("dual_clip", lc.dual_clip == 0 or lc.dual_clip > 1,
                            "must be 0 (off) or > 1"),
                           ("tis_cap", lc.tis_cap >= 0, "must be >= 0 (0 = off)"),
+                          ("behaviour_clip", 0 <= lc.behaviour_clip < 1,
+                           "must be in [0, 1) (0 = off)"),
                           ("kl_coef", lc.kl_coef >= 0, "must be >= 0"),
                           ("entropy_coef", lc.entropy_coef >= 0, "must be >= 0"),
                           ("log_ratio_clamp", lc.log_ratio_clamp > 0, "must be > 0"),
@@ -154,6 +156,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _fail("loss.tis_cap", "acts only when the old-policy log-probs differ from the "
               "behaviour ones: set loss.old_logprobs=record (records with 'old_logprobs') or "
               "current, or loss.tis_cap=0", lc.tis_cap)
+    if lc.behaviour_clip > 0 and lc.old_logprobs == "behaviour":
+        _fail("loss.behaviour_clip", "bounds the ratio to the behaviour policy, which with "
+              "loss.old_logprobs=behaviour the ratio's own clip (eps_low / eps_high) already "
+              "does: set loss.old_logprobs=record or current, or loss.behaviour_clip=0",
+              lc.behaviour_clip)
+    if lc.behaviour_clip > 0 and lc.ratio_level != "token":
+        _fail("loss.behaviour_clip", "is a per-token trust region: needs loss.ratio_level=token",
+              lc.behaviour_clip)
     if lc.kl_type != defaults["kl_type"] and lc.kl_coef == 0:
         _fail("loss.kl_type", "acts only with loss.kl_coef > 0", lc.kl_type)
     if not train.log_entropy and lc.entropy_coef > 0:
@@ -224,6 +234,7 @@ def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
     lc, _ = resolve_loss(cfg.loss)
     policy = PolicyLossConfig(eps_low=lc["eps_low"], eps_high=lc["eps_high"],
                               dual_clip=lc["dual_clip"] or None, tis_cap=lc["tis_cap"] or None,
+                              behaviour_clip=lc["behaviour_clip"] or None,
                               kl_coef=lc["kl_coef"], kl_type=lc["kl_type"],
                               entropy_coef=lc["entropy_coef"], old_policy=lc["old_logprobs"],
                               ratio_level=lc["ratio_level"],

@@ -116,6 +116,9 @@ class PolicyLossConfig:
     eps_high: float = 0.28  # asymmetric clip ("clip-higher")
     dual_clip: float | None = 3.0  # bound on the loss for negative advantages; None: off
     tis_cap: float | None = None  # truncated importance weight cap (old vs behaviour); None: off
+    # trust region c around the behaviour policy: no gradient for a token whose
+    # exp(logp - behaviour) left [1 - c, 1 + c] in its advantage's direction; None: off
+    behaviour_clip: float | None = None
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
@@ -180,8 +183,10 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     for A < 0 and dual_clip c: pg = min(pg, -c A). Truncated importance sampling: pg is multiplied by
     min(exp(old_logp - rollout_logp), tis_cap) (no gradient) when rollout log-probs are given
     (metrics tis_weight: its token mean; tis_truncated_fraction: the share of tokens the cap
-    truncates). Plus kl_coef * KL(pi || ref) and minus entropy_coef * entropy. Returns (num, den,
-    metrics).
+    truncates). Behaviour clip c (with rollout log-probs): a token whose exp(logp - rollout_logp)
+    is above 1 + c with A > 0, or below 1 - c with A < 0, keeps its value and gets no gradient
+    (metric behaviour_clip_fraction: the share of such tokens). Plus kl_coef * KL(pi || ref) and
+    minus entropy_coef * entropy. Returns (num, den, metrics).
     """
     adv_nl = advantages[:, None] if advantages.ndim == 1 else advantages
     ratio_nl = _ratio(logp, old_logp, mask, cfg, advantages.ndim)
@@ -192,6 +197,16 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     if cfg.dual_clip is not None:
         pg_nl = jnp.where(adv_nl < 0, jnp.minimum(pg_nl, -cfg.dual_clip * adv_nl), pg_nl)
     metrics = {}
+    if rollout_logp is not None and cfg.behaviour_clip is not None:
+        # PPO's clip anchored at the sampler: a token the updates since it was sampled already
+        # moved past 1 +- c in its advantage's direction keeps its loss value, loses its gradient
+        c = cfg.log_ratio_clamp
+        r_b = jnp.exp(jnp.clip(logp - rollout_logp, -c, c))
+        out = (((adv_nl > 0) & (r_b > 1.0 + cfg.behaviour_clip))
+               | ((adv_nl < 0) & (r_b < 1.0 - cfg.behaviour_clip)))
+        pg_nl = jnp.where(out, jax.lax.stop_gradient(pg_nl), pg_nl)
+        metrics["behaviour_clip_fraction"] = aggregate(out.astype(jnp.float32), mask,
+                                                       "token-mean")
     if rollout_logp is not None and cfg.tis_cap is not None:
         raw = jnp.exp(old_logp - rollout_logp)
         w = jnp.minimum(raw, cfg.tis_cap)
@@ -264,14 +279,16 @@ def ppo_loss(spec: LossSpec, logp: jax.Array, entropy: jax.Array | None,
     were built."""
     cfg = spec.policy
     need = {"behaviour": ("behaviour_logprobs",), "record": ("old_logprobs",),
-            "current": ("behaviour_logprobs",) if cfg.tis_cap is not None else ()}
+            "current": (("behaviour_logprobs",) if cfg.tis_cap is not None
+                        or cfg.behaviour_clip is not None else ())}
     if cfg.old_policy not in need:
         raise ValueError(f"loss.old_logprobs: unknown old policy {cfg.old_policy!r}; known: "
                          f"{tuple(need)}")
     for field in need[cfg.old_policy]:
         if getattr(batch, field) is None:
             raise ValueError(f"stage {spec.stage}: loss.old_logprobs={cfg.old_policy} (tis_cap "
-                             f"{cfg.tis_cap}) needs the old-policy log-probs StepBatch.{field}")
+                             f"{cfg.tis_cap}, behaviour_clip {cfg.behaviour_clip}) needs the "
+                             f"old-policy log-probs StepBatch.{field}")
     if cfg.old_policy == "current":
         old, rollout = jax.lax.stop_gradient(logp), batch.behaviour_logprobs
     elif cfg.old_policy == "record":
