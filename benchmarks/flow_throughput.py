@@ -264,14 +264,24 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
     # --rounds rounds: each round's rl.minibatches parts are packed into batches of at most
     # data.trajectories trajectories, one optimizer step each (4 x 4 groups: 2 steps; 8 x 8: 4)
     part = a.groups * a.group_size / cfg.rl.minibatches
-    cfg.train.steps = cfg.train.checkpoint_every = (
-        a.rounds * cfg.rl.minibatches * math.ceil(part / cfg.data.trajectories))
+    per_round = cfg.rl.minibatches * math.ceil(part / cfg.data.trajectories)
+    cfg.train.steps = cfg.train.checkpoint_every = a.rounds * per_round
+    versions = [int(v) for v in a.eval_versions.split(",") if v] if a.eval_samples > 0 else []
+    if any(not 0 < v < a.rounds for v in versions):
+        raise SystemExit(f"--eval-versions: each must be in (0, --rounds={a.rounds})")
+    if versions:  # a checkpoint at each version to evaluate (the loop saves at multiples)
+        cfg.train.checkpoint_every = per_round * math.gcd(*versions, a.rounds)
+        cfg.train.keep_checkpoints = a.rounds + 1
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
         out = run_train(cfg, wd)
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl")) if x.strip()]
         final = final_eval(a, wd) if a.sft_dir and a.eval_samples > 0 else {}
+        if final and versions:  # the policy's test pass@1 along the run, the final one last
+            final["eval_pass_at_1_vs_version"] = [
+                [v, version_eval(a, wd, v * per_round)["final_eval_pass_at_1"]]
+                for v in versions] + [[a.rounds, final["final_eval_pass_at_1"]]]
     rounds = [r for r in rows if "episodes" in r]
     n = sum(r["episodes"] for r in rounds)
     t, curve = 0.0, []
@@ -299,7 +309,8 @@ def run_model(a, name: str, k: int, partial: bool) -> dict:
             # the off-policy correction's importance weights (loss.tis_cap), mean over the steps
             **{k + "_mean": round(sum(r[k] for r in rows if k in r)
                                   / sum(k in r for r in rows), 4)
-               for k in ("tis_weight", "tis_truncated_fraction", "behaviour_clip_fraction")
+               for k in ("tis_weight", "tis_truncated_fraction", "behaviour_clip_fraction",
+                         "tis_sequence_log_ratio_abs")
                if any(k in r for r in rows)},
             "reward_vs_wall": curve,
             # each round's reward at its trajectories' mean behaviour policy version (the round's
@@ -326,6 +337,22 @@ def final_eval(a, workdir: str) -> dict:
             "final_eval_mean_reward": round(res["mean_reward"], 4),
             "final_eval_episodes": res["n_tasks"] * a.eval_samples,
             "final_eval_s": round(time.perf_counter() - t0, 1)}
+
+
+def version_eval(a, workdir: str, step: int) -> dict:
+    """final_eval of the policy the run had at `step` (its checkpoint's parameters)."""
+    import orbax.checkpoint as ocp
+
+    from kat_jax.models.checkpoint import load_model_config, save_checkpoint
+
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("state", "data")) as mngr:
+        state = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    out = os.path.join(workdir, f"step_{step}")
+    save_checkpoint(os.path.join(out, "model"), state["params"],
+                    load_model_config(os.path.join(workdir, "model")))
+    return final_eval(a, out)
 
 
 def run_model_process(a, name: str, k: int, partial: bool) -> dict:
@@ -419,6 +446,10 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=8,
                     help="model with --sft-dir: samples per test task of the final policy's "
                     "evaluation (0: none)")
+    ap.add_argument("--eval-versions", default="",
+                    help="model with --sft-dir: also evaluate the policy at these versions "
+                    "(rounds trained, comma-separated, below --rounds) as the final one: "
+                    "eval_pass_at_1_vs_version (checkpoints every gcd of them; slows the run)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="model: a config override for every mode, e.g. "
                     "--set loss.old_logprobs=behaviour (repeatable)")
@@ -532,9 +563,14 @@ def pooled(runs: list[dict]) -> list[dict]:
                 / sum(x["steady_wall_s"] for x in ms), 3)
         for k in ("mean_reward", "steady_mean_reward", "final_eval_pass_at_1",
                   "final_eval_mean_reward", "train_idle_fraction", "tis_weight_mean",
-                  "tis_truncated_fraction_mean", "behaviour_clip_fraction_mean"):
+                  "tis_truncated_fraction_mean", "behaviour_clip_fraction_mean",
+                  "tis_sequence_log_ratio_abs_mean"):
             if all(x.get(k) is not None for x in ms):
                 m[k] = round(sum(x[k] for x in ms) / len(ms), 4)
+        if all("eval_pass_at_1_vs_version" in x for x in ms):
+            m["eval_pass_at_1_vs_version"] = [
+                [v, round(sum(x["eval_pass_at_1_vs_version"][j][1] for x in ms) / len(ms), 4)]
+                for j, (v, _) in enumerate(ms[0]["eval_pass_at_1_vs_version"])]
         for k in ("reward_vs_wall", "reward_vs_behaviour_version"):
             if all(k in x for x in ms):
                 cs = [x[k] for x in ms]
@@ -567,6 +603,12 @@ def by_seed(runs: list[dict]) -> dict:
         for k in ("mean_reward", "final_eval_pass_at_1"):
             if all(m.get(k) is not None and s.get(k) is not None for m, s in pairs):
                 d[k + "_minus_sync"] = stats([m[k] - s[k] for m, s in pairs])
+        if all("eval_pass_at_1_vs_version" in m and "eval_pass_at_1_vs_version" in s
+               for m, s in pairs):  # the test pass@1 along the run, version by version
+            d["eval_pass_at_1_vs_version_minus_sync"] = [
+                [v, stats([m["eval_pass_at_1_vs_version"][j][1]
+                           - s["eval_pass_at_1_vs_version"][j][1] for m, s in pairs])]
+                for j, (v, _) in enumerate(m0["eval_pass_at_1_vs_version"])]
         for key, name in (("reward_vs_behaviour_version", "reward_at_behaviour_version"),
                           ("reward_vs_wall", "reward_at_wall_time")):
             if all(key in m and key in s for m, s in pairs):

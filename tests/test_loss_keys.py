@@ -92,6 +92,7 @@ CHANGES = {  # key: (non-default value, data fields the run then reads beyond be
     "dual_clip": (1.5, ()),
     "tis_cap": (1.2, ("old_logprobs",)),
     "behaviour_clip": (0.1, ("old_logprobs",)),
+    "tis_level": ("sequence", ("old_logprobs",)),
     "kl_coef": (0.5, ("ref_logprobs",)),
     "entropy_coef": (0.3, ()),
     "agg_mode": ("seq-mean-token-sum", ()),
@@ -116,9 +117,12 @@ def test_each_loss_key_changes_the_training_step(setup, key):
     base = _step(setup, cfg, drop)
     changed = cfg.copy_and_resolve_references()
     changed.loss[key] = value
-    if key in ("tis_cap", "behaviour_clip"):  # they act against old-policy log-probs distinct
-        # from behaviour
+    if key in ("tis_cap", "behaviour_clip", "tis_level"):  # they act against old-policy
+        # log-probs distinct from behaviour (tis_level: on the weight that tis_cap turns on)
         changed.loss.old_logprobs = "record"
+        if key == "tis_level":
+            cfg.loss.tis_cap = changed.loss.tis_cap = 2.0
+            base = _step(setup, cfg, drop)
     got = _step(setup, changed, drop)
     assert abs(got[0] - base[0]) > 1e-4 * abs(base[0]) or \
         abs(got[1] - base[1]) > 1e-4 * abs(base[1]), (key, base[:2], got[:2])
@@ -205,6 +209,33 @@ def test_log_entropy_off_with_an_entropy_bonus_fails_at_start():
         build.validate(cfg)
 
 
+def test_the_sequence_importance_weight_matches_numpy_from_the_definition(setup):
+    """loss.tis_level=sequence: each trajectory's tokens are weighted by its probability ratio
+    pi_old(y) / pi_behaviour(y) = exp(sum over its generated tokens of old - behaviour),
+    truncated at tis_cap (decoupled PPO's correction of whole trajectories)."""
+    model, batch = setup
+    b = jax.tree.map(lambda x: np.asarray(x)[0, 0], batch)
+    lp_rt, _ = forward_logprobs(model, jax.tree.map(jnp.asarray, b))
+    lp = gather_per_trajectory(np.asarray(lp_rt), b.traj_index).astype(np.float64)
+    old, beh = (np.asarray(x, np.float64) for x in (b.old_logprobs, b.behaviour_logprobs))
+    mask = np.asarray(b.trainable)
+    cap = 1.5
+    a = np.asarray(b.advantage, np.float64)[:, None]
+    r = np.exp(lp - old)
+    pg = np.maximum(-a * r, -a * np.clip(r, 1 - 0.2, 1 + 0.28))
+    pg = np.where(a < 0, np.minimum(pg, -3.0 * a), pg)
+    seq = np.array([(old[i] - beh[i])[mask[i]].sum() for i in range(len(old))])
+    w = np.minimum(np.exp(seq), cap)[:, None] * np.ones_like(pg)
+    assert 0 < (np.exp(seq)[mask.any(1)] > cap).mean() < 1  # the cap acts on some, not all
+    want = (pg * w)[mask].sum() / mask.sum()
+    got, _, metrics = _step(setup, _rl_config(old_logprobs="record", tis_cap=cap,
+                                              tis_level="sequence"))
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    np.testing.assert_allclose(metrics["tis_weight"], w[mask].mean(), rtol=2e-5)
+    np.testing.assert_allclose(metrics["tis_sequence_log_ratio_abs"],
+                               np.abs(seq[mask.any(1)]).mean(), rtol=2e-5)
+
+
 def test_the_behaviour_clip_matches_a_numpy_gradient_written_from_the_definition(setup):
     """The trust region around the behaviour policy (loss.behaviour_clip c) on top of decoupled
     PPO (Hilton et al. 2022; AReaL's objective): d loss / d logp per token, written in numpy from
@@ -256,6 +287,8 @@ def test_the_behaviour_clip_matches_a_numpy_gradient_written_from_the_definition
     ("mid", "kl_coef", 0.1, "loss.kl_coef: applies to the policy stages"),
     ("rl", "tis_cap", 2.0, "loss.tis_cap: acts only when the old-policy log-probs differ"),
     ("rl", "behaviour_clip", 0.2, "loss.behaviour_clip: bounds the ratio to the behaviour"),
+    ("rl", "tis_level", "sequence", "loss.tis_level: acts only with the truncated importance"),
+    ("rl", "tis_level", "trajectory", "loss.tis_level: must be one of"),
     ("rl", "behaviour_clip", 1.0, r"loss.behaviour_clip: must be in \[0, 1\)"),
     ("rl", "kl_type", "k2", "loss.kl_type: acts only with loss.kl_coef > 0"),
     ("sft", "count_pruned_in_denominator", True, "loss.count_pruned_in_denominator: needs"),

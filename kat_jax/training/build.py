@@ -34,6 +34,7 @@ from kat_jax.training.losses import (
     KL_TYPES,
     RATIO_LEVELS,
     STAGES,
+    TIS_LEVELS,
     LossSpec,
     PolicyLossConfig,
 )
@@ -51,9 +52,9 @@ from kat_jax.training.step import init_state, make_train_step
 
 OLD_LOGPROBS = ("behaviour", "record", "current")
 # loss.* keys that only a policy loss (STAGES[stage].policy) reads
-POLICY_KEYS = ("eps_low", "eps_high", "dual_clip", "tis_cap", "behaviour_clip", "kl_coef", "kl_type",
-               "entropy_coef", "old_logprobs", "ratio_level", "log_ratio_clamp", "kl_clamp",
-               "advantage_estimator", "algorithm")
+POLICY_KEYS = ("eps_low", "eps_high", "dual_clip", "tis_cap", "tis_level", "behaviour_clip",
+               "kl_coef", "kl_type", "entropy_coef", "old_logprobs", "ratio_level",
+               "log_ratio_clamp", "kl_clamp", "advantage_estimator", "algorithm")
 
 
 class TrainingError(RuntimeError):
@@ -156,6 +157,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _fail("loss.tis_cap", "acts only when the old-policy log-probs differ from the "
               "behaviour ones: set loss.old_logprobs=record (records with 'old_logprobs') or "
               "current, or loss.tis_cap=0", lc.tis_cap)
+    if lc.tis_level not in TIS_LEVELS:
+        _fail("loss.tis_level", f"must be one of {TIS_LEVELS}", lc.tis_level)
+    if lc.tis_level != defaults["tis_level"] and lc.tis_cap == 0:
+        _fail("loss.tis_level", "acts only with the truncated importance weight loss.tis_cap > 0",
+              lc.tis_level)
     if lc.behaviour_clip > 0 and lc.old_logprobs == "behaviour":
         _fail("loss.behaviour_clip", "bounds the ratio to the behaviour policy, which with "
               "loss.old_logprobs=behaviour the ratio's own clip (eps_low / eps_high) already "
@@ -234,7 +240,7 @@ def loss_spec(cfg: ml_collections.ConfigDict) -> LossSpec:
     lc, _ = resolve_loss(cfg.loss)
     policy = PolicyLossConfig(eps_low=lc["eps_low"], eps_high=lc["eps_high"],
                               dual_clip=lc["dual_clip"] or None, tis_cap=lc["tis_cap"] or None,
-                              behaviour_clip=lc["behaviour_clip"] or None,
+                              tis_level=lc["tis_level"], behaviour_clip=lc["behaviour_clip"] or None,
                               kl_coef=lc["kl_coef"], kl_type=lc["kl_type"],
                               entropy_coef=lc["entropy_coef"], old_policy=lc["old_logprobs"],
                               ratio_level=lc["ratio_level"],

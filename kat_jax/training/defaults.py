@@ -45,6 +45,10 @@ Every stage config has the same keys; the stage changes the data kind and the lo
   loss.dual_clip             bound -c A of the loss for negative advantages (0 = off)
   loss.tis_cap               truncated importance weight cap min(exp(old - behaviour), cap); needs
                              old_logprobs=record or current (0 = off)
+  loss.tis_level             token: the weight above per token; sequence: one weight per
+                             trajectory, min(exp(sum of its generated tokens' old - behaviour),
+                             cap), given to each of its tokens (the exact correction of the
+                             trajectory's probability, truncated); needs tis_cap > 0
   loss.behaviour_clip        a trust region around the behaviour (sampling) policy, on top of the
                              ratio's clip against the old policy: a token whose ratio to the
                              behaviour policy exp(logp - behaviour) has left [1 - c, 1 + c] in
@@ -154,9 +158,9 @@ VARIANTS = ("tiny", "qwen3_0_6b", "qwen3_8b", "kat_dev_32b")
 # loss.* defaults, the same for every stage (kat_jax.training.build.validate compares with them)
 LOSS_DEFAULTS = dict(
     agg_mode="token-mean", temperature=1.0, count_pruned_in_denominator=False, eps_low=0.2,
-    eps_high=0.28, dual_clip=3.0, tis_cap=0.0, behaviour_clip=0.0, kl_coef=0.0, kl_type="k3",
-    entropy_coef=0.0, old_logprobs="behaviour", ratio_level="token", log_ratio_clamp=20.0, kl_clamp=10.0,
-    advantage_estimator="grpo", algorithm="custom")
+    eps_high=0.28, dual_clip=3.0, tis_cap=0.0, tis_level="token", behaviour_clip=0.0,
+    kl_coef=0.0, kl_type="k3", entropy_coef=0.0, old_logprobs="behaviour", ratio_level="token",
+    log_ratio_clamp=20.0, kl_clamp=10.0, advantage_estimator="grpo", algorithm="custom")
 
 # prune.*: pruning on the training path (kat_jax.data.pipeline, kat_jax.trees.pruning); rft / rl
 PRUNE_DEFAULTS = dict(budget=0, reach="share", keep_tags="tool_call,tool_result,memory",

@@ -53,6 +53,7 @@ from kat_jax.trees.packing import gather_per_trajectory
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence", "sequence_token")
+TIS_LEVELS = ("token", "sequence")  # loss.tis_level
 
 
 # values [R, T] -> [N, L] at each trajectory's tokens (0 where traj_index < 0); numpy or jax.
@@ -116,6 +117,9 @@ class PolicyLossConfig:
     eps_high: float = 0.28  # asymmetric clip ("clip-higher")
     dual_clip: float | None = 3.0  # bound on the loss for negative advantages; None: off
     tis_cap: float | None = None  # truncated importance weight cap (old vs behaviour); None: off
+    # the importance weight per token, or per trajectory (exp of the sum of the trajectory's
+    # generated tokens' log-ratios: the exact correction of its probability, given to each token)
+    tis_level: str = "token"
     # trust region c around the behaviour policy: no gradient for a token whose
     # exp(logp - behaviour) left [1 - c, 1 + c] in its advantage's direction; None: off
     behaviour_clip: float | None = None
@@ -181,11 +185,14 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     ratio r (per cfg.ratio_level, see the module docstring; log-ratios clamped to
     +-cfg.log_ratio_clamp before exp); pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high));
     for A < 0 and dual_clip c: pg = min(pg, -c A). Truncated importance sampling: pg is multiplied by
-    min(exp(old_logp - rollout_logp), tis_cap) (no gradient) when rollout log-probs are given
-    (metrics tis_weight: its token mean; tis_truncated_fraction: the share of tokens the cap
-    truncates). Behaviour clip c (with rollout log-probs): a token whose exp(logp - rollout_logp)
-    is above 1 + c with A > 0, or below 1 - c with A < 0, keeps its value and gets no gradient
-    (metric behaviour_clip_fraction: the share of such tokens). Plus kl_coef * KL(pi || ref) and
+    min(exp(old_logp - rollout_logp), tis_cap) (no gradient) when rollout log-probs are given,
+    or with tis_level 'sequence' by min(exp(sum over the trajectory's masked tokens of
+    old_logp - rollout_logp), tis_cap) (metrics tis_weight: its token mean;
+    tis_truncated_fraction: the share of tokens the cap truncates; tis_sequence_log_ratio_abs:
+    the trajectories' mean |sum of log-ratios|). Behaviour clip c (with rollout log-probs): a
+    token whose exp(logp - rollout_logp) is above 1 + c with A > 0, or below 1 - c with A < 0,
+    keeps its value and gets no gradient (metric behaviour_clip_fraction: the share of such
+    tokens). Plus kl_coef * KL(pi || ref) and
     minus entropy_coef * entropy. Returns (num, den, metrics).
     """
     adv_nl = advantages[:, None] if advantages.ndim == 1 else advantages
@@ -208,8 +215,19 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
         metrics["behaviour_clip_fraction"] = aggregate(out.astype(jnp.float32), mask,
                                                        "token-mean")
     if rollout_logp is not None and cfg.tis_cap is not None:
-        raw = jnp.exp(old_logp - rollout_logp)
+        log_w = jnp.where(mask > 0, old_logp - rollout_logp, 0.0)
+        seq = jnp.sum(log_w, axis=-1, keepdims=True)  # [N, 1]: the trajectory's log-ratio
+        if cfg.tis_level == "sequence":
+            log_w = jnp.broadcast_to(jnp.clip(seq, -cfg.log_ratio_clamp, cfg.log_ratio_clamp),
+                                     log_w.shape)
+        elif cfg.tis_level != "token":
+            raise ValueError(f"loss.tis_level: unknown {cfg.tis_level!r}; known: {TIS_LEVELS}")
+        raw = jnp.exp(log_w)
         w = jnp.minimum(raw, cfg.tis_cap)
+        # how far whole trajectories are off the old policy (token weights near 1 can still
+        # multiply to a trajectory weight far from 1): the mean |sum of log-ratios|
+        metrics["tis_sequence_log_ratio_abs"] = aggregate(
+            jnp.abs(seq), jnp.sum(mask, axis=-1, keepdims=True) > 0, "token-mean")
         pg_nl = pg_nl * jax.lax.stop_gradient(w)
         # how far the samples are off the old policy: the mean (truncated) weight, and the share
         # of tokens whose weight the cap truncates
