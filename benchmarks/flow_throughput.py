@@ -456,6 +456,10 @@ def main() -> None:
     ap.add_argument("--no-warm-pass", dest="warm_pass", action="store_false",
                     help="model: skip the unmeasured first pass of every mode that fills a "
                     "compilation cache for the measured pass")
+    ap.add_argument("--warm-once", action="store_true",
+                    help="model with --seeds: the unmeasured pass for the first seed only (the "
+                    "later seeds read its compilation cache; a shape it never met compiles "
+                    "inside a measured run)")
     ap.add_argument("--in-process", action="store_true",
                     help="model: run the modes in this process (default: one process per mode)")
     ap.add_argument("--turns", type=int, default=3, help="turns per episode (sim)")
@@ -488,7 +492,7 @@ def main() -> None:
         a.compile_cache = None
         for seed in seeds:
             a.seed = seed
-            if run is run_model_process and a.warm_pass:
+            if run is run_model_process and a.warm_pass and not (a.warm_once and runs):
                 # an unmeasured pass of every mode first, its compiled programs kept in a
                 # persistent cache that the measured pass reads: every measured mode then finds
                 # the programs of every shape any mode met (without it, the modes with more
