@@ -30,8 +30,9 @@ def _online(stage: str, checkpoint: str):
     c.rl.update(dict(env=ENV, groups_per_round=8, group_size=8, minibatches=2, max_turns=2,
                      max_new_tokens=80, concurrency=64))
     # the old policy is the trainer's own before the round's first update; the sampler's
-    # behaviour log-probs correct the rest through the truncated importance weight
-    c.loss.update(dict(old_logprobs="record", tis_cap=2.0))
+    # behaviour log-probs correct the rest through the truncated importance weight and bound
+    # how far a token moves past its sampling probability (loss.behaviour_clip; configs/rl.py)
+    c.loss.update(dict(old_logprobs="record", tis_cap=2.0, behaviour_clip=0.28))
     c.optimizer.update(dict(learning_rate=5e-4, warmup_steps=0, schedule="constant"))
     return c
 

@@ -34,8 +34,11 @@ def get_config(variant: str = "tiny"):
     c.rl.env = env
     # the PPO ratio's old policy: the trainer's own log-probs before the round's first update
     # (the clip acts from the second minibatch on); the behaviour log-probs of the sampler
-    # correct the rest through the truncated importance weight
-    c.loss.update(dict(old_logprobs="record", tis_cap=2.0))
+    # correct the rest through the truncated importance weight, and a token already moved 28%
+    # past the sampler's probability in its advantage's direction is not pushed further (with
+    # rl.max_staleness 2 this removed the final policy's cost: benchmarks/RESULTS.md, issue 19;
+    # synchronous, the clip against the old policy already covers it)
+    c.loss.update(dict(old_logprobs="record", tis_cap=2.0, behaviour_clip=0.28))
     if size == "tiny":
         # the byte tokenizer's calculator prompt (system, tool schema, question) is ~790 tokens
         c.data.update(dict(rows=4, row_len=1280, trajectories=16))
