@@ -192,8 +192,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     the trajectories' mean |sum of log-ratios|). Behaviour clip c (with rollout log-probs): a
     token whose exp(logp - rollout_logp) is above 1 + c with A > 0, or below 1 - c with A < 0,
     keeps its value and gets no gradient (metric behaviour_clip_fraction: the share of such
-    tokens). Plus kl_coef * KL(pi || ref) and
-    minus entropy_coef * entropy. Returns (num, den, metrics).
+    tokens). Plus kl_coef * KL(pi || ref) and minus entropy_coef * entropy. Returns (num, den,
+    metrics).
     """
     adv_nl = advantages[:, None] if advantages.ndim == 1 else advantages
     ratio_nl = _ratio(logp, old_logp, mask, cfg, advantages.ndim)
@@ -207,8 +207,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     if rollout_logp is not None and cfg.behaviour_clip is not None:
         # PPO's clip anchored at the sampler: a token the updates since it was sampled already
         # moved past 1 +- c in its advantage's direction keeps its loss value, loses its gradient
-        c = cfg.log_ratio_clamp
-        r_b = jnp.exp(jnp.clip(logp - rollout_logp, -c, c))
+        bound = cfg.log_ratio_clamp
+        r_b = jnp.exp(jnp.clip(logp - rollout_logp, -bound, bound))
         out = (((adv_nl > 0) & (r_b > 1.0 + cfg.behaviour_clip))
                | ((adv_nl < 0) & (r_b < 1.0 - cfg.behaviour_clip)))
         pg_nl = jnp.where(out, jax.lax.stop_gradient(pg_nl), pg_nl)
