@@ -30,8 +30,12 @@ Two back ends, the same modes:
                    --sft-dir DIR: every mode starts from the quickstart's SFT model
                    (configs/quickstart.py's mid and sft stages, trained into DIR once) on
                    calculator_small with the quickstart's online settings, so that reward is
-                   not 0 and "no drop in reward" can be read. --concurrency auto: (max_staleness
-                   + 1) rounds of episodes in flight (AReaL's capacity; sync: one round).
+                   not 0 and "no drop in reward" can be read. The loss is
+                   configs/rl.py:tiny_calculator's, which includes loss.behaviour_clip=0.28
+                   since 2026-12-02 (commit d0d6b9d): the runs in benchmarks/RESULTS.md from
+                   before had none, and --set loss.behaviour_clip=0 reproduces them.
+                   --concurrency auto: (max_staleness + 1) rounds of episodes in flight
+                   (AReaL's capacity; sync: one round).
                    --groups x --group-size episodes a round (tiny_calculator's 4 x 4 by
                    default; the quickstart's 8 x 8 makes the final pass@1 less noisy).
 

@@ -35,9 +35,10 @@ def get_config(variant: str = "tiny"):
     # the PPO ratio's old policy: the trainer's own log-probs before the round's first update
     # (the clip acts from the second minibatch on); the behaviour log-probs of the sampler
     # correct the rest through the truncated importance weight, and a token already moved 28%
-    # past the sampler's probability in its advantage's direction is not pushed further (with
-    # rl.max_staleness 2 this removed the final policy's cost: benchmarks/RESULTS.md, issue 19;
-    # synchronous, the clip against the old policy already covers it)
+    # past the sampler's probability in its advantage's direction is not pushed further (a guard
+    # for asynchronous runs; synchronous, the clip against the old policy already covers it. On
+    # the tiny calculator loop at rl.max_staleness 2 its effect on the final policy is not
+    # measurable: benchmarks/RESULTS.md, "A trust region around the behaviour policy")
     c.loss.update(dict(old_logprobs="record", tis_cap=2.0, behaviour_clip=0.28))
     if size == "tiny":
         # the byte tokenizer's calculator prompt (system, tool schema, question) is ~790 tokens
